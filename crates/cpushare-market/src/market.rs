@@ -1,0 +1,879 @@
+//! The market: commands validate and then emit events; `apply` is the only
+//! code that changes state. So a refused command changes nothing, and replaying
+//! the events from an empty market rebuilds the same state.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::book::{AskBook, BidBook};
+use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
+use crate::{
+    AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, LeaseState, MarketError, NodeId,
+    OrderId, PriceSide, SandboxKind, SellOrder, SellRequest, Time,
+};
+
+/// Rules an operator sets when the market starts. Replaying a log needs the same config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketConfig {
+    /// The exchange's fee, in basis points of every charge.
+    pub fee_bps: u32,
+    /// Seconds a seller has to report ready after a match.
+    pub ready_timeout: u64,
+}
+
+impl Default for MarketConfig {
+    fn default() -> Self {
+        MarketConfig { fee_bps: 300, ready_timeout: 600 }
+    }
+}
+
+/// One account's money at the exchange.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    /// Free to spend or withdraw.
+    pub available: Cents,
+    /// Held for open buy orders and the current period of running leases.
+    pub escrow: Cents,
+}
+
+#[derive(Debug, Clone)]
+pub struct Market {
+    config: MarketConfig,
+    /// The latest time any event carried; commands may not act before it.
+    now: Time,
+    next_id: u64,
+    next_seq: u64,
+    balances: HashMap<AccountId, Balance>,
+    /// The outside world: minus everything ever deposited plus everything withdrawn.
+    world: Cents,
+    fees: Cents,
+    sells: HashMap<OrderId, SellOrder>,
+    buys: HashMap<OrderId, BuyOrder>,
+    leases: BTreeMap<LeaseId, Lease>,
+    slots_of_node: HashMap<NodeId, Vec<OrderId>>,
+    asks: AskBook,
+    bids: BidBook,
+    deadlines: BTreeSet<(Time, LeaseId)>,
+    outbox: Vec<Event>,
+}
+
+impl Market {
+    pub fn new(config: MarketConfig) -> Self {
+        Market {
+            config,
+            now: 0,
+            next_id: 1,
+            next_seq: 1,
+            balances: HashMap::new(),
+            world: 0,
+            fees: 0,
+            sells: HashMap::new(),
+            buys: HashMap::new(),
+            leases: BTreeMap::new(),
+            slots_of_node: HashMap::new(),
+            asks: AskBook::default(),
+            bids: BidBook::default(),
+            deadlines: BTreeSet::new(),
+            outbox: Vec::new(),
+        }
+    }
+
+    /// Rebuilds a market from its event log.
+    pub fn replay<'a>(config: MarketConfig, events: impl IntoIterator<Item = &'a Event>) -> Self {
+        let mut m = Market::new(config);
+        for e in events {
+            m.apply(e);
+        }
+        m
+    }
+
+    /// Events emitted since the last call, in order.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// Drops pending events without allocating (for benchmarks and simulations that
+    /// only count).
+    pub fn discard_events(&mut self) -> usize {
+        let n = self.outbox.len();
+        self.outbox.clear();
+        n
+    }
+
+    pub fn pending_events(&self) -> &[Event] {
+        &self.outbox
+    }
+
+    // ---- reading ----
+
+    pub fn config(&self) -> &MarketConfig {
+        &self.config
+    }
+    pub fn now(&self) -> Time {
+        self.now
+    }
+    pub fn balance(&self, account: AccountId) -> Option<Balance> {
+        self.balances.get(&account).copied()
+    }
+    pub fn fees(&self) -> Cents {
+        self.fees
+    }
+    pub fn world(&self) -> Cents {
+        self.world
+    }
+    pub fn sell_order(&self, id: OrderId) -> Option<&SellOrder> {
+        self.sells.get(&id)
+    }
+    pub fn buy_order(&self, id: OrderId) -> Option<&BuyOrder> {
+        self.buys.get(&id)
+    }
+    pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
+        self.leases.get(&id)
+    }
+    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
+        self.leases.values()
+    }
+    pub fn sell_orders(&self) -> impl Iterator<Item = &SellOrder> {
+        self.sells.values()
+    }
+    pub fn buy_orders(&self) -> impl Iterator<Item = &BuyOrder> {
+        self.buys.values()
+    }
+    pub fn accounts(&self) -> impl Iterator<Item = (AccountId, Balance)> + '_ {
+        self.balances.iter().map(|(a, b)| (*a, *b))
+    }
+    pub fn asks(&self) -> &AskBook {
+        &self.asks
+    }
+    pub fn bids(&self) -> &BidBook {
+        &self.bids
+    }
+    /// The earliest pending deadline (ready timeout or period end), so a caller
+    /// knows when `tick` next has work.
+    pub fn next_deadline(&self) -> Option<Time> {
+        self.deadlines.first().map(|d| d.0)
+    }
+
+    // ---- money ----
+
+    pub fn open_account(&mut self, account: AccountId, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        if self.balances.contains_key(&account) {
+            return Err(MarketError::AccountExists(account));
+        }
+        self.emit(Event::AccountOpened { account, at: now });
+        Ok(())
+    }
+
+    /// Money from outside (the payment provider stands here) into `available`.
+    pub fn deposit(&mut self, account: AccountId, amount: Cents, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        check_amount(amount)?;
+        let balance = self.balance_of(account)?;
+        balance.available.checked_add(amount).ok_or(MarketError::Overflow)?;
+        self.world.checked_sub(amount).ok_or(MarketError::Overflow)?;
+        self.emit(Event::Deposited { account, amount, at: now });
+        Ok(())
+    }
+
+    pub fn withdraw(&mut self, account: AccountId, amount: Cents, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        check_amount(amount)?;
+        let balance = self.balance_of(account)?;
+        if balance.available < amount {
+            return Err(MarketError::InsufficientFunds { needed: amount, available: balance.available });
+        }
+        self.emit(Event::Withdrawn { account, amount, at: now });
+        Ok(())
+    }
+
+    // ---- orders ----
+
+    /// Offers one slot. It trades at once with the best resting bid it satisfies
+    /// (at the bid's price), or rests.
+    pub fn place_sell(&mut self, account: AccountId, req: SellRequest, now: Time) -> Result<OrderId, MarketError> {
+        self.check_time(now)?;
+        self.balance_of(account)?;
+        req.validate()?;
+        let order = self.alloc_order();
+        self.emit(Event::SellPlaced {
+            order,
+            account,
+            node: req.node,
+            slot: req.slot,
+            ask: req.ask,
+            at: now,
+        });
+        self.match_resting_sell(order, now);
+        Ok(order)
+    }
+
+    /// Asks for CPUs. Escrow for one period of every CPU at the bid is held at once;
+    /// the order fills from the best asks that meet its requirements (each at its
+    /// ask) and rests with the remainder.
+    pub fn place_buy(&mut self, account: AccountId, req: BuyRequest, now: Time) -> Result<OrderId, MarketError> {
+        self.check_time(now)?;
+        let balance = self.balance_of(account)?;
+        req.validate()?;
+        let escrow = req.escrow_per_cpu().checked_mul(req.cpus as Cents).ok_or(MarketError::Overflow)?;
+        if balance.available < escrow {
+            return Err(MarketError::InsufficientFunds { needed: escrow, available: balance.available });
+        }
+        let order = self.alloc_order();
+        self.emit(Event::BuyPlaced { order, account, request: req, escrow, at: now });
+        self.fill_buy(order, now);
+        Ok(order)
+    }
+
+    /// Cancels a buy order: its open CPUs leave the book and its leases end now,
+    /// charged for the time they delivered.
+    pub fn cancel_buy(&mut self, account: AccountId, order: OrderId, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let o = self.buys.get(&order).ok_or(MarketError::UnknownOrder(order))?;
+        if o.account != account {
+            return Err(MarketError::NotYourOrder { order });
+        }
+        let leases = o.leases.clone();
+        self.emit(Event::BuyCancelled { order, released: o.escrow(), at: now });
+        for lease in leases {
+            self.end_lease(lease, EndReason::CancelledByBuyer, now, now);
+        }
+        Ok(())
+    }
+
+    /// Ends one lease of the buyer's, now; its order does not look for a replacement.
+    pub fn cancel_lease(&mut self, account: AccountId, lease: LeaseId, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let l = self.leases.get(&lease).ok_or(MarketError::UnknownLease(lease))?;
+        if l.buyer != account {
+            return Err(MarketError::NotYourLease { lease });
+        }
+        self.end_lease(lease, EndReason::CancelledByBuyer, now, now);
+        Ok(())
+    }
+
+    /// Takes a slot off the market: at once if it rests, at the end of its lease
+    /// period if it is leased.
+    pub fn cancel_sell(&mut self, account: AccountId, order: OrderId, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let o = self.own_sell(account, order)?;
+        if o.withdrawn {
+            return Err(MarketError::AlreadyWithdrawn { order });
+        }
+        self.emit(Event::SellWithdrawn { order, at: now });
+        Ok(())
+    }
+
+    /// Changes a slot's ask. A resting slot loses its time priority and may trade at
+    /// once; a leased slot's new ask applies when its lease comes up for renewal.
+    pub fn reprice_sell(&mut self, account: AccountId, order: OrderId, ask: u64, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let o = self.own_sell(account, order)?;
+        if o.withdrawn {
+            return Err(MarketError::AlreadyWithdrawn { order });
+        }
+        SellRequest { node: o.node, slot: o.slot, ask }.validate()?;
+        let resting = o.is_resting();
+        self.emit(Event::SellRepriced { order, ask, at: now });
+        if resting {
+            self.match_resting_sell(order, now);
+        }
+        Ok(())
+    }
+
+    // ---- leases ----
+
+    /// The seller's report that the buyer's work is running: metering starts now.
+    pub fn lease_ready(&mut self, account: AccountId, lease: LeaseId, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let l = self.leases.get(&lease).ok_or(MarketError::UnknownLease(lease))?;
+        if l.seller != account {
+            return Err(MarketError::NotYourLease { lease });
+        }
+        if l.state != LeaseState::AwaitingReady {
+            return Err(MarketError::NotAwaitingReady { lease });
+        }
+        if now > l.deadline {
+            return Err(MarketError::ReadyTooLate { lease, deadline: l.deadline });
+        }
+        self.emit(Event::LeaseReady { lease, at: now });
+        Ok(())
+    }
+
+    /// A seller's node went silent. Its slots leave the market; its leases end
+    /// "seller lost", metered up to `last_seen` (its last heartbeat); their orders
+    /// look for other slots. Returns the leases ended.
+    pub fn seller_lost(&mut self, node: NodeId, last_seen: Time, now: Time) -> Result<Vec<LeaseId>, MarketError> {
+        self.check_time(now)?;
+        let slots = self.slots_of_node.get(&node).cloned().unwrap_or_default();
+        let mut ended = Vec::new();
+        for order in slots {
+            let o = &self.sells[&order];
+            let lease = o.lease;
+            if !o.withdrawn {
+                self.emit(Event::SellWithdrawn { order, at: now });
+            }
+            if let Some(lease) = lease {
+                ended.push(lease);
+            }
+        }
+        for &lease in &ended {
+            self.end_lease(lease, EndReason::SellerLost, last_seen, now);
+        }
+        Ok(ended)
+    }
+
+    /// A buyer's node went silent: its leases end "buyer lost", metered up to
+    /// `last_seen`, and their orders do not look for replacements.
+    pub fn buyer_lost(&mut self, account: AccountId, last_seen: Time, now: Time) -> Result<Vec<LeaseId>, MarketError> {
+        self.check_time(now)?;
+        self.balance_of(account)?;
+        let ended: Vec<LeaseId> = self.leases.values().filter(|l| l.buyer == account).map(|l| l.id).collect();
+        for &lease in &ended {
+            self.end_lease(lease, EndReason::BuyerLost, last_seen, now);
+        }
+        Ok(ended)
+    }
+
+    /// Runs everything due by `now`: ready timeouts and period ends (renewal or end),
+    /// in deadline order.
+    pub fn tick(&mut self, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        while let Some(&(deadline, lease)) = self.deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            match self.leases[&lease].state {
+                LeaseState::AwaitingReady => {
+                    let sell = self.leases[&lease].sell;
+                    if !self.sells[&sell].withdrawn {
+                        // A seller that cannot start what it sold is not offered again until it re-posts.
+                        self.emit(Event::SellWithdrawn { order: sell, at: deadline });
+                    }
+                    self.end_lease(lease, EndReason::ReadyTimeout, deadline, now);
+                }
+                LeaseState::Running { .. } => self.end_period(lease, deadline, now),
+            }
+        }
+        Ok(())
+    }
+
+    /// Meters every running lease up to `now`, or up to its node's last heartbeat
+    /// when `alive_until` says the node has been silent since, and settles whole cents.
+    pub fn settle(&mut self, now: Time, alive_until: impl Fn(NodeId) -> Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let running: Vec<(LeaseId, NodeId)> = self
+            .leases
+            .values()
+            .filter(|l| matches!(l.state, LeaseState::Running { .. }))
+            .map(|l| (l.id, l.node))
+            .collect();
+        for (lease, node) in running {
+            self.settle_lease(lease, now.min(alive_until(node)));
+        }
+        Ok(())
+    }
+
+    // ---- internals that emit ----
+
+    fn check_time(&self, now: Time) -> Result<(), MarketError> {
+        if now < self.now {
+            return Err(MarketError::TimeWentBackwards { now, last: self.now });
+        }
+        Ok(())
+    }
+
+    fn balance_of(&self, account: AccountId) -> Result<Balance, MarketError> {
+        self.balances.get(&account).copied().ok_or(MarketError::UnknownAccount(account))
+    }
+
+    fn own_sell(&self, account: AccountId, order: OrderId) -> Result<&SellOrder, MarketError> {
+        let o = self.sells.get(&order).ok_or(MarketError::UnknownOrder(order))?;
+        if o.account != account {
+            return Err(MarketError::NotYourOrder { order });
+        }
+        Ok(o)
+    }
+
+    fn alloc_order(&self) -> OrderId {
+        OrderId(self.next_id)
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.apply(&event);
+        self.outbox.push(event);
+    }
+
+    /// Fills a buy order's open CPUs from the best fitting asks, each at its ask.
+    fn fill_buy(&mut self, order: OrderId, now: Time) {
+        loop {
+            let o = &self.buys[&order];
+            if o.open == 0 {
+                return;
+            }
+            let Some(sell) = self.asks.best(&o.request.requirements, o.max_price()) else { return };
+            let ask = self.sells[&sell].ask;
+            self.open_lease(order, sell, ask, PriceSide::Ask, now);
+        }
+    }
+
+    /// Trades a resting slot with the best bid it satisfies, at the bid.
+    fn match_resting_sell(&mut self, order: OrderId, now: Time) {
+        let o = &self.sells[&order];
+        if let Some(buy) = self.bids.best(&o.slot, o.ask) {
+            let price = self.buys[&buy].max_price();
+            self.open_lease(buy, order, price, PriceSide::Bid, now);
+        }
+    }
+
+    fn open_lease(&mut self, buy: OrderId, sell: OrderId, price: u64, side: PriceSide, now: Time) {
+        let request = &self.buys[&buy].request;
+        let escrow = period_ceiling(price, request.period);
+        let refund = request.escrow_per_cpu() - escrow;
+        let lease = LeaseId(self.next_id);
+        self.emit(Event::LeaseOpened {
+            lease,
+            buy,
+            sell,
+            price,
+            side,
+            escrow,
+            refund,
+            deadline: now + self.config.ready_timeout,
+            at: now,
+        });
+    }
+
+    /// Meters a running lease up to `until` (never past its period's end).
+    fn settle_lease(&mut self, lease: LeaseId, until: Time) {
+        let l = &self.leases[&lease];
+        let LeaseState::Running { metered_until, .. } = l.state else { return };
+        let until = until.min(l.deadline);
+        if until <= metered_until {
+            return;
+        }
+        let (charge, carry) = accrue(l.carry, until - metered_until, l.price);
+        let fee = cumulative_fee(l.charged + charge, self.config.fee_bps) - l.fee;
+        self.emit(Event::LeaseSettled { lease, until, charge, fee, carry });
+    }
+
+    /// A running lease reached the end of its period at `end`: it completes, loses its
+    /// slot, runs out of funds, or renews.
+    fn end_period(&mut self, lease: LeaseId, end: Time, now: Time) {
+        self.settle_lease(lease, end);
+        let l = &self.leases[&lease];
+        let order = &self.buys[&l.buy];
+        let slot = &self.sells[&l.sell];
+        if order.request.periods.is_some_and(|n| l.renewals + 1 >= n) {
+            return self.end_lease(lease, EndReason::Completed, end, now);
+        }
+        if slot.withdrawn || slot.ask > order.max_price() {
+            return self.end_lease(lease, EndReason::SellerWithdrew, end, now);
+        }
+        let price = match l.side {
+            PriceSide::Ask => slot.ask,
+            PriceSide::Bid => l.price,
+        };
+        let escrow = period_ceiling(price, l.period);
+        let released = l.escrow;
+        let available = self.balances[&l.buyer].available;
+        if available + released < escrow {
+            return self.end_lease(lease, EndReason::OutOfFunds, end, now);
+        }
+        self.emit(Event::LeaseRenewed { lease, at: end, price, released, escrow });
+    }
+
+    /// Ends a lease at `at` (clamped to what was already metered and to `now`),
+    /// then lets its order and its slot trade again where the reason allows.
+    fn end_lease(&mut self, lease: LeaseId, reason: EndReason, at: Time, now: Time) {
+        let l = &self.leases[&lease];
+        let at = match l.state {
+            LeaseState::AwaitingReady => at.min(now),
+            LeaseState::Running { metered_until, .. } => at.clamp(metered_until, now.min(l.deadline).max(metered_until)),
+        };
+        self.settle_lease(lease, at);
+        let l = &self.leases[&lease];
+        let (buy, sell, buyer, released) = (l.buy, l.sell, l.buyer, l.escrow);
+        let reopen = match self.buys.get(&buy) {
+            Some(order) if reason.reopens_order() => {
+                let need = order.request.escrow_per_cpu();
+                (self.balances[&buyer].available + released >= need).then_some(need)
+            }
+            _ => None,
+        };
+        self.emit(Event::LeaseEnded { lease, reason, at, released, reopen });
+        if reopen.is_some() {
+            self.fill_buy(buy, now);
+        }
+        if self.sells.get(&sell).is_some_and(|s| s.is_resting()) {
+            self.match_resting_sell(sell, now);
+        }
+    }
+
+    // ---- the one place state changes ----
+
+    /// Applies one event. Events come from this market's own commands or from its
+    /// log; an event that does not fit the state is a corrupt log, and panics.
+    pub fn apply(&mut self, event: &Event) {
+        self.now = self.now.max(event.at());
+        match *event {
+            Event::AccountOpened { account, .. } => {
+                self.balances.insert(account, Balance::default());
+            }
+            Event::Deposited { account, amount, .. } => {
+                self.account_mut(account).available += amount;
+                self.world -= amount;
+            }
+            Event::Withdrawn { account, amount, .. } => {
+                self.account_mut(account).available -= amount;
+                self.world += amount;
+            }
+            Event::SellPlaced { order, account, node, slot, ask, at } => {
+                self.take_id(order.0);
+                let seq = self.take_seq();
+                let o = SellOrder { id: order, account, node, slot, ask, placed_at: at, seq, lease: None, withdrawn: false };
+                self.asks.insert(&o);
+                self.sells.insert(order, o);
+                self.slots_of_node.entry(node).or_default().push(order);
+            }
+            Event::SellRepriced { order, ask, .. } => {
+                let resting = self.sells[&order].is_resting();
+                if resting {
+                    self.asks.remove(&self.sells[&order]);
+                }
+                let seq = if resting { self.take_seq() } else { self.sells[&order].seq };
+                let o = self.sells.get_mut(&order).expect("repriced order exists");
+                o.ask = ask;
+                o.seq = seq;
+                if resting {
+                    self.asks.insert(&self.sells[&order]);
+                }
+            }
+            Event::SellWithdrawn { order, .. } => {
+                let o = self.sells.get_mut(&order).expect("withdrawn order exists");
+                if o.is_resting() {
+                    self.remove_sell(order, true);
+                } else {
+                    o.withdrawn = true;
+                }
+            }
+            Event::BuyPlaced { order, account, request, escrow, at } => {
+                self.take_id(order.0);
+                self.hold(account, escrow);
+                let seq = self.take_seq();
+                let o = BuyOrder { id: order, account, request, placed_at: at, seq, open: request.cpus, leases: Vec::new() };
+                self.bids.insert(&o);
+                self.buys.insert(order, o);
+            }
+            Event::BuyCancelled { order, released, .. } => {
+                let o = &self.buys[&order];
+                let account = o.account;
+                if o.open > 0 {
+                    self.bids.remove(o);
+                }
+                self.release(account, released);
+                let o = self.buys.get_mut(&order).expect("cancelled order exists");
+                o.open = 0;
+                self.drop_buy_if_done(order);
+            }
+            Event::LeaseOpened { lease, buy, sell, price, side, escrow, refund, deadline, at } => {
+                self.take_id(lease.0);
+                let o = &self.buys[&buy];
+                if o.open == 1 {
+                    self.bids.remove(o);
+                } else {
+                    self.bids.resize(o, -1);
+                }
+                let (buyer, period) = (o.account, o.request.period);
+                let o = self.buys.get_mut(&buy).expect("buy order of a trade exists");
+                o.open -= 1;
+                o.leases.push(lease);
+                self.release(buyer, refund);
+                let s = &self.sells[&sell];
+                self.asks.remove(s);
+                let (seller, node) = (s.account, s.node);
+                self.sells.get_mut(&sell).expect("sell order of a trade exists").lease = Some(lease);
+                self.leases.insert(
+                    lease,
+                    Lease {
+                        id: lease,
+                        buy,
+                        sell,
+                        buyer,
+                        seller,
+                        node,
+                        price,
+                        side,
+                        period,
+                        opened_at: at,
+                        state: LeaseState::AwaitingReady,
+                        deadline,
+                        renewals: 0,
+                        escrow,
+                        carry: 0,
+                        delivered: 0,
+                        charged: 0,
+                        fee: 0,
+                    },
+                );
+                self.deadlines.insert((deadline, lease));
+            }
+            Event::LeaseReady { lease, at } => {
+                let l = self.leases.get_mut(&lease).expect("ready lease exists");
+                self.deadlines.remove(&(l.deadline, lease));
+                l.state = LeaseState::Running { period_start: at, metered_until: at };
+                l.deadline = at + l.period;
+                self.deadlines.insert((l.deadline, lease));
+            }
+            Event::LeaseSettled { lease, until, charge, fee, carry } => {
+                let l = self.leases.get_mut(&lease).expect("settled lease exists");
+                let LeaseState::Running { period_start, metered_until } = l.state else {
+                    panic!("{lease} settled while not running")
+                };
+                l.state = LeaseState::Running { period_start, metered_until: until };
+                l.delivered += until - metered_until;
+                l.carry = carry;
+                l.charged += charge;
+                l.fee += fee;
+                l.escrow -= charge;
+                let (buyer, seller) = (l.buyer, l.seller);
+                self.account_mut(buyer).escrow -= charge;
+                self.account_mut(seller).available += charge - fee;
+                self.fees += fee;
+            }
+            Event::LeaseRenewed { lease, at, price, released, escrow } => {
+                let l = self.leases.get_mut(&lease).expect("renewed lease exists");
+                self.deadlines.remove(&(l.deadline, lease));
+                l.price = price;
+                l.renewals += 1;
+                l.escrow = escrow;
+                l.state = LeaseState::Running { period_start: at, metered_until: at };
+                l.deadline = at + l.period;
+                self.deadlines.insert((l.deadline, lease));
+                let buyer = l.buyer;
+                self.release(buyer, released);
+                self.hold(buyer, escrow);
+            }
+            Event::LeaseEnded { lease, released, reopen, .. } => {
+                let l = self.leases.remove(&lease).expect("ended lease exists");
+                self.deadlines.remove(&(l.deadline, lease));
+                self.release(l.buyer, released);
+                let o = self.buys.get_mut(&l.buy).expect("order of a live lease exists");
+                o.leases.retain(|x| *x != lease);
+                if let Some(escrow) = reopen {
+                    o.open += 1;
+                    if o.open == 1 {
+                        self.bids.insert(&self.buys[&l.buy]);
+                    } else {
+                        self.bids.resize(&self.buys[&l.buy], 1);
+                    }
+                    self.hold(l.buyer, escrow);
+                }
+                self.drop_buy_if_done(l.buy);
+                let s = self.sells.get_mut(&l.sell).expect("slot of a live lease exists");
+                s.lease = None;
+                if s.withdrawn {
+                    self.remove_sell(l.sell, false);
+                } else {
+                    let seq = self.take_seq();
+                    let s = self.sells.get_mut(&l.sell).expect("slot of a live lease exists");
+                    s.seq = seq;
+                    self.asks.insert(&self.sells[&l.sell]);
+                }
+            }
+        }
+    }
+
+    fn take_id(&mut self, id: u64) {
+        self.next_id = self.next_id.max(id + 1);
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
+    fn account_mut(&mut self, account: AccountId) -> &mut Balance {
+        self.balances.get_mut(&account).expect("account of an event exists")
+    }
+
+    fn hold(&mut self, account: AccountId, amount: Cents) {
+        let b = self.account_mut(account);
+        b.available -= amount;
+        b.escrow += amount;
+    }
+
+    fn release(&mut self, account: AccountId, amount: Cents) {
+        let b = self.account_mut(account);
+        b.available += amount;
+        b.escrow -= amount;
+    }
+
+    /// Removes a slot from the market (and from the book, if it rests there).
+    fn remove_sell(&mut self, order: OrderId, in_book: bool) {
+        let o = self.sells.remove(&order).expect("removed order exists");
+        if in_book {
+            self.asks.remove(&o);
+        }
+        let slots = self.slots_of_node.get_mut(&o.node).expect("node of a slot is known");
+        slots.retain(|x| *x != order);
+        if slots.is_empty() {
+            self.slots_of_node.remove(&o.node);
+        }
+    }
+
+    fn drop_buy_if_done(&mut self, order: OrderId) {
+        let o = &self.buys[&order];
+        if o.open == 0 && o.leases.is_empty() {
+            self.buys.remove(&order);
+        }
+    }
+}
+
+fn check_amount(amount: Cents) -> Result<(), MarketError> {
+    if amount <= 0 {
+        return Err(MarketError::InvalidAmount { amount, reason: "must be positive" });
+    }
+    if amount > MAX_TRANSFER {
+        return Err(MarketError::InvalidAmount { amount, reason: "above the largest single transfer" });
+    }
+    Ok(())
+}
+
+/// A canonical, comparable picture of the whole state (what replay must reproduce).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub now: Time,
+    pub next_id: u64,
+    pub next_seq: u64,
+    pub world: Cents,
+    pub fees: Cents,
+    pub balances: Vec<(AccountId, Balance)>,
+    pub sells: Vec<SellOrder>,
+    pub buys: Vec<BuyOrder>,
+    pub leases: Vec<Lease>,
+    pub deadlines: Vec<(Time, LeaseId)>,
+    pub asks: Vec<(SandboxKind, Vec<OrderId>)>,
+    pub bids: Vec<(SandboxKind, Vec<OrderId>)>,
+}
+
+impl Market {
+    pub fn snapshot(&self) -> Snapshot {
+        let mut balances: Vec<_> = self.accounts().collect();
+        balances.sort_by_key(|b| b.0);
+        let mut sells: Vec<_> = self.sells.values().cloned().collect();
+        sells.sort_by_key(|o| o.id);
+        let mut buys: Vec<_> = self.buys.values().cloned().collect();
+        buys.sort_by_key(|o| o.id);
+        Snapshot {
+            now: self.now,
+            next_id: self.next_id,
+            next_seq: self.next_seq,
+            world: self.world,
+            fees: self.fees,
+            balances,
+            sells,
+            buys,
+            leases: self.leases.values().cloned().collect(),
+            deadlines: self.deadlines.iter().copied().collect(),
+            asks: SandboxKind::ALL.map(|k| (k, self.asks.entries(k))).to_vec(),
+            bids: SandboxKind::ALL.map(|k| (k, self.bids.entries(k))).to_vec(),
+        }
+    }
+
+    /// Checks every invariant the market promises; returns the first one broken.
+    /// Cheap enough for tests and simulations, not for every production operation.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        // Money: double-entry, so everything sums to zero; nothing but the world negative.
+        let mut sum = self.world as i128 + self.fees as i128;
+        if self.fees < 0 {
+            return Err(format!("fee account is negative: {}", self.fees));
+        }
+        let mut expected_escrow: HashMap<AccountId, Cents> = HashMap::new();
+        for (account, b) in &self.balances {
+            if b.available < 0 || b.escrow < 0 {
+                return Err(format!("{account} has a negative balance: {b:?}"));
+            }
+            sum += b.available as i128 + b.escrow as i128;
+        }
+        if sum != 0 {
+            return Err(format!("balances sum to {sum}, not zero"));
+        }
+        // Escrow held equals what open orders and leases need.
+        for o in self.buys.values() {
+            *expected_escrow.entry(o.account).or_default() += o.escrow();
+            if o.open == 0 && o.leases.is_empty() {
+                return Err(format!("{} is done but still listed", o.id));
+            }
+            for lease in &o.leases {
+                match self.leases.get(lease) {
+                    Some(l) if l.buy == o.id => {}
+                    _ => return Err(format!("{} lists {lease}, which does not point back", o.id)),
+                }
+            }
+        }
+        let mut leased_slots = BTreeSet::new();
+        for l in self.leases.values() {
+            *expected_escrow.entry(l.buyer).or_default() += l.escrow;
+            if l.escrow < 0 {
+                return Err(format!("{} holds negative escrow {}", l.id, l.escrow));
+            }
+            if !leased_slots.insert(l.sell) {
+                return Err(format!("slot {} is in two leases", l.sell));
+            }
+            match self.sells.get(&l.sell) {
+                Some(s) if s.lease == Some(l.id) => {}
+                _ => return Err(format!("{}'s slot {} does not point back", l.id, l.sell)),
+            }
+            if !self.buys.get(&l.buy).is_some_and(|o| o.leases.contains(&l.id)) {
+                return Err(format!("{}'s order {} does not list it", l.id, l.buy));
+            }
+            if !self.deadlines.contains(&(l.deadline, l.id)) {
+                return Err(format!("{} has no deadline scheduled", l.id));
+            }
+            if l.price > self.buys[&l.buy].max_price() {
+                return Err(format!("{} runs at {} above its bid", l.id, l.price));
+            }
+            if l.carry >= 3600 {
+                return Err(format!("{} carries {} cent-seconds per hour", l.id, l.carry));
+            }
+        }
+        if self.deadlines.len() != self.leases.len() {
+            return Err(format!("{} deadlines for {} leases", self.deadlines.len(), self.leases.len()));
+        }
+        for (account, b) in &self.balances {
+            let expected = expected_escrow.get(account).copied().unwrap_or(0);
+            if b.escrow != expected {
+                return Err(format!("{account} holds {} in escrow but its orders and leases need {expected}", b.escrow));
+            }
+        }
+        // The book holds exactly the resting slots and open bids.
+        for kind in SandboxKind::ALL {
+            let asks = self.asks.entries(kind);
+            let expect = self.sells.values().filter(|s| s.is_resting() && !s.withdrawn && s.slot.kinds.contains(kind)).count();
+            if asks.len() != expect || asks.iter().any(|id| !self.sells[id].is_resting()) {
+                return Err(format!("the {kind} ask book holds {} slots, {expect} rest", asks.len()));
+            }
+            let bids = self.bids.entries(kind);
+            let expect = self.buys.values().filter(|o| o.open > 0 && o.request.requirements.kind == kind).count();
+            if bids.len() != expect {
+                return Err(format!("the {kind} bid book holds {} orders, {expect} are open", bids.len()));
+            }
+            let depth: u32 = self.bids.depth(kind).map(|d| d.1).sum();
+            let open: u32 = self.buys.values().filter(|o| o.request.requirements.kind == kind).map(|o| o.open).sum();
+            if depth != open {
+                return Err(format!("the {kind} bid depth shows {depth} CPUs, {open} are open"));
+            }
+        }
+        // No resting bid could trade with a resting ask: the book is uncrossed.
+        for s in self.sells.values().filter(|s| s.is_resting()) {
+            if let Some(b) = self.bids.best(&s.slot, s.ask) {
+                return Err(format!("resting {} and {} could trade", s.id, b));
+            }
+        }
+        self.asks.check()?;
+        self.bids.check()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,136 @@
+//! Sell orders (one CPU slot each) and buy orders (N CPUs with constraints).
+
+use serde::{Deserialize, Serialize};
+
+use crate::money::{period_ceiling, MAX_CPUS, MAX_PERIOD, MAX_PRICE, MIN_PERIOD};
+use crate::{AccountId, Cents, LeaseId, MarketError, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
+
+/// What a seller asks to place: one slot at an ask in cents per CPU-hour.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SellRequest {
+    pub node: NodeId,
+    pub slot: SlotAttributes,
+    /// Cents per CPU-hour.
+    pub ask: u64,
+}
+
+impl SellRequest {
+    pub(crate) fn validate(&self) -> Result<(), MarketError> {
+        validate_price("ask", self.ask)?;
+        if self.slot.kinds.is_empty() {
+            return Err(MarketError::InvalidOrder("a slot must offer at least one sandbox kind".into()));
+        }
+        if self.slot.ram_mib == 0 {
+            return Err(MarketError::InvalidOrder("a slot must offer some RAM (ram_mib is 0)".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a buyer asks to place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuyRequest {
+    pub cpus: u32,
+    /// The most it pays, in cents per CPU-hour.
+    pub max_price: u64,
+    pub requirements: Requirements,
+    /// Lease period in seconds: leases renew (and escrow refills) once per period.
+    pub period: u64,
+    /// How many periods each lease runs; `None` runs until cancelled.
+    pub periods: Option<u32>,
+}
+
+impl BuyRequest {
+    /// `cpus` of any slot of `kind` at up to `max_price`, hourly, until cancelled.
+    pub fn new(cpus: u32, max_price: u64, kind: SandboxKind) -> Self {
+        BuyRequest {
+            cpus,
+            max_price,
+            requirements: Requirements::any(kind),
+            period: crate::money::SECONDS_PER_HOUR,
+            periods: None,
+        }
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), MarketError> {
+        validate_price("max price", self.max_price)?;
+        if self.cpus == 0 || self.cpus > MAX_CPUS {
+            return Err(MarketError::InvalidOrder(format!(
+                "cpus must be between 1 and {MAX_CPUS}, got {}",
+                self.cpus
+            )));
+        }
+        if !(MIN_PERIOD..=MAX_PERIOD).contains(&self.period) {
+            return Err(MarketError::InvalidOrder(format!(
+                "the lease period must be between {MIN_PERIOD} s and {MAX_PERIOD} s, got {} s",
+                self.period
+            )));
+        }
+        if self.periods == Some(0) {
+            return Err(MarketError::InvalidOrder(
+                "periods must be at least 1 (omit it to run until cancelled)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Escrow held for one CPU still wanted: its first period at the full bid.
+    pub fn escrow_per_cpu(&self) -> Cents {
+        period_ceiling(self.max_price, self.period)
+    }
+}
+
+fn validate_price(what: &str, price: u64) -> Result<(), MarketError> {
+    if price == 0 || price > MAX_PRICE {
+        return Err(MarketError::InvalidOrder(format!(
+            "the {what} must be between 1 and {MAX_PRICE} cents per CPU-hour, got {price}"
+        )));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SellOrder {
+    pub id: OrderId,
+    pub account: AccountId,
+    pub node: NodeId,
+    pub slot: SlotAttributes,
+    pub ask: u64,
+    pub placed_at: Time,
+    /// Time priority in the book: renewed whenever the order (re-)enters it.
+    pub seq: u64,
+    /// The lease the slot is in, if any. A slot is never in two.
+    pub lease: Option<LeaseId>,
+    /// Taken off the market while leased: it goes when its lease ends.
+    pub withdrawn: bool,
+}
+
+impl SellOrder {
+    pub fn is_resting(&self) -> bool {
+        self.lease.is_none()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuyOrder {
+    pub id: OrderId,
+    pub account: AccountId,
+    pub request: BuyRequest,
+    pub placed_at: Time,
+    pub seq: u64,
+    /// CPUs still wanted; they rest in the book with escrow held.
+    pub open: u32,
+    /// Live leases filling this order.
+    pub leases: Vec<LeaseId>,
+}
+
+impl BuyOrder {
+    pub fn max_price(&self) -> u64 {
+        self.request.max_price
+    }
+
+    /// Escrow this order holds for its open CPUs.
+    pub fn escrow(&self) -> Cents {
+        self.open as Cents * self.request.escrow_per_cpu()
+    }
+}
