@@ -46,9 +46,9 @@ pub enum Event {
     },
     /// The seller is running the work: metering starts now.
     LeaseReady { lease: LeaseId, at: Time },
-    /// Metering up to `until`: `charge` moves from the buyer's escrow, `fee` of it to the
-    /// exchange and the rest to the seller; `carry` is the new remainder.
-    LeaseSettled { lease: LeaseId, until: Time, charge: Cents, fee: Cents, carry: u64 },
+    /// Metering of `seconds` up to `until`: `charge` moves from the buyer's escrow, `fee`
+    /// of it to the exchange and the rest to the seller; `carry` is the new remainder.
+    LeaseSettled { lease: LeaseId, until: Time, seconds: u64, charge: Cents, fee: Cents, carry: u64 },
     /// A new period with the same slot. The old period's unspent escrow (`released`)
     /// returns and `escrow` is held for the new one.
     LeaseRenewed { lease: LeaseId, at: Time, price: u64, released: Cents, escrow: Cents },

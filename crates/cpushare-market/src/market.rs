@@ -453,9 +453,10 @@ impl Market {
         if until <= metered_until {
             return;
         }
-        let (charge, carry) = accrue(l.carry, until - metered_until, l.price);
+        let seconds = until - metered_until;
+        let (charge, carry) = accrue(l.carry, seconds, l.price);
         let fee = cumulative_fee(l.charged + charge, self.config.fee_bps) - l.fee;
-        self.emit(Event::LeaseSettled { lease, until, charge, fee, carry });
+        self.emit(Event::LeaseSettled { lease, until, seconds, charge, fee, carry });
     }
 
     /// A running lease reached the end of its period at `end`: it completes, loses its
@@ -626,13 +627,14 @@ impl Market {
                 l.deadline = at + l.period;
                 self.deadlines.insert((l.deadline, lease));
             }
-            Event::LeaseSettled { lease, until, charge, fee, carry } => {
+            Event::LeaseSettled { lease, until, seconds, charge, fee, carry } => {
                 let l = self.leases.get_mut(&lease).expect("settled lease exists");
                 let LeaseState::Running { period_start, metered_until } = l.state else {
                     panic!("{lease} settled while not running")
                 };
+                assert_eq!(metered_until + seconds, until, "{lease} settled over a gap or an overlap");
                 l.state = LeaseState::Running { period_start, metered_until: until };
-                l.delivered += until - metered_until;
+                l.delivered += seconds;
                 l.carry = carry;
                 l.charged += charge;
                 l.fee += fee;
