@@ -1,1 +1,92 @@
-fn main(){}
+//! Criterion benchmarks of the market engine. See BENCHMARKS.md for results.
+
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use cpushare_market::index::{Bound, FilterIndex};
+use cpushare_market::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
+mod common;
+use common::{requirements, slot, Driver, ScanBook, RESTING};
+
+/// Place-and-match throughput: the mixed operation stream on a 100,000-slot book.
+fn mixed_operations(c: &mut Criterion) {
+    let mut g = c.benchmark_group("market");
+    g.throughput(Throughput::Elements(1));
+    let mut driver = Driver::new(7);
+    g.bench_function("mixed order operation, 100k resting slots", |b| b.iter(|| driver.step()));
+    g.finish();
+    eprintln!("(book after the run: {} resting seccomp-strict slots, {} live leases)", driver.resting_slots(), driver.market.leases().count());
+}
+
+/// The filtered best-ask query alone, against the plain scan of a price-ordered map.
+fn filtered_query(c: &mut Criterion) {
+    let mut r = ChaCha8Rng::seed_from_u64(3);
+    let bounds = [Bound::Intersects, Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost];
+    let mut index = FilterIndex::new(bounds);
+    let mut scan = ScanBook::new();
+    for seq in 0..RESTING as u64 {
+        let (s, ask) = slot(&mut r);
+        index.insert((ask, seq), OrderId(seq), attrs(&s));
+        scan.insert(ask, seq, s);
+    }
+    let queries: Vec<(Requirements, u64)> = (0..4096)
+        .map(|_| requirements(&mut r))
+        .collect();
+    // Both must agree before either is timed.
+    for (q, p) in &queries {
+        let a = index.best(query(q), (*p, u64::MAX));
+        assert_eq!(a.map(|x| x.0), scan.best(q, *p));
+    }
+    let mut g = c.benchmark_group("best ask for a filtered buy, 100k slots");
+    g.throughput(Throughput::Elements(queries.len() as u64));
+    g.bench_function("cpushare filter index", |b| {
+        b.iter(|| {
+            for (q, p) in &queries {
+                black_box(index.best(query(q), (*p, u64::MAX)));
+            }
+        })
+    });
+    g.bench_function("peer: price-ordered scan", |b| {
+        b.iter(|| {
+            for (q, p) in &queries {
+                black_box(scan.best(q, *p));
+            }
+        })
+    });
+    g.finish();
+}
+
+fn attrs(s: &SlotAttributes) -> [u32; 5] {
+    [s.kinds.bits() as u32, s.inbound_udp as u32, s.ram_mib, s.score, s.latency_ms]
+}
+
+fn query(q: &Requirements) -> [u32; 5] {
+    [1 << q.kind.index(), q.inbound_udp_only as u32, q.min_ram_mib, q.min_score, q.max_latency_ms]
+}
+
+/// Replaying an event log, as the exchange does at every start.
+fn replay(c: &mut Criterion) {
+    let mut driver = Driver::new(11);
+    driver.market.take_events();
+    let mut events = Vec::new();
+    let setup = Market::replay(*driver.market.config(), &[]);
+    drop(setup);
+    for _ in 0..100_000 {
+        driver.step();
+        events.extend(driver.market.take_events());
+    }
+    let mut g = c.benchmark_group("replay");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("apply events from empty", |b| {
+        b.iter_batched(|| (), |_| Market::replay(MarketConfig::default(), &events), BatchSize::LargeInput)
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(20).measurement_time(std::time::Duration::from_secs(5));
+    targets = mixed_operations, filtered_query, replay
+}
+criterion_main!(benches);

@@ -1,20 +1,25 @@
-//! A priority index over orders with four numeric attributes, answering
-//! "the best-priority entry whose attributes pass these thresholds".
+//! A priority index over orders with five attributes, answering "the
+//! best-priority entry whose attributes pass these thresholds".
 //!
 //! Why not a plain price-ordered list: a buyer who wants 16 GiB per CPU and a
 //! 20 ms latency would walk past every cheap small slot before finding one
 //! that fits, and on a book of 100,000 slots that walk is the whole book.
 //!
-//! The index is a fixed-depth tree. Level `d` splits on attribute `d` by its
-//! binary order of magnitude (bit length, so 32 buckets), and the leaves are
-//! cells holding entries in priority order. Every node caches the best key in
-//! its subtree. A query visits children best-first and stops as soon as a
-//! subtree cannot beat what it already found; a subtree whose every bucket
-//! passes every remaining threshold is answered by its cached best without
-//! descending. Only the cells on a threshold's boundary are scanned entry by
-//! entry, and only while they can still win.
+//! The index is a fixed-depth tree. Level `d` splits on attribute `d`: numbers
+//! by a log-linear bucket (four buckets per power of two), small bit sets (the
+//! sandbox kinds) by their exact value. The leaves are cells holding entries in
+//! priority order. Every node caches each child's best key. A query visits
+//! children best-first and stops as soon as a subtree cannot beat what it
+//! already found; a subtree whose every bucket passes every remaining threshold
+//! is answered by its cached best without descending. Only the cells on a
+//! threshold's boundary are scanned entry by entry, and only while they can
+//! still win. Finer buckets keep those boundary cells small: prices follow
+//! benchmark scores, so the cheapest entries of a boundary cell are exactly the
+//! ones that fail a minimum score.
 
 use std::collections::BTreeMap;
+
+use arrayvec::ArrayVec;
 
 use crate::OrderId;
 
@@ -23,8 +28,12 @@ use crate::OrderId;
 pub type Key = (u64, u64);
 
 const NONE_KEY: Key = (u64::MAX, u64::MAX);
-const FANOUT: usize = 32;
-const DIMS: usize = 4;
+/// Buckets split each binary order of magnitude in 2^SUB_BITS (log-linear, as in HDR
+/// histograms), so a threshold's boundary bucket holds few entries that fail it.
+const SUB_BITS: u32 = 2;
+const FANOUT: usize = 128;
+type Mask = u128;
+pub const DIMS: usize = 5;
 
 /// How an entry's attribute must relate to the query's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +42,8 @@ pub enum Bound {
     AtLeast,
     /// entry <= query; a query of `u32::MAX` constrains nothing.
     AtMost,
+    /// entry & query != 0, for small bit sets (values below 128).
+    Intersects,
 }
 
 impl Bound {
@@ -40,6 +51,7 @@ impl Bound {
         match self {
             Bound::AtLeast => entry >= query,
             Bound::AtMost => entry <= query,
+            Bound::Intersects => entry & query != 0,
         }
     }
 
@@ -47,62 +59,100 @@ impl Bound {
         match self {
             Bound::AtLeast => query == 0,
             Bound::AtMost => query == u32::MAX,
+            Bound::Intersects => false,
+        }
+    }
+
+    fn bucket(self, v: u32) -> usize {
+        match self {
+            Bound::Intersects => {
+                assert!((v as usize) < FANOUT, "bit set {v:#x} too wide for the index");
+                v as usize
+            }
+            _ => bucket(v),
         }
     }
 
     /// Buckets that may hold a passing entry, as a bit mask.
-    fn reachable(self, query: u32) -> u32 {
+    fn reachable(self, query: u32) -> Mask {
+        if self == Bound::Intersects {
+            return (0..FANOUT).filter(|v| *v as u32 & query != 0).fold(0, |m, v| m | 1 << v);
+        }
         let b = bucket(query);
         match self {
             // hi(bucket) >= query  <=>  bucket >= bucket(query)
-            Bound::AtLeast => !0u32 << b,
+            Bound::AtLeast => !0 << b,
             // lo(bucket) <= query  <=>  bucket <= bucket(query)
             Bound::AtMost => {
                 if b == FANOUT - 1 {
                     !0
                 } else {
-                    (1u32 << (b + 1)) - 1
+                    (1 << (b + 1)) - 1
                 }
             }
+            Bound::Intersects => unreachable!(),
         }
     }
 
     /// Whether every value in the bucket passes.
     fn whole_bucket_passes(self, bucket: usize, query: u32) -> bool {
+        if self == Bound::Intersects {
+            return bucket as u32 & query != 0;
+        }
         let (lo, hi) = bucket_range(bucket);
         match self {
             Bound::AtLeast => lo >= query,
             Bound::AtMost => hi <= query,
+            Bound::Intersects => unreachable!(),
         }
     }
 }
 
-/// Binary order of magnitude, clamped to the fan-out.
+/// Log-linear bucket: small values exactly, then 2^SUB_BITS buckets per power of two.
 fn bucket(v: u32) -> usize {
-    ((32 - v.leading_zeros()) as usize).min(FANOUT - 1)
+    let exact = 1u32 << SUB_BITS;
+    if v < exact {
+        return v as usize;
+    }
+    let len = 32 - v.leading_zeros();
+    let shift = len - 1 - SUB_BITS;
+    (((len - SUB_BITS) << SUB_BITS) + ((v >> shift) & (exact - 1))) as usize
 }
 
 fn bucket_range(b: usize) -> (u32, u32) {
-    match b {
-        0 => (0, 0),
-        b if b == FANOUT - 1 => (1 << (b - 1), u32::MAX),
-        b => (1 << (b - 1), (1u32 << b) - 1),
+    let exact = 1usize << SUB_BITS;
+    if b < exact {
+        return (b as u32, b as u32);
     }
+    let len = (b >> SUB_BITS) as u32 + SUB_BITS;
+    let shift = len - 1 - SUB_BITS;
+    let lo = (1u32 << (len - 1)) | (((b & (exact - 1)) as u32) << shift);
+    (lo, lo + ((1u32 << shift) - 1))
 }
 
-#[derive(Debug, Clone)]
-struct Node {
+/// A child of a node, with its subtree's best key inline so that scanning a
+/// node's children reads one contiguous array.
+#[derive(Debug, Clone, Copy)]
+struct Child {
     best: Key,
     best_id: OrderId,
-    /// Which children exist.
-    present: u32,
-    /// Child node index (levels 0..3) or cell index (level 3's children).
-    child: [u32; FANOUT],
+    bucket: u8,
+    /// A node index, or a cell index below the last level.
+    index: u32,
+}
+
+/// Children are kept dense and in bucket order; `present` maps a bucket to its
+/// position by counting the bits below it.
+#[derive(Debug, Clone, Default)]
+struct Node {
+    present: Mask,
+    children: Vec<Child>,
 }
 
 impl Node {
-    fn empty() -> Self {
-        Node { best: NONE_KEY, best_id: OrderId(0), present: 0, child: [0; FANOUT] }
+    fn position(&self, bucket: usize) -> Option<usize> {
+        let bit: Mask = 1 << bucket;
+        (self.present & bit != 0).then(|| (self.present & (bit - 1)).count_ones() as usize)
     }
 }
 
@@ -112,10 +162,7 @@ struct Entry {
     attrs: [u32; DIMS],
 }
 
-#[derive(Debug, Clone, Default)]
-struct Cell {
-    entries: BTreeMap<Key, Entry>,
-}
+type Cell = BTreeMap<Key, Entry>;
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
@@ -123,13 +170,16 @@ pub struct FilterIndex {
     bounds: [Bound; DIMS],
     /// `nodes[0]` is the root; levels 0..DIMS-1.
     nodes: Vec<Node>,
+    root_best: (Key, OrderId),
     cells: Vec<Cell>,
     len: usize,
 }
 
+const NONE: (Key, OrderId) = (NONE_KEY, OrderId(0));
+
 impl FilterIndex {
     pub fn new(bounds: [Bound; DIMS]) -> Self {
-        FilterIndex { bounds, nodes: vec![Node::empty()], cells: Vec::new(), len: 0 }
+        FilterIndex { bounds, nodes: vec![Node::default()], root_best: NONE, cells: Vec::new(), len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -140,111 +190,78 @@ impl FilterIndex {
         self.len == 0
     }
 
-    /// The path of node indices from the root to the level-3 node, creating nodes as needed,
-    /// and the cell index.
-    fn path_mut(&mut self, attrs: &[u32; DIMS]) -> ([usize; DIMS], usize) {
-        let mut path = [0usize; DIMS];
-        let mut node = 0usize;
-        for d in 0..DIMS {
-            path[d] = node;
-            let b = bucket(attrs[d]);
-            let present = self.nodes[node].present & (1 << b) != 0;
-            let next = if present {
-                self.nodes[node].child[b] as usize
-            } else {
-                let idx = if d + 1 < DIMS {
-                    self.nodes.push(Node::empty());
-                    self.nodes.len() - 1
-                } else {
-                    self.cells.push(Cell::default());
-                    self.cells.len() - 1
-                };
-                let n = &mut self.nodes[node];
-                n.present |= 1 << b;
-                n.child[b] = idx as u32;
-                idx
-            };
-            node = next;
-        }
-        (path, node)
-    }
-
-    fn path(&self, attrs: &[u32; DIMS]) -> Option<([usize; DIMS], usize)> {
-        let mut path = [0usize; DIMS];
-        let mut node = 0usize;
-        for d in 0..DIMS {
-            path[d] = node;
-            let b = bucket(attrs[d]);
-            if self.nodes[node].present & (1 << b) == 0 {
-                return None;
-            }
-            node = self.nodes[node].child[b] as usize;
-        }
-        Some((path, node))
-    }
-
     pub fn insert(&mut self, key: Key, id: OrderId, attrs: [u32; DIMS]) {
-        let (path, cell) = self.path_mut(&attrs);
-        let old = self.cells[cell].entries.insert(key, Entry { id, attrs });
+        if key < self.root_best.0 {
+            self.root_best = (key, id);
+        }
+        let mut node = 0usize;
+        for (d, &attr) in attrs.iter().enumerate() {
+            let b = self.bounds[d].bucket(attr);
+            let pos = match self.nodes[node].position(b) {
+                Some(pos) => pos,
+                None => {
+                    let index = if d + 1 < DIMS {
+                        self.nodes.push(Node::default());
+                        self.nodes.len() - 1
+                    } else {
+                        self.cells.push(Cell::new());
+                        self.cells.len() - 1
+                    };
+                    let n = &mut self.nodes[node];
+                    n.present |= 1 << b;
+                    let pos = n.position(b).expect("just added");
+                    let child = Child { best: NONE_KEY, best_id: OrderId(0), bucket: b as u8, index: index as u32 };
+                    n.children.insert(pos, child);
+                    pos
+                }
+            };
+            let child = &mut self.nodes[node].children[pos];
+            if key < child.best {
+                child.best = key;
+                child.best_id = id;
+            }
+            node = child.index as usize;
+        }
+        let old = self.cells[node].insert(key, Entry { id, attrs });
         assert!(old.is_none(), "priority key {key:?} inserted twice");
         self.len += 1;
-        for &n in &path {
-            let node = &mut self.nodes[n];
-            if key < node.best {
-                node.best = key;
-                node.best_id = id;
-            }
-        }
     }
 
     /// Removes the entry; returns whether it was there.
     pub fn remove(&mut self, key: Key, attrs: [u32; DIMS]) -> bool {
-        let Some((path, cell)) = self.path(&attrs) else { return false };
-        if self.cells[cell].entries.remove(&key).is_none() {
+        // (node, position of the child on the path) per level
+        let mut path = [(0usize, 0usize); DIMS];
+        let mut node = 0usize;
+        for d in 0..DIMS {
+            let Some(pos) = self.nodes[node].position(self.bounds[d].bucket(attrs[d])) else { return false };
+            path[d] = (node, pos);
+            node = self.nodes[node].children[pos].index as usize;
+        }
+        let cell = node;
+        if self.cells[cell].remove(&key).is_none() {
             return false;
         }
         self.len -= 1;
-        // Refresh cached bests bottom-up; an ancestor whose best was not the removed key is
-        // unaffected, and so are all above it.
+        // Refresh cached bests bottom-up. A subtree whose best was not the removed key
+        // keeps its best, and so do all above it.
         for d in (0..DIMS).rev() {
-            let n = path[d];
-            if self.nodes[n].best != key {
-                break;
+            let (n, pos) = path[d];
+            let child = self.nodes[n].children[pos];
+            if child.best != key {
+                return true;
             }
-            let (best, best_id) = self.best_of_children(n, d);
-            let node = &mut self.nodes[n];
-            node.best = best;
-            node.best_id = best_id;
+            let best = if d + 1 < DIMS {
+                best_of(&self.nodes[child.index as usize])
+            } else {
+                self.cells[cell].first_key_value().map_or(NONE, |(k, e)| (*k, e.id))
+            };
+            let child = &mut self.nodes[n].children[pos];
+            (child.best, child.best_id) = best;
+        }
+        if self.root_best.0 == key {
+            self.root_best = best_of(&self.nodes[0]);
         }
         true
-    }
-
-    fn best_of_children(&self, n: usize, level: usize) -> (Key, OrderId) {
-        let node = &self.nodes[n];
-        let mut best = (NONE_KEY, OrderId(0));
-        let mut mask = node.present;
-        while mask != 0 {
-            let b = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let c = self.child_best(node.child[b] as usize, level);
-            if c.0 < best.0 {
-                best = c;
-            }
-        }
-        best
-    }
-
-    /// Best of the child at `idx` below a node of `level`.
-    fn child_best(&self, idx: usize, level: usize) -> (Key, OrderId) {
-        if level + 1 < DIMS {
-            let c = &self.nodes[idx];
-            (c.best, c.best_id)
-        } else {
-            match self.cells[idx].entries.first_key_value() {
-                Some((k, e)) => (*k, e.id),
-                None => (NONE_KEY, OrderId(0)),
-            }
-        }
     }
 
     /// The entry with the smallest key `<= limit` whose attributes pass `query` under the
@@ -256,17 +273,14 @@ impl FilterIndex {
             free_from[d] = free_from[d + 1] && self.bounds[d].unconstrained(query[d]);
         }
         let mut search = Search { index: self, query, free_from, found: None, limit };
-        search.node(0, 0, true);
+        search.node(0, 0, true, self.root_best);
         search.found
     }
 
     /// Every entry in priority order (for checks and snapshots; not fast).
     pub fn entries(&self) -> Vec<(Key, OrderId, [u32; DIMS])> {
-        let mut out: Vec<_> = self
-            .cells
-            .iter()
-            .flat_map(|c| c.entries.iter().map(|(k, e)| (*k, e.id, e.attrs)))
-            .collect();
+        let mut out: Vec<_> =
+            self.cells.iter().flat_map(|c| c.iter().map(|(k, e)| (*k, e.id, e.attrs))).collect();
         out.sort_unstable_by_key(|e| e.0);
         out
     }
@@ -274,7 +288,10 @@ impl FilterIndex {
     /// Verifies every cached best and every entry's placement. For tests.
     pub fn check(&self) -> Result<(), String> {
         let mut count = 0;
-        self.check_node(0, 0, &mut count)?;
+        let best = self.check_node(0, 0, &mut count)?;
+        if best != self.root_best.0 {
+            return Err(format!("root caches best {:?}, the index's best is {best:?}", self.root_best.0));
+        }
         if count != self.len {
             return Err(format!("index holds {count} entries but counts {}", self.len));
         }
@@ -284,29 +301,36 @@ impl FilterIndex {
     fn check_node(&self, n: usize, level: usize, count: &mut usize) -> Result<Key, String> {
         let node = &self.nodes[n];
         let mut best = NONE_KEY;
-        let mut mask = node.present;
-        while mask != 0 {
-            let b = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let idx = node.child[b] as usize;
+        if node.present.count_ones() as usize != node.children.len() {
+            return Err(format!("node {n} has {} children but {} present", node.children.len(), node.present.count_ones()));
+        }
+        for (pos, child) in node.children.iter().enumerate() {
+            if node.position(child.bucket as usize) != Some(pos) {
+                return Err(format!("node {n}: bucket {} out of place", child.bucket));
+            }
             let k = if level + 1 < DIMS {
-                self.check_node(idx, level + 1, count)?
+                self.check_node(child.index as usize, level + 1, count)?
             } else {
-                for e in self.cells[idx].entries.values() {
+                let cell = &self.cells[child.index as usize];
+                for e in cell.values() {
                     *count += 1;
-                    if bucket(e.attrs[level]) != b {
+                    if self.bounds[level].bucket(e.attrs[level]) != child.bucket as usize {
                         return Err(format!("entry {:?} in the wrong cell", e.id));
                     }
                 }
-                self.cells[idx].entries.keys().next().copied().unwrap_or(NONE_KEY)
+                cell.keys().next().copied().unwrap_or(NONE_KEY)
             };
+            if k != child.best {
+                return Err(format!("node {n} caches best {:?} for bucket {}, its subtree's is {k:?}", child.best, child.bucket));
+            }
             best = best.min(k);
-        }
-        if best != node.best {
-            return Err(format!("node {n} caches best {:?}, subtree best is {best:?}", node.best));
         }
         Ok(best)
     }
+}
+
+fn best_of(node: &Node) -> (Key, OrderId) {
+    node.children.iter().map(|c| (c.best, c.best_id)).min_by_key(|c| c.0).unwrap_or(NONE)
 }
 
 struct Search<'a> {
@@ -327,53 +351,43 @@ impl Search<'_> {
     }
 
     /// `passing`: every attribute fixed on the path to here passes for the whole bucket.
-    fn node(&mut self, n: usize, level: usize, passing: bool) {
-        let node = &self.index.nodes[n];
-        if !self.could_win(node.best) {
+    /// `best`: the node's subtree's best entry.
+    fn node(&mut self, n: usize, level: usize, passing: bool, best: (Key, OrderId)) {
+        if !self.could_win(best.0) {
             return;
         }
         if passing && self.free_from[level] {
-            self.found = Some((node.best, node.best_id));
+            self.found = Some(best);
             return;
         }
+        let node = &self.index.nodes[n];
         let bound = self.index.bounds[level];
         let q = self.query[level];
-        let mut mask = node.present & bound.reachable(q);
+        let reachable = bound.reachable(q);
         // Visit children best-first so that the first fit prunes the rest.
-        let mut order: [(Key, u8); FANOUT] = [(NONE_KEY, 0); FANOUT];
-        let mut len = 0;
-        while mask != 0 {
-            let b = mask.trailing_zeros() as usize;
-            mask &= mask - 1;
-            let best = self.index.child_best(node.child[b] as usize, level).0;
-            if self.could_win(best) {
-                order[len] = (best, b as u8);
-                len += 1;
+        let mut order: ArrayVec<(Key, u8), FANOUT> = ArrayVec::new();
+        for (pos, c) in node.children.iter().enumerate() {
+            if reachable & (1 << c.bucket) != 0 && self.could_win(c.best) {
+                order.push((c.best, pos as u8));
             }
         }
-        let order = &mut order[..len];
         order.sort_unstable_by_key(|o| o.0);
-        for &(best, b) in order.iter() {
+        for &(best, pos) in order.iter() {
             if !self.could_win(best) {
                 break;
             }
-            let b = b as usize;
-            let child = node.child[b] as usize;
-            let child_passing = passing && bound.whole_bucket_passes(b, q);
+            let c = node.children[pos as usize];
+            let child_passing = passing && bound.whole_bucket_passes(c.bucket as usize, q);
             if level + 1 < DIMS {
-                self.node(child, level + 1, child_passing);
+                self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
             } else {
-                self.cell(child, child_passing);
+                self.cell(c.index as usize, child_passing);
             }
         }
     }
 
     fn cell(&mut self, c: usize, passing: bool) {
-        let upper = match self.found {
-            Some((k, _)) => k,
-            None => self.limit,
-        };
-        for (k, e) in self.index.cells[c].entries.range(..=upper) {
+        for (k, e) in &self.index.cells[c] {
             if !self.could_win(*k) {
                 break;
             }
@@ -394,16 +408,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const BOUNDS: [Bound; 4] = [Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost];
+    const BOUNDS: [Bound; DIMS] = [Bound::Intersects, Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost];
 
-    fn naive(
-        entries: &[(Key, OrderId, [u32; 4])],
-        q: [u32; 4],
-        limit: Key,
-    ) -> Option<(Key, OrderId)> {
+    fn naive(entries: &[(Key, OrderId, [u32; DIMS])], q: [u32; DIMS], limit: Key) -> Option<(Key, OrderId)> {
         entries
             .iter()
-            .filter(|(k, _, a)| *k <= limit && (0..4).all(|d| BOUNDS[d].passes(a[d], q[d])))
+            .filter(|(k, _, a)| *k <= limit && (0..DIMS).all(|d| BOUNDS[d].passes(a[d], q[d])))
             .map(|(k, id, _)| (*k, *id))
             .min()
     }
@@ -411,45 +421,55 @@ mod tests {
     #[test]
     fn bucket_ranges_cover_u32() {
         assert_eq!(bucket(0), 0);
-        assert_eq!(bucket(1), 1);
-        assert_eq!(bucket(2), 2);
-        assert_eq!(bucket(3), 2);
-        assert_eq!(bucket(u32::MAX), 31);
-        for b in 0..FANOUT {
+        assert_eq!(bucket(3), 3);
+        assert_eq!(bucket(4), 4);
+        assert_eq!((bucket(8), bucket(9), bucket(10), bucket(15)), (8, 8, 9, 11));
+        assert!(bucket(u32::MAX) < FANOUT);
+        let mut next = 0u64;
+        for b in 0..=bucket(u32::MAX) {
+            let (lo, hi) = bucket_range(b);
+            assert_eq!(lo as u64, next, "buckets must tile the u32 range");
+            next = hi as u64 + 1;
             let (lo, hi) = bucket_range(b);
             assert_eq!(bucket(lo), b);
             assert_eq!(bucket(hi), b);
         }
+        assert_eq!(next, 1 << 32);
     }
 
     #[test]
     fn finds_cheapest_that_fits_not_cheapest_overall() {
         let mut ix = FilterIndex::new(BOUNDS);
         // cheap but small RAM
-        ix.insert((10, 1), OrderId(1), [1, 512, 1000, 20]);
+        ix.insert((10, 1), OrderId(1), [0b11, 1, 512, 1000, 20]);
         // dearer, enough RAM, too slow a link
-        ix.insert((20, 2), OrderId(2), [1, 8192, 1000, 400]);
+        ix.insert((20, 2), OrderId(2), [0b11, 1, 8192, 1000, 400]);
         // dearest, fits
-        ix.insert((30, 3), OrderId(3), [1, 8192, 1000, 20]);
-        assert_eq!(ix.best([0, 4096, 0, 100], (u64::MAX, u64::MAX)), Some(((30, 3), OrderId(3))));
-        assert_eq!(ix.best([0, 0, 0, u32::MAX], (u64::MAX, u64::MAX)), Some(((10, 1), OrderId(1))));
+        ix.insert((30, 3), OrderId(3), [0b01, 1, 8192, 1000, 20]);
+        let all = (u64::MAX, u64::MAX);
+        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], all), Some(((30, 3), OrderId(3))));
+        assert_eq!(ix.best([0b01, 0, 0, 0, u32::MAX], all), Some(((10, 1), OrderId(1))));
+        // the other kind: only the first two offer it
+        assert_eq!(ix.best([0b10, 0, 4096, 0, u32::MAX], all), Some(((20, 2), OrderId(2))));
+        assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), None);
         // price limit excludes the only fit
-        assert_eq!(ix.best([0, 4096, 0, 100], (29, u64::MAX)), None);
-        assert!(ix.remove((30, 3), [1, 8192, 1000, 20]));
-        assert!(!ix.remove((30, 3), [1, 8192, 1000, 20]));
-        assert_eq!(ix.best([0, 4096, 0, 100], (u64::MAX, u64::MAX)), None);
+        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], (29, u64::MAX)), None);
+        assert!(ix.remove((30, 3), [0b01, 1, 8192, 1000, 20]));
+        assert!(!ix.remove((30, 3), [0b01, 1, 8192, 1000, 20]));
+        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], all), None);
         ix.check().unwrap();
     }
 
     proptest! {
         #[test]
         fn agrees_with_a_linear_scan(
-            ops in prop::collection::vec((any::<bool>(), 0u64..50, prop::array::uniform4(0u32..5000)), 1..200),
-            queries in prop::collection::vec((prop::array::uniform4(0u32..6000), 0u64..60), 1..30),
+            ops in prop::collection::vec((any::<bool>(), 0u64..50, 0u32..16, prop::array::uniform4(0u32..5000)), 1..200),
+            queries in prop::collection::vec((1u32..16, prop::array::uniform4(0u32..6000), 0u64..60), 1..30),
         ) {
             let mut ix = FilterIndex::new(BOUNDS);
-            let mut live: Vec<(Key, OrderId, [u32; 4])> = Vec::new();
-            for (seq, (insert, price, attrs)) in ops.into_iter().enumerate() {
+            let mut live: Vec<(Key, OrderId, [u32; DIMS])> = Vec::new();
+            for (seq, (insert, price, kinds, [a, b, c, d])) in ops.into_iter().enumerate() {
+                let attrs = [kinds, a, b, c, d];
                 if insert || live.is_empty() {
                     let key = (price, seq as u64);
                     ix.insert(key, OrderId(seq as u64), attrs);
@@ -460,8 +480,8 @@ mod tests {
                 }
                 ix.check().map_err(TestCaseError::fail)?;
             }
-            for (mut q, limit) in queries {
-                if q[3] > 5500 { q[3] = u32::MAX; }
+            for (kinds, [a, b, c, d], limit) in queries {
+                let q = [kinds, a, b, c, if d > 5500 { u32::MAX } else { d }];
                 let limit = (limit, u64::MAX);
                 prop_assert_eq!(ix.best(q, limit), naive(&live, q, limit));
             }

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use rustc_hash::FxHashMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::book::{AskBook, BidBook};
@@ -44,14 +46,14 @@ pub struct Market {
     now: Time,
     next_id: u64,
     next_seq: u64,
-    balances: HashMap<AccountId, Balance>,
+    balances: FxHashMap<AccountId, Balance>,
     /// The outside world: minus everything ever deposited plus everything withdrawn.
     world: Cents,
     fees: Cents,
-    sells: HashMap<OrderId, SellOrder>,
-    buys: HashMap<OrderId, BuyOrder>,
+    sells: FxHashMap<OrderId, SellOrder>,
+    buys: FxHashMap<OrderId, BuyOrder>,
     leases: BTreeMap<LeaseId, Lease>,
-    slots_of_node: HashMap<NodeId, Vec<OrderId>>,
+    slots_of_node: FxHashMap<NodeId, Vec<OrderId>>,
     asks: AskBook,
     bids: BidBook,
     deadlines: BTreeSet<(Time, LeaseId)>,
@@ -65,13 +67,13 @@ impl Market {
             now: 0,
             next_id: 1,
             next_seq: 1,
-            balances: HashMap::new(),
+            balances: FxHashMap::default(),
             world: 0,
             fees: 0,
-            sells: HashMap::new(),
-            buys: HashMap::new(),
+            sells: FxHashMap::default(),
+            buys: FxHashMap::default(),
             leases: BTreeMap::new(),
-            slots_of_node: HashMap::new(),
+            slots_of_node: FxHashMap::default(),
             asks: AskBook::default(),
             bids: BidBook::default(),
             deadlines: BTreeSet::new(),
@@ -756,8 +758,8 @@ pub struct Snapshot {
     pub buys: Vec<BuyOrder>,
     pub leases: Vec<Lease>,
     pub deadlines: Vec<(Time, LeaseId)>,
-    pub asks: Vec<(SandboxKind, Vec<OrderId>)>,
-    pub bids: Vec<(SandboxKind, Vec<OrderId>)>,
+    pub asks: Vec<OrderId>,
+    pub bids: Vec<OrderId>,
 }
 
 impl Market {
@@ -779,8 +781,8 @@ impl Market {
             buys,
             leases: self.leases.values().cloned().collect(),
             deadlines: self.deadlines.iter().copied().collect(),
-            asks: SandboxKind::ALL.map(|k| (k, self.asks.entries(k))).to_vec(),
-            bids: SandboxKind::ALL.map(|k| (k, self.bids.entries(k))).to_vec(),
+            asks: self.asks.entries(),
+            bids: self.bids.entries(),
         }
     }
 
@@ -851,18 +853,23 @@ impl Market {
             }
         }
         // The book holds exactly the resting slots and open bids.
+        let asks = self.asks.entries();
+        let resting = self.sells.values().filter(|s| s.is_resting()).count();
+        if asks.len() != resting || asks.iter().any(|id| !self.sells[id].is_resting()) {
+            return Err(format!("the ask book holds {} slots, {resting} rest", asks.len()));
+        }
+        let bids = self.bids.entries();
+        let open = self.buys.values().filter(|o| o.open > 0).count();
+        if bids.len() != open || bids.iter().any(|id| self.buys[id].open == 0) {
+            return Err(format!("the bid book holds {} orders, {open} are open", bids.len()));
+        }
         for kind in SandboxKind::ALL {
-            let asks = self.asks.entries(kind);
-            let expect = self.sells.values().filter(|s| s.is_resting() && !s.withdrawn && s.slot.kinds.contains(kind)).count();
-            if asks.len() != expect || asks.iter().any(|id| !self.sells[id].is_resting()) {
-                return Err(format!("the {kind} ask book holds {} slots, {expect} rest", asks.len()));
+            let slots = self.sells.values().filter(|s| s.is_resting() && s.slot.kinds.contains(kind)).count();
+            let depth: u32 = self.asks.depth(kind).iter().map(|d| d.1).sum();
+            if (self.asks.len(kind), depth as usize) != (slots, slots) {
+                return Err(format!("the {kind} ask book counts {} slots with depth {depth}, {slots} rest", self.asks.len(kind)));
             }
-            let bids = self.bids.entries(kind);
-            let expect = self.buys.values().filter(|o| o.open > 0 && o.request.requirements.kind == kind).count();
-            if bids.len() != expect {
-                return Err(format!("the {kind} bid book holds {} orders, {expect} are open", bids.len()));
-            }
-            let depth: u32 = self.bids.depth(kind).map(|d| d.1).sum();
+            let depth: u32 = self.bids.depth(kind).iter().map(|d| d.1).sum();
             let open: u32 = self.buys.values().filter(|o| o.request.requirements.kind == kind).map(|o| o.open).sum();
             if depth != open {
                 return Err(format!("the {kind} bid depth shows {depth} CPUs, {open} are open"));

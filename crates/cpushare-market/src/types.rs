@@ -115,6 +115,10 @@ impl KindSet {
         self.0 == 0
     }
 
+    pub fn bits(self) -> u8 {
+        self.0
+    }
+
     pub fn iter(self) -> impl Iterator<Item = SandboxKind> {
         SandboxKind::ALL.into_iter().filter(move |k| self.contains(*k))
     }

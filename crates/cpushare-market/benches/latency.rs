@@ -1,0 +1,59 @@
+//! Per-operation latency percentiles and single-core throughput of the mixed
+//! order stream on a 100,000-slot book (criterion reports means, not tails).
+//! Run with `cargo bench -p cpushare-market --bench latency`.
+
+use std::time::Instant;
+
+mod common;
+use common::{Driver, OP_NAMES};
+
+fn main() {
+    let warmup = 200_000;
+    let measured = 1_000_000;
+    let mut d = Driver::new(7);
+    for _ in 0..warmup {
+        d.step();
+    }
+
+    // Throughput: the loop alone, no per-operation clock reads.
+    let start = Instant::now();
+    for _ in 0..measured {
+        d.step();
+    }
+    let secs = start.elapsed().as_secs_f64();
+
+    // Latency: each operation timed.
+    let mut nanos: Vec<u32> = Vec::with_capacity(measured);
+    let mut by_kind: Vec<Vec<u32>> = vec![Vec::new(); OP_NAMES.len()];
+    for _ in 0..measured {
+        let t = Instant::now();
+        let kind = d.step();
+        let ns = t.elapsed().as_nanos().min(u32::MAX as u128) as u32;
+        nanos.push(ns);
+        by_kind[kind].push(ns);
+    }
+    println!("mixed order operations on a 100k-slot book, one core");
+    println!("throughput  {:.0} operations/s ({measured} operations in {secs:.3} s)", measured as f64 / secs);
+    println!("{}", percentiles("all", &mut nanos));
+    for (name, ns) in OP_NAMES.iter().zip(&mut by_kind) {
+        println!("{}", percentiles(name, ns));
+    }
+    println!("book        {} resting seccomp-strict slots, {} live leases after the run", d.resting_slots(), d.market.leases().count());
+}
+
+fn percentiles(name: &str, nanos: &mut [u32]) -> String {
+    if nanos.is_empty() {
+        return format!("{name:>14}  no samples");
+    }
+    nanos.sort_unstable();
+    let pct = |p: f64| nanos[((nanos.len() as f64 * p) as usize).min(nanos.len() - 1)] as f64 / 1000.0;
+    format!(
+        "{name:>14}  n {:>7}  p50 {:>6.2} us  p90 {:>6.2} us  p99 {:>7.2} us  p99.9 {:>8.2} us  max {:>9.2} us",
+        nanos.len(),
+        pct(0.5),
+        pct(0.9),
+        pct(0.99),
+        pct(0.999),
+        pct(1.0)
+    )
+}
