@@ -10,7 +10,7 @@ use common::{Driver, OP_NAMES};
 fn main() {
     let warmup = 200_000;
     let measured = 1_000_000;
-    let mut d = Driver::new(7);
+    let mut d = Driver::new(7, false);
     for _ in 0..warmup {
         d.step();
     }

@@ -79,10 +79,12 @@ pub struct Driver {
     resting: Vec<(AccountId, OrderId)>,
     open_buys: VecDeque<(AccountId, OrderId)>,
     pub ops: u64,
+    keep_events: bool,
 }
 
 impl Driver {
-    pub fn new(seed: u64) -> Driver {
+    /// `keep_events`: leave every event, from the first, for the caller to take.
+    pub fn new(seed: u64, keep_events: bool) -> Driver {
         let mut r = ChaCha8Rng::seed_from_u64(seed);
         let mut market = Market::new(MarketConfig::default());
         for a in 0..SELLERS + BUYERS {
@@ -98,7 +100,6 @@ impl Driver {
             let id = market.place_sell(account, SellRequest { node: NodeId(i as u64 / 4), slot: s, ask }, 0).unwrap();
             resting.push((account, id));
         }
-        market.discard_events();
         let plan = (0..1 << 20)
             .map(|_| match r.gen_range(0..100) {
                 0..=34 => {
@@ -117,7 +118,10 @@ impl Driver {
                 _ => Planned::GiveUp,
             })
             .collect();
-        Driver { market, plan, next: 0, now: 0, leases: VecDeque::new(), resting, open_buys: VecDeque::new(), ops: 0 }
+        if !keep_events {
+            market.discard_events();
+        }
+        Driver { market, plan, next: 0, now: 0, leases: VecDeque::new(), resting, open_buys: VecDeque::new(), ops: 0, keep_events }
     }
 
     /// One order operation; returns its kind (an index into `OP_NAMES`).
@@ -172,7 +176,7 @@ impl Driver {
             }
         }
         self.ops += 1;
-        if self.ops % 1024 == 0 {
+        if !self.keep_events && self.ops % 1024 == 0 {
             self.market.discard_events();
         }
         kind
