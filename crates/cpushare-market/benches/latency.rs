@@ -8,8 +8,9 @@ mod common;
 use common::{Driver, OP_NAMES};
 
 fn main() {
-    let warmup = 200_000;
-    let measured = 1_000_000;
+    // CPUSHARE_BENCH_OPS shortens the run (for instruction counting under callgrind).
+    let measured: usize = std::env::var("CPUSHARE_BENCH_OPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let warmup = measured / 5;
     let mut d = Driver::new(7, false);
     for _ in 0..warmup {
         d.step();

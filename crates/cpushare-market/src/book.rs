@@ -6,14 +6,21 @@ use rustc_hash::FxHashMap;
 use crate::index::{Bound, FilterIndex, Key, DIMS};
 use crate::{BuyOrder, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
 
-/// What a slot offers, as index attributes: [kinds, inbound UDP, RAM, score, latency].
+/// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency].
+const LEVELS: [usize; DIMS] = [0, 3, 2, 4, 1];
+
+fn ordered<T: Copy>(v: [T; DIMS]) -> [T; DIMS] {
+    LEVELS.map(|i| v[i])
+}
+
+/// What a slot offers, as index attributes.
 fn slot_attrs(s: &SlotAttributes) -> [u32; DIMS] {
-    [s.kinds.bits() as u32, s.inbound_udp as u32, s.ram_mib, s.score, s.latency_ms]
+    ordered([s.kinds.bits() as u32, s.inbound_udp as u32, s.ram_mib, s.score, s.latency_ms])
 }
 
 /// What a buy order requires, in the same order.
 fn requirement_attrs(r: &Requirements) -> [u32; DIMS] {
-    [1 << r.kind.index(), r.inbound_udp_only as u32, r.min_ram_mib, r.min_score, r.max_latency_ms]
+    ordered([1 << r.kind.index(), r.inbound_udp_only as u32, r.min_ram_mib, r.min_score, r.max_latency_ms])
 }
 
 /// CPUs per (kind, price) level.
@@ -47,7 +54,7 @@ pub struct AskBook {
 
 impl Default for AskBook {
     fn default() -> Self {
-        let bounds = [Bound::Intersects, Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost];
+        let bounds = ordered([Bound::Intersects, Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost]);
         AskBook { index: FilterIndex::new(bounds), depth: Depth::default(), slots: [0; 4] }
     }
 }
@@ -108,7 +115,7 @@ pub struct BidBook {
 
 impl Default for BidBook {
     fn default() -> Self {
-        let bounds = [Bound::Intersects, Bound::AtMost, Bound::AtMost, Bound::AtMost, Bound::AtLeast];
+        let bounds = ordered([Bound::Intersects, Bound::AtMost, Bound::AtMost, Bound::AtMost, Bound::AtLeast]);
         BidBook { index: FilterIndex::new(bounds), depth: Depth::default(), orders: [0; 4] }
     }
 }

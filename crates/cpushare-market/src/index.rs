@@ -5,17 +5,21 @@
 //! 20 ms latency would walk past every cheap small slot before finding one
 //! that fits, and on a book of 100,000 slots that walk is the whole book.
 //!
-//! The index is a fixed-depth tree. Level `d` splits on attribute `d`: numbers
+//! The index is a shallow tree over the first [`TREE`] attributes (for the
+//! book: sandbox kinds, score, RAM). Level `d` splits on attribute `d`: numbers
 //! by a log-linear bucket (four buckets per power of two), small bit sets (the
-//! sandbox kinds) by their exact value. The leaves are cells holding entries in
-//! priority order. Every node caches each child's best key. A query visits
-//! children best-first and stops as soon as a subtree cannot beat what it
-//! already found; a subtree whose every bucket passes every remaining threshold
-//! is answered by its cached best without descending. Only the cells on a
-//! threshold's boundary are scanned entry by entry, and only while they can
-//! still win. Finer buckets keep those boundary cells small: prices follow
-//! benchmark scores, so the cheapest entries of a boundary cell are exactly the
-//! ones that fail a minimum score.
+//! kinds) by their exact value. The leaves are cells holding entries in
+//! priority order; the remaining attributes (latency, inbound UDP) are checked
+//! while scanning, since they do not follow price.
+//!
+//! Every node caches each child's best key. A query visits children
+//! best-first and stops as soon as a subtree cannot beat what it already found;
+//! a subtree whose every bucket passes every threshold is answered by its cached
+//! best without descending. The bucket where a score threshold falls is the
+//! expensive case: prices follow scores, so its cheapest entries are exactly the
+//! ones that fail. Each score bucket therefore also keeps a flat list of its
+//! entries in priority order, and a boundary bucket is scanned there once,
+//! stopping at the first entry that passes, instead of cell by cell.
 
 use std::collections::BTreeMap;
 
@@ -24,7 +28,7 @@ use arrayvec::ArrayVec;
 use crate::OrderId;
 
 /// Priority key: smaller is better. Asks use (price, seq), bids (MAX - price, seq);
-/// `seq` is unique, so keys never tie.
+/// `seq` is unique, so keys never tie. (MAX, MAX) is reserved: it marks "empty".
 pub type Key = (u64, u64);
 
 const NONE_KEY: Key = (u64::MAX, u64::MAX);
@@ -34,6 +38,10 @@ const SUB_BITS: u32 = 2;
 const FANOUT: usize = 128;
 type Mask = u128;
 pub const DIMS: usize = 5;
+/// Attributes the tree splits on; the rest are checked while scanning.
+pub const TREE: usize = 3;
+/// Children of nodes at this level keep a flat list of their subtree.
+const FLAT: usize = 1;
 
 /// How an entry's attribute must relate to the query's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +84,7 @@ impl Bound {
     /// Buckets that may hold a passing entry, as a bit mask.
     fn reachable(self, query: u32) -> Mask {
         if self == Bound::Intersects {
-            return (0..FANOUT).filter(|v| *v as u32 & query != 0).fold(0, |m, v| m | 1 << v);
+            return INTERSECTING[(query as usize) & (FANOUT - 1)];
         }
         let b = bucket(query);
         match self {
@@ -94,19 +102,43 @@ impl Bound {
         }
     }
 
-    /// Whether every value in the bucket passes.
-    fn whole_bucket_passes(self, bucket: usize, query: u32) -> bool {
+    /// Buckets whose every value passes, as a bit mask.
+    fn whole_buckets(self, query: u32) -> Mask {
         if self == Bound::Intersects {
-            return bucket as u32 & query != 0;
+            return self.reachable(query);
         }
-        let (lo, hi) = bucket_range(bucket);
-        match self {
-            Bound::AtLeast => lo >= query,
-            Bound::AtMost => hi <= query,
+        let b = bucket(query);
+        let (lo, hi) = bucket_range(b);
+        let reachable = self.reachable(query);
+        let boundary = match self {
+            Bound::AtLeast => lo < query,
+            Bound::AtMost => hi > query,
             Bound::Intersects => unreachable!(),
+        };
+        if boundary {
+            reachable & !(1 << b)
+        } else {
+            reachable
         }
     }
 }
+
+/// For each bit set below 128, the values that share a bit with it.
+const INTERSECTING: [Mask; FANOUT] = {
+    let mut table = [0; FANOUT];
+    let mut q = 0;
+    while q < FANOUT {
+        let mut v = 0;
+        while v < FANOUT {
+            if v & q != 0 {
+                table[q] |= 1 << v;
+            }
+            v += 1;
+        }
+        q += 1;
+    }
+    table
+};
 
 /// Log-linear bucket: small values exactly, then 2^SUB_BITS buckets per power of two.
 fn bucket(v: u32) -> usize {
@@ -137,7 +169,7 @@ struct Child {
     best: Key,
     best_id: OrderId,
     bucket: u8,
-    /// A node index, or a cell index below the last level.
+    /// A node index, or a cell index below the last tree level.
     index: u32,
 }
 
@@ -147,6 +179,8 @@ struct Child {
 struct Node {
     present: Mask,
     children: Vec<Child>,
+    /// Every entry below, in priority order (only at level FLAT + 1).
+    flat: BTreeMap<Key, Entry>,
 }
 
 impl Node {
@@ -158,17 +192,38 @@ impl Node {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
+    key: Key,
     id: OrderId,
     attrs: [u32; DIMS],
 }
 
-type Cell = BTreeMap<Key, Entry>;
+/// Entries in priority order.
+#[derive(Debug, Clone, Default)]
+struct Cell(BTreeMap<Key, Entry>);
+
+impl Cell {
+    fn insert(&mut self, e: Entry) -> bool {
+        self.0.insert(e.key, e).is_none()
+    }
+
+    fn remove(&mut self, key: Key) -> bool {
+        self.0.remove(&key).is_some()
+    }
+
+    fn best(&self) -> (Key, OrderId) {
+        self.0.first_key_value().map_or(NONE, |(_, e)| (e.key, e.id))
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Entry> {
+        self.0.values()
+    }
+}
 
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub struct FilterIndex {
     bounds: [Bound; DIMS],
-    /// `nodes[0]` is the root; levels 0..DIMS-1.
+    /// `nodes[0]` is the root; levels 0..TREE-1.
     nodes: Vec<Node>,
     root_best: (Key, OrderId),
     cells: Vec<Cell>,
@@ -179,6 +234,7 @@ const NONE: (Key, OrderId) = (NONE_KEY, OrderId(0));
 
 impl FilterIndex {
     pub fn new(bounds: [Bound; DIMS]) -> Self {
+        assert!(bounds[TREE..].iter().all(|b| *b != Bound::Intersects), "bit sets must be tree levels");
         FilterIndex { bounds, nodes: vec![Node::default()], root_best: NONE, cells: Vec::new(), len: 0 }
     }
 
@@ -191,20 +247,22 @@ impl FilterIndex {
     }
 
     pub fn insert(&mut self, key: Key, id: OrderId, attrs: [u32; DIMS]) {
+        assert!(key != NONE_KEY, "the key {key:?} is reserved");
+        let entry = Entry { key, id, attrs };
         if key < self.root_best.0 {
             self.root_best = (key, id);
         }
         let mut node = 0usize;
-        for (d, &attr) in attrs.iter().enumerate() {
+        for (d, &attr) in attrs[..TREE].iter().enumerate() {
             let b = self.bounds[d].bucket(attr);
             let pos = match self.nodes[node].position(b) {
                 Some(pos) => pos,
                 None => {
-                    let index = if d + 1 < DIMS {
+                    let index = if d + 1 < TREE {
                         self.nodes.push(Node::default());
                         self.nodes.len() - 1
                     } else {
-                        self.cells.push(Cell::new());
+                        self.cells.push(Cell::default());
                         self.cells.len() - 1
                     };
                     let n = &mut self.nodes[node];
@@ -221,40 +279,41 @@ impl FilterIndex {
                 child.best_id = id;
             }
             node = child.index as usize;
+            if d == FLAT {
+                self.nodes[node].flat.insert(key, entry);
+            }
         }
-        let old = self.cells[node].insert(key, Entry { id, attrs });
-        assert!(old.is_none(), "priority key {key:?} inserted twice");
+        let fresh = self.cells[node].insert(entry);
+        assert!(fresh, "priority key {key:?} inserted twice");
         self.len += 1;
     }
 
     /// Removes the entry; returns whether it was there.
     pub fn remove(&mut self, key: Key, attrs: [u32; DIMS]) -> bool {
         // (node, position of the child on the path) per level
-        let mut path = [(0usize, 0usize); DIMS];
+        let mut path = [(0usize, 0usize); TREE];
         let mut node = 0usize;
-        for d in 0..DIMS {
+        for d in 0..TREE {
             let Some(pos) = self.nodes[node].position(self.bounds[d].bucket(attrs[d])) else { return false };
             path[d] = (node, pos);
             node = self.nodes[node].children[pos].index as usize;
         }
         let cell = node;
-        if self.cells[cell].remove(&key).is_none() {
+        if !self.cells[cell].remove(key) {
             return false;
         }
+        let flat_node = self.nodes[path[FLAT].0].children[path[FLAT].1].index as usize;
+        self.nodes[flat_node].flat.remove(&key);
         self.len -= 1;
         // Refresh cached bests bottom-up. A subtree whose best was not the removed key
         // keeps its best, and so do all above it.
-        for d in (0..DIMS).rev() {
+        for d in (0..TREE).rev() {
             let (n, pos) = path[d];
             let child = self.nodes[n].children[pos];
             if child.best != key {
                 return true;
             }
-            let best = if d + 1 < DIMS {
-                best_of(&self.nodes[child.index as usize])
-            } else {
-                self.cells[cell].first_key_value().map_or(NONE, |(k, e)| (*k, e.id))
-            };
+            let best = if d + 1 < TREE { best_of(&self.nodes[child.index as usize]) } else { self.cells[cell].best() };
             let child = &mut self.nodes[n].children[pos];
             (child.best, child.best_id) = best;
         }
@@ -272,7 +331,9 @@ impl FilterIndex {
         for d in (0..DIMS).rev() {
             free_from[d] = free_from[d + 1] && self.bounds[d].unconstrained(query[d]);
         }
-        let mut search = Search { index: self, query, free_from, found: None, limit };
+        let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
+        let whole = std::array::from_fn(|d| self.bounds[d].whole_buckets(query[d]));
+        let mut search = Search { index: self, query, free_from, reachable, whole, found: None, limit };
         search.node(0, 0, true, self.root_best);
         search.found
     }
@@ -280,50 +341,60 @@ impl FilterIndex {
     /// Every entry in priority order (for checks and snapshots; not fast).
     pub fn entries(&self) -> Vec<(Key, OrderId, [u32; DIMS])> {
         let mut out: Vec<_> =
-            self.cells.iter().flat_map(|c| c.iter().map(|(k, e)| (*k, e.id, e.attrs))).collect();
+            self.cells.iter().flat_map(|c| c.iter().map(|e| (e.key, e.id, e.attrs))).collect();
         out.sort_unstable_by_key(|e| e.0);
         out
     }
 
-    /// Verifies every cached best and every entry's placement. For tests.
+    /// Verifies every cached best, every flat list and every entry's placement. For tests.
     pub fn check(&self) -> Result<(), String> {
-        let mut count = 0;
-        let best = self.check_node(0, 0, &mut count)?;
+        let mut entries = Vec::new();
+        let best = self.check_node(0, 0, &mut entries)?;
         if best != self.root_best.0 {
             return Err(format!("root caches best {:?}, the index's best is {best:?}", self.root_best.0));
         }
-        if count != self.len {
-            return Err(format!("index holds {count} entries but counts {}", self.len));
+        if entries.len() != self.len {
+            return Err(format!("index holds {} entries but counts {}", entries.len(), self.len));
         }
         Ok(())
     }
 
-    fn check_node(&self, n: usize, level: usize, count: &mut usize) -> Result<Key, String> {
+    /// Checks the subtree of node `n` at `level`, collecting its entries; returns its best key.
+    fn check_node(&self, n: usize, level: usize, entries: &mut Vec<Entry>) -> Result<Key, String> {
         let node = &self.nodes[n];
         let mut best = NONE_KEY;
         if node.present.count_ones() as usize != node.children.len() {
             return Err(format!("node {n} has {} children but {} present", node.children.len(), node.present.count_ones()));
         }
+        let first = entries.len();
         for (pos, child) in node.children.iter().enumerate() {
             if node.position(child.bucket as usize) != Some(pos) {
                 return Err(format!("node {n}: bucket {} out of place", child.bucket));
             }
-            let k = if level + 1 < DIMS {
-                self.check_node(child.index as usize, level + 1, count)?
+            let start = entries.len();
+            let k = if level + 1 < TREE {
+                self.check_node(child.index as usize, level + 1, entries)?
             } else {
                 let cell = &self.cells[child.index as usize];
-                for e in cell.values() {
-                    *count += 1;
-                    if self.bounds[level].bucket(e.attrs[level]) != child.bucket as usize {
-                        return Err(format!("entry {:?} in the wrong cell", e.id));
-                    }
-                }
-                cell.keys().next().copied().unwrap_or(NONE_KEY)
+                entries.extend(cell.iter().copied());
+                cell.best().0
             };
+            if entries[start..].iter().any(|e| self.bounds[level].bucket(e.attrs[level]) != child.bucket as usize) {
+                return Err(format!("node {n}: an entry under bucket {} belongs elsewhere", child.bucket));
+            }
             if k != child.best {
                 return Err(format!("node {n} caches best {:?} for bucket {}, its subtree's is {k:?}", child.best, child.bucket));
             }
             best = best.min(k);
+        }
+        if level == FLAT + 1 {
+            let mut below: Vec<Entry> = entries[first..].to_vec();
+            below.sort_unstable_by_key(|e| e.key);
+            if !below.iter().eq(node.flat.values()) {
+                return Err(format!("node {n}'s flat list differs from its subtree"));
+            }
+        } else if !node.flat.is_empty() {
+            return Err(format!("node {n} at level {level} keeps a flat list"));
         }
         Ok(best)
     }
@@ -336,7 +407,11 @@ fn best_of(node: &Node) -> (Key, OrderId) {
 struct Search<'a> {
     index: &'a FilterIndex,
     query: [u32; DIMS],
+    /// `free_from[d]`: no attribute from `d` on is constrained.
     free_from: [bool; DIMS + 1],
+    /// Per attribute, the buckets that may hold a passing entry, and those that only do.
+    reachable: [Mask; DIMS],
+    whole: [Mask; DIMS],
     found: Option<(Key, OrderId)>,
     limit: Key,
 }
@@ -346,7 +421,7 @@ impl Search<'_> {
     fn could_win(&self, key: Key) -> bool {
         match self.found {
             Some((k, _)) => key < k,
-            None => key <= self.limit,
+            None => key <= self.limit && key != NONE_KEY,
         }
     }
 
@@ -361,38 +436,51 @@ impl Search<'_> {
             return;
         }
         let node = &self.index.nodes[n];
-        let bound = self.index.bounds[level];
-        let q = self.query[level];
-        let reachable = bound.reachable(q);
-        // Visit children best-first so that the first fit prunes the rest.
-        let mut order: ArrayVec<(Key, u8), FANOUT> = ArrayVec::new();
+        let (reachable, whole) = (self.reachable[level], self.whole[level]);
+        // A child whose whole subtree passes is answered by its cached best: only the
+        // best of those matters. The others must be searched, best-first, so that the
+        // first fit prunes the rest.
+        let child_free = self.free_from[level + 1];
+        let mut partial: ArrayVec<(Key, u8), FANOUT> = ArrayVec::new();
         for (pos, c) in node.children.iter().enumerate() {
-            if reachable & (1 << c.bucket) != 0 && self.could_win(c.best) {
-                order.push((c.best, pos as u8));
+            let bit: Mask = 1 << c.bucket;
+            if reachable & bit == 0 || !self.could_win(c.best) {
+                continue;
+            }
+            if passing && child_free && whole & bit != 0 {
+                self.found = Some((c.best, c.best_id));
+            } else {
+                partial.push((c.best, pos as u8));
             }
         }
-        order.sort_unstable_by_key(|o| o.0);
-        for &(best, pos) in order.iter() {
+        partial.sort_unstable_by_key(|o| o.0);
+        for &(best, pos) in partial.iter() {
             if !self.could_win(best) {
                 break;
             }
             let c = node.children[pos as usize];
-            let child_passing = passing && bound.whole_bucket_passes(c.bucket as usize, q);
-            if level + 1 < DIMS {
+            let child_passing = passing && whole & (1 << c.bucket) != 0;
+            if level == FLAT && !child_passing {
+                // The threshold falls inside this bucket: scan its entries once.
+                self.scan(self.index.nodes[c.index as usize].flat.values());
+            } else if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
+            } else if child_passing && self.free_from[TREE] {
+                self.found = Some((c.best, c.best_id));
             } else {
-                self.cell(c.index as usize, child_passing);
+                self.scan(self.index.cells[c.index as usize].iter());
             }
         }
     }
 
-    fn cell(&mut self, c: usize, passing: bool) {
-        for (k, e) in &self.index.cells[c] {
-            if !self.could_win(*k) {
+    /// Takes the first entry, in priority order, that passes and still wins.
+    fn scan<'e>(&mut self, entries: impl Iterator<Item = &'e Entry>) {
+        for e in entries {
+            if !self.could_win(e.key) {
                 break;
             }
-            if passing || self.passes(&e.attrs) {
-                self.found = Some((*k, e.id));
+            if self.passes(&e.attrs) {
+                self.found = Some((e.key, e.id));
                 return;
             }
         }

@@ -18,6 +18,7 @@
 //! exchange's fees, and the outside world) always sum to zero.
 
 mod book;
+mod deadlines;
 mod error;
 mod event;
 pub mod index;

@@ -2,13 +2,14 @@
 //! code that changes state. So a refused command changes nothing, and replaying
 //! the events from an empty market rebuilds the same state.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use rustc_hash::FxHashMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::book::{AskBook, BidBook};
+use crate::deadlines::Deadlines;
 use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
 use crate::{
     AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, LeaseState, MarketError, NodeId,
@@ -52,11 +53,11 @@ pub struct Market {
     fees: Cents,
     sells: FxHashMap<OrderId, SellOrder>,
     buys: FxHashMap<OrderId, BuyOrder>,
-    leases: BTreeMap<LeaseId, Lease>,
+    leases: FxHashMap<LeaseId, Lease>,
     slots_of_node: FxHashMap<NodeId, Vec<OrderId>>,
     asks: AskBook,
     bids: BidBook,
-    deadlines: BTreeSet<(Time, LeaseId)>,
+    deadlines: Deadlines,
     outbox: Vec<Event>,
 }
 
@@ -72,11 +73,11 @@ impl Market {
             fees: 0,
             sells: FxHashMap::default(),
             buys: FxHashMap::default(),
-            leases: BTreeMap::new(),
+            leases: FxHashMap::default(),
             slots_of_node: FxHashMap::default(),
             asks: AskBook::default(),
             bids: BidBook::default(),
-            deadlines: BTreeSet::new(),
+            deadlines: Deadlines::default(),
             outbox: Vec::new(),
         }
     }
@@ -133,6 +134,7 @@ impl Market {
     pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
         self.leases.get(&id)
     }
+    /// Live leases, in no particular order.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()
     }
@@ -153,8 +155,9 @@ impl Market {
     }
     /// The earliest pending deadline (ready timeout or period end), so a caller
     /// knows when `tick` next has work.
-    pub fn next_deadline(&self) -> Option<Time> {
-        self.deadlines.first().map(|d| d.0)
+    pub fn next_deadline(&mut self) -> Option<Time> {
+        let leases = &self.leases;
+        self.deadlines.first_live(|at, l| leases.get(&l).is_some_and(|l| l.deadline == at)).map(|d| d.0)
     }
 
     // ---- money ----
@@ -331,7 +334,8 @@ impl Market {
     pub fn buyer_lost(&mut self, account: AccountId, last_seen: Time, now: Time) -> Result<Vec<LeaseId>, MarketError> {
         self.check_time(now)?;
         self.balance_of(account)?;
-        let ended: Vec<LeaseId> = self.leases.values().filter(|l| l.buyer == account).map(|l| l.id).collect();
+        let mut ended: Vec<LeaseId> = self.leases.values().filter(|l| l.buyer == account).map(|l| l.id).collect();
+        ended.sort_unstable();
         for &lease in &ended {
             self.end_lease(lease, EndReason::BuyerLost, last_seen, now);
         }
@@ -342,7 +346,10 @@ impl Market {
     /// in deadline order.
     pub fn tick(&mut self, now: Time) -> Result<(), MarketError> {
         self.check_time(now)?;
-        while let Some(&(deadline, lease)) = self.deadlines.first() {
+        loop {
+            let leases = &self.leases;
+            let live = |at, l| leases.get(&l).is_some_and(|l: &Lease| l.deadline == at);
+            let Some((deadline, lease)) = self.deadlines.first_live(live) else { break };
             if deadline > now {
                 break;
             }
@@ -365,12 +372,13 @@ impl Market {
     /// when `alive_until` says the node has been silent since, and settles whole cents.
     pub fn settle(&mut self, now: Time, alive_until: impl Fn(NodeId) -> Time) -> Result<(), MarketError> {
         self.check_time(now)?;
-        let running: Vec<(LeaseId, NodeId)> = self
+        let mut running: Vec<(LeaseId, NodeId)> = self
             .leases
             .values()
             .filter(|l| matches!(l.state, LeaseState::Running { .. }))
             .map(|l| (l.id, l.node))
             .collect();
+        running.sort_unstable();
         for (lease, node) in running {
             self.settle_lease(lease, now.min(alive_until(node)));
         }
@@ -620,14 +628,14 @@ impl Market {
                         fee: 0,
                     },
                 );
-                self.deadlines.insert((deadline, lease));
+                self.deadlines.push(deadline, lease);
             }
             Event::LeaseReady { lease, at } => {
                 let l = self.leases.get_mut(&lease).expect("ready lease exists");
-                self.deadlines.remove(&(l.deadline, lease));
                 l.state = LeaseState::Running { period_start: at, metered_until: at };
                 l.deadline = at + l.period;
-                self.deadlines.insert((l.deadline, lease));
+                self.deadlines.push(l.deadline, lease);
+                self.compact_deadlines();
             }
             Event::LeaseSettled { lease, until, seconds, charge, fee, carry } => {
                 let l = self.leases.get_mut(&lease).expect("settled lease exists");
@@ -648,20 +656,19 @@ impl Market {
             }
             Event::LeaseRenewed { lease, at, price, released, escrow } => {
                 let l = self.leases.get_mut(&lease).expect("renewed lease exists");
-                self.deadlines.remove(&(l.deadline, lease));
                 l.price = price;
                 l.renewals += 1;
                 l.escrow = escrow;
                 l.state = LeaseState::Running { period_start: at, metered_until: at };
                 l.deadline = at + l.period;
-                self.deadlines.insert((l.deadline, lease));
+                self.deadlines.push(l.deadline, lease);
                 let buyer = l.buyer;
                 self.release(buyer, released);
                 self.hold(buyer, escrow);
             }
             Event::LeaseEnded { lease, released, reopen, .. } => {
                 let l = self.leases.remove(&lease).expect("ended lease exists");
-                self.deadlines.remove(&(l.deadline, lease));
+                self.compact_deadlines();
                 self.release(l.buyer, released);
                 let o = self.buys.get_mut(&l.buy).expect("order of a live lease exists");
                 o.leases.retain(|x| *x != lease);
@@ -687,6 +694,10 @@ impl Market {
                 }
             }
         }
+    }
+
+    fn compact_deadlines(&mut self) {
+        self.deadlines.compact(self.leases.len(), self.leases.values().map(|l| (l.deadline, l.id)));
     }
 
     fn take_id(&mut self, id: u64) {
@@ -770,6 +781,10 @@ impl Market {
         sells.sort_by_key(|o| o.id);
         let mut buys: Vec<_> = self.buys.values().cloned().collect();
         buys.sort_by_key(|o| o.id);
+        let mut leases: Vec<_> = self.leases.values().cloned().collect();
+        leases.sort_by_key(|l| l.id);
+        let mut deadlines: Vec<_> = leases.iter().map(|l| (l.deadline, l.id)).collect();
+        deadlines.sort_unstable();
         Snapshot {
             now: self.now,
             next_id: self.next_id,
@@ -779,8 +794,8 @@ impl Market {
             balances,
             sells,
             buys,
-            leases: self.leases.values().cloned().collect(),
-            deadlines: self.deadlines.iter().copied().collect(),
+            leases,
+            deadlines,
             asks: self.asks.entries(),
             bids: self.bids.entries(),
         }
@@ -817,6 +832,7 @@ impl Market {
                 }
             }
         }
+        let scheduled: BTreeSet<(Time, LeaseId)> = self.deadlines.entries().collect();
         let mut leased_slots = BTreeSet::new();
         for l in self.leases.values() {
             *expected_escrow.entry(l.buyer).or_default() += l.escrow;
@@ -833,7 +849,7 @@ impl Market {
             if !self.buys.get(&l.buy).is_some_and(|o| o.leases.contains(&l.id)) {
                 return Err(format!("{}'s order {} does not list it", l.id, l.buy));
             }
-            if !self.deadlines.contains(&(l.deadline, l.id)) {
+            if !scheduled.contains(&(l.deadline, l.id)) {
                 return Err(format!("{} has no deadline scheduled", l.id));
             }
             if l.price > self.buys[&l.buy].max_price() {
@@ -842,9 +858,6 @@ impl Market {
             if l.carry >= 3600 {
                 return Err(format!("{} carries {} cent-seconds per hour", l.id, l.carry));
             }
-        }
-        if self.deadlines.len() != self.leases.len() {
-            return Err(format!("{} deadlines for {} leases", self.deadlines.len(), self.leases.len()));
         }
         for (account, b) in &self.balances {
             let expected = expected_escrow.get(account).copied().unwrap_or(0);
