@@ -25,8 +25,11 @@ pub enum Event {
     /// The slot leaves the market: at once if resting, when its lease ends if leased.
     SellWithdrawn { order: OrderId, at: Time },
 
-    /// A buy order; `escrow` moves from available to escrow.
+    /// A buy order arrives; `escrow` moves from available to escrow. It trades first
+    /// (`LeaseOpened`), then rests with what is left (`BuyRested`).
     BuyPlaced { order: OrderId, account: AccountId, request: BuyRequest, escrow: Cents, at: Time },
+    /// The order's open CPUs enter the book.
+    BuyRested { order: OrderId, at: Time },
     /// The buyer cancels: the open CPUs' escrow (`released`) returns; its leases end separately.
     BuyCancelled { order: OrderId, released: Cents, at: Time },
 
@@ -68,6 +71,7 @@ impl Event {
             | Event::SellRepriced { at, .. }
             | Event::SellWithdrawn { at, .. }
             | Event::BuyPlaced { at, .. }
+            | Event::BuyRested { at, .. }
             | Event::BuyCancelled { at, .. }
             | Event::LeaseOpened { at, .. }
             | Event::LeaseReady { at, .. }

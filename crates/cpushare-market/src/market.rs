@@ -415,16 +415,20 @@ impl Market {
         self.outbox.push(event);
     }
 
-    /// Fills a buy order's open CPUs from the best fitting asks, each at its ask.
+    /// Fills a buy order's open CPUs from the best fitting asks, each at its ask; what
+    /// is left rests in the book.
     fn fill_buy(&mut self, order: OrderId, now: Time) {
         loop {
             let o = &self.buys[&order];
             if o.open == 0 {
                 return;
             }
-            let Some(sell) = self.asks.best(&o.request.requirements, o.max_price()) else { return };
+            let Some(sell) = self.asks.best(&o.request.requirements, o.max_price()) else { break };
             let ask = self.sells[&sell].ask;
             self.open_lease(order, sell, ask, PriceSide::Ask, now);
+        }
+        if !self.buys[&order].resting {
+            self.emit(Event::BuyRested { order, at: now });
         }
     }
 
@@ -573,32 +577,48 @@ impl Market {
                 self.take_id(order.0);
                 self.hold(account, escrow);
                 let seq = self.take_seq();
-                let o = BuyOrder { id: order, account, request, placed_at: at, seq, open: request.cpus, leases: Vec::new() };
-                self.bids.insert(&o);
+                let o = BuyOrder {
+                    id: order,
+                    account,
+                    request,
+                    placed_at: at,
+                    seq,
+                    open: request.cpus,
+                    resting: false,
+                    leases: Vec::new(),
+                };
                 self.buys.insert(order, o);
+            }
+            Event::BuyRested { order, .. } => {
+                let o = self.buys.get_mut(&order).expect("resting order exists");
+                o.resting = true;
+                self.bids.insert(&self.buys[&order]);
             }
             Event::BuyCancelled { order, released, .. } => {
                 let o = &self.buys[&order];
                 let account = o.account;
-                if o.open > 0 {
+                if o.resting {
                     self.bids.remove(o);
                 }
                 self.release(account, released);
                 let o = self.buys.get_mut(&order).expect("cancelled order exists");
                 o.open = 0;
+                o.resting = false;
                 self.drop_buy_if_done(order);
             }
             Event::LeaseOpened { lease, buy, sell, price, side, escrow, refund, deadline, at } => {
                 self.take_id(lease.0);
                 let o = &self.buys[&buy];
-                if o.open == 1 {
+                let leaves_book = o.resting && o.open == 1;
+                if leaves_book {
                     self.bids.remove(o);
-                } else {
+                } else if o.resting {
                     self.bids.resize(o, -1);
                 }
                 let (buyer, period) = (o.account, o.request.period);
                 let o = self.buys.get_mut(&buy).expect("buy order of a trade exists");
                 o.open -= 1;
+                o.resting &= !leaves_book;
                 o.leases.push(lease);
                 self.release(buyer, refund);
                 let s = &self.sells[&sell];
@@ -673,10 +693,9 @@ impl Market {
                 let o = self.buys.get_mut(&l.buy).expect("order of a live lease exists");
                 o.leases.retain(|x| *x != lease);
                 if let Some(escrow) = reopen {
+                    // The reopened CPU trades at once or rests (`BuyRested`) like a new order.
                     o.open += 1;
-                    if o.open == 1 {
-                        self.bids.insert(&self.buys[&l.buy]);
-                    } else {
+                    if o.resting {
                         self.bids.resize(&self.buys[&l.buy], 1);
                     }
                     self.hold(l.buyer, escrow);
@@ -822,6 +841,9 @@ impl Market {
         // Escrow held equals what open orders and leases need.
         for o in self.buys.values() {
             *expected_escrow.entry(o.account).or_default() += o.escrow();
+            if o.resting != (o.open > 0) {
+                return Err(format!("{} has {} open CPUs but resting is {}", o.id, o.open, o.resting));
+            }
             if o.open == 0 && o.leases.is_empty() {
                 return Err(format!("{} is done but still listed", o.id));
             }

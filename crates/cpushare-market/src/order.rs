@@ -118,8 +118,11 @@ pub struct BuyOrder {
     pub request: BuyRequest,
     pub placed_at: Time,
     pub seq: u64,
-    /// CPUs still wanted; they rest in the book with escrow held.
+    /// CPUs still wanted, with escrow held for each.
     pub open: u32,
+    /// Whether the open CPUs rest in the book (they do once the order has traded
+    /// what it could on arrival).
+    pub resting: bool,
     /// Live leases filling this order.
     pub leases: Vec<LeaseId>,
 }

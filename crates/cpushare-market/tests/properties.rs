@@ -255,6 +255,6 @@ fn random_sequences_reach_every_event_and_end_reason() {
         }
     }
     assert!(counts["lease-ready"] * 2 > counts["lease-opened"], "most leases should start: {counts:?}");
-    assert_eq!(kinds.len(), 13, "events seen: {kinds:?}");
+    assert_eq!(kinds.len(), 14, "events seen: {kinds:?}");
     assert_eq!(reasons.len(), EndReason::ALL.len(), "end reasons seen: {reasons:?}");
 }
