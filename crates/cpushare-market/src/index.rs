@@ -15,11 +15,16 @@
 //! Every node caches each child's best key. A query visits children
 //! best-first and stops as soon as a subtree cannot beat what it already found;
 //! a subtree whose every bucket passes every threshold is answered by its cached
-//! best without descending. The bucket where a score threshold falls is the
-//! expensive case: prices follow scores, so its cheapest entries are exactly the
-//! ones that fail. Each score bucket therefore also keeps a flat list of its
-//! entries in priority order, and a boundary bucket is scanned there once,
-//! stopping at the first entry that passes, instead of cell by cell.
+//! best without descending. Cells are scanned only where a threshold falls
+//! inside their bucket or a scanned attribute is constrained, and only while
+//! they can still win.
+//!
+//! Which attributes are tree levels was measured (BENCHMARKS.md): prices follow
+//! score and RAM, so a bucket on a score or RAM threshold begins with exactly
+//! the entries that fail it, and those two must be split finely; latency and
+//! UDP do not follow price, so a scan finds a passing entry within a few steps.
+//! Deeper trees, or extra flat lists per score bucket, cost more in upkeep and
+//! node visits than they saved in scanning.
 
 use std::collections::BTreeMap;
 
@@ -41,8 +46,6 @@ type Mask = u128;
 pub const DIMS: usize = 5;
 /// Attributes the tree splits on; the rest are checked while scanning.
 pub const TREE: usize = 3;
-/// Children of nodes at this level keep a flat list of their subtree.
-const FLAT: usize = 1;
 
 /// How an entry's attribute must relate to the query's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,8 +185,6 @@ struct Child {
 struct Node {
     present: Mask,
     children: Vec<Child>,
-    /// Every entry below, in priority order (only at level FLAT + 1).
-    flat: BTreeMap<Key, Entry>,
 }
 
 impl Node {
@@ -282,9 +283,6 @@ impl FilterIndex {
                 child.best_id = id;
             }
             node = child.index as usize;
-            if d == FLAT {
-                self.nodes[node].flat.insert(key, entry);
-            }
         }
         let fresh = self.cells[node].insert(entry);
         assert!(fresh, "priority key {key:?} inserted twice");
@@ -305,8 +303,6 @@ impl FilterIndex {
         if !self.cells[cell].remove(key) {
             return false;
         }
-        let flat_node = self.nodes[path[FLAT].0].children[path[FLAT].1].index as usize;
-        self.nodes[flat_node].flat.remove(&key);
         self.len -= 1;
         // Refresh cached bests bottom-up. A subtree whose best was not the removed key
         // keeps its best, and so do all above it.
@@ -336,9 +332,7 @@ impl FilterIndex {
         }
         let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
         let whole = std::array::from_fn(|d| self.bounds[d].whole_buckets(query[d]));
-        let tree_free_below_flat = (FLAT + 1..TREE).all(|d| self.bounds[d].unconstrained(query[d]));
-        let mut search =
-            Search { index: self, query, free_from, reachable, whole, tree_free_below_flat, found: None, limit };
+        let mut search = Search { index: self, query, free_from, reachable, whole, found: None, limit };
         search.node(0, 0, true, self.root_best);
         search.found
     }
@@ -351,7 +345,7 @@ impl FilterIndex {
         out
     }
 
-    /// Verifies every cached best, every flat list and every entry's placement. For tests.
+    /// Verifies every cached best and every entry's placement. For tests.
     pub fn check(&self) -> Result<(), String> {
         let mut entries = Vec::new();
         let best = self.check_node(0, 0, &mut entries)?;
@@ -371,7 +365,6 @@ impl FilterIndex {
         if node.present.count_ones() as usize != node.children.len() {
             return Err(format!("node {n} has {} children but {} present", node.children.len(), node.present.count_ones()));
         }
-        let first = entries.len();
         for (pos, child) in node.children.iter().enumerate() {
             if node.position(child.bucket as usize) != Some(pos) {
                 return Err(format!("node {n}: bucket {} out of place", child.bucket));
@@ -392,15 +385,6 @@ impl FilterIndex {
             }
             best = best.min(k);
         }
-        if level == FLAT + 1 {
-            let mut below: Vec<Entry> = entries[first..].to_vec();
-            below.sort_unstable_by_key(|e| e.key);
-            if !below.iter().eq(node.flat.values()) {
-                return Err(format!("node {n}'s flat list differs from its subtree"));
-            }
-        } else if !node.flat.is_empty() {
-            return Err(format!("node {n} at level {level} keeps a flat list"));
-        }
         Ok(best)
     }
 }
@@ -417,8 +401,6 @@ struct Search<'a> {
     /// Per attribute, the buckets that may hold a passing entry, and those that only do.
     reachable: [Mask; DIMS],
     whole: [Mask; DIMS],
-    /// No tree level below the flat lists is constrained.
-    tree_free_below_flat: bool,
     found: Option<(Key, OrderId)>,
     limit: Key,
 }
@@ -467,11 +449,7 @@ impl Search<'_> {
             }
             let c = node.children[pos as usize];
             let child_passing = passing && whole & (1 << c.bucket) != 0;
-            if level == FLAT && (!child_passing || self.tree_free_below_flat) {
-                // The threshold falls inside this bucket, or nothing below splits usefully:
-                // scan its entries once, in priority order.
-                self.scan(self.index.nodes[c.index as usize].flat.values());
-            } else if level + 1 < TREE {
+            if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
             } else if child_passing && self.free_from[TREE] {
                 self.found = Some((c.best, c.best_id));

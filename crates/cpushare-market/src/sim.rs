@@ -261,8 +261,9 @@ impl<'a> Sim<'a> {
         let kinds = KindSet::of(&kinds);
         let n_slots = [1, 1, 2, 2, 2, 4, 4, 8][r.gen_range(0..8)];
         let ram_mib = [512, 1024, 2048, 2048, 4096, 8192, 16384][r.gen_range(0..7)];
-        // Asks follow the benchmark score: about one cent per CPU-hour per 1,000 MFLOPS, give or take.
-        let ask = ((score as f64 / 1000.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
+        // Asks follow the score and the RAM: about a cent per CPU-hour per 1,000 MFLOPS
+        // plus a third of a cent per GiB, give or take.
+        let ask = ((score as f64 / 1000.0 + ram_mib as f64 / 3072.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
         let slot = SlotAttributes { score, ram_mib, kinds, inbound_udp, latency_ms };
         Seller { account, node, slots: vec![(slot, ask); n_slots] }
     }
@@ -303,8 +304,8 @@ impl<'a> Sim<'a> {
         let max_latency_ms = if r.gen_bool(0.3) { [20, 50, 100, 200][r.gen_range(0..4)] } else { u32::MAX };
         let inbound_udp_only = kind == SandboxKind::VmTcg && r.gen_bool(0.2);
         let cpus = [1, 1, 2, 4, 4, 8, 8, 16, 32, 64][r.gen_range(0..10)];
-        // Buyers bid around what the score they want costs, some stingy, some generous.
-        let reference = (min_score.max(2000) as f64 / 1000.0).max(1.0);
+        // Buyers bid around what the slot they want costs, some stingy, some generous.
+        let reference = min_score.max(2000) as f64 / 1000.0 + min_ram_mib.max(1024) as f64 / 3072.0;
         let max_price = (reference * r.gen_range(0.5..3.0)).round().max(1.0) as u64;
         let period = if r.gen_bool(0.8) { HOUR } else { 600 };
         let periods = if r.gen_bool(0.8) { Some(r.gen_range(1..8)) } else { None };

@@ -26,14 +26,11 @@ pub fn slot(r: &mut impl Rng) -> (SlotAttributes, u64) {
         30..=39 => kinds.extend([SandboxKind::VmTcg, SandboxKind::VmKvm]),
         _ => {}
     }
-    let slot = SlotAttributes {
-        score,
-        ram_mib: [512, 1024, 2048, 2048, 4096, 8192, 16384][r.gen_range(0..7)],
-        kinds: KindSet::of(&kinds),
-        inbound_udp: r.gen_bool(0.4),
-        latency_ms,
-    };
-    let ask = ((score as f64 / 1000.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
+    let ram_mib = [512, 1024, 2048, 2048, 4096, 8192, 16384][r.gen_range(0..7)];
+    let slot = SlotAttributes { score, ram_mib, kinds: KindSet::of(&kinds), inbound_udp: r.gen_bool(0.4), latency_ms };
+    // Asks follow the score and the RAM: about a cent per CPU-hour per 1,000 MFLOPS
+    // plus a third of a cent per GiB, give or take.
+    let ask = ((score as f64 / 1000.0 + ram_mib as f64 / 3072.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
     (slot, ask)
 }
 
@@ -50,7 +47,7 @@ pub fn requirements(r: &mut impl Rng) -> (Requirements, u64) {
     let min_ram_mib = if r.gen_bool(0.4) { [1024, 2048, 4096, 8192][r.gen_range(0..4)] } else { 0 };
     let max_latency_ms = if r.gen_bool(0.3) { [20, 50, 100, 200][r.gen_range(0..4)] } else { u32::MAX };
     let inbound_udp_only = r.gen_bool(0.1);
-    let reference = (min_score.max(2000) as f64 / 1000.0).max(1.0);
+    let reference = min_score.max(2000) as f64 / 1000.0 + min_ram_mib.max(1024) as f64 / 3072.0;
     let max_price = (reference * r.gen_range(0.5..3.0)).round().max(1.0) as u64;
     (Requirements { kind, min_score, min_ram_mib, max_latency_ms, inbound_udp_only }, max_price)
 }
