@@ -1,7 +1,7 @@
 //! Criterion benchmarks of the market engine. See BENCHMARKS.md for results.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use cpushare_market::index::{Bound, FilterIndex};
+use cpushare_market::index::{key, Bound, FilterIndex};
 use cpushare_market::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -27,7 +27,7 @@ fn filtered_query(c: &mut Criterion) {
     let mut scan = ScanBook::new();
     for seq in 0..RESTING as u64 {
         let (s, ask) = slot(&mut r);
-        index.insert((ask, seq), OrderId(seq), attrs(&s));
+        index.insert(key(ask, seq), OrderId(seq), attrs(&s));
         scan.insert(ask, seq, s);
     }
     let queries: Vec<(Requirements, u64)> = (0..4096)
@@ -35,15 +35,15 @@ fn filtered_query(c: &mut Criterion) {
         .collect();
     // Both must agree before either is timed.
     for (q, p) in &queries {
-        let a = index.best(query(q), (*p, u64::MAX));
-        assert_eq!(a.map(|x| x.0), scan.best(q, *p));
+        let a = index.best(query(q), key(*p, u64::MAX));
+        assert_eq!(a.map(|x| x.0), scan.best(q, *p).map(|(p, s)| key(p, s)));
     }
     let mut g = c.benchmark_group("best ask for a filtered buy, 100k slots");
     g.throughput(Throughput::Elements(queries.len() as u64));
     g.bench_function("cpushare filter index", |b| {
         b.iter(|| {
             for (q, p) in &queries {
-                black_box(index.best(query(q), (*p, u64::MAX)));
+                black_box(index.best(query(q), key(*p, u64::MAX)));
             }
         })
     });

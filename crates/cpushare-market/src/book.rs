@@ -3,7 +3,7 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::index::{Bound, FilterIndex, Key, DIMS};
+use crate::index::{key, Bound, FilterIndex, Key, DIMS};
 use crate::{BuyOrder, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
 
 /// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency].
@@ -61,7 +61,7 @@ impl Default for AskBook {
 
 impl AskBook {
     fn key(o: &SellOrder) -> Key {
-        (o.ask, o.seq)
+        key(o.ask, o.seq)
     }
 
     pub fn insert(&mut self, o: &SellOrder) {
@@ -83,7 +83,7 @@ impl AskBook {
 
     /// The best ask at or under `max_price` that meets `req`.
     pub fn best(&self, req: &Requirements, max_price: u64) -> Option<OrderId> {
-        self.index.best(requirement_attrs(req), (max_price, u64::MAX)).map(|(_, id)| id)
+        self.index.best(requirement_attrs(req), key(max_price, u64::MAX)).map(|(_, id)| id)
     }
 
     /// (price, slots) from the best ask up.
@@ -122,7 +122,7 @@ impl Default for BidBook {
 
 impl BidBook {
     fn key(o: &BuyOrder) -> Key {
-        (u64::MAX - o.max_price(), o.seq)
+        key(u64::MAX - o.max_price(), o.seq)
     }
 
     /// Rests the order with all of its open CPUs.
@@ -149,7 +149,7 @@ impl BidBook {
 
     /// The best bid at or over `min_price` that `slot` satisfies, in any kind the slot offers.
     pub fn best(&self, slot: &SlotAttributes, min_price: u64) -> Option<OrderId> {
-        self.index.best(slot_attrs(slot), (u64::MAX - min_price, u64::MAX)).map(|(_, id)| id)
+        self.index.best(slot_attrs(slot), key(u64::MAX - min_price, u64::MAX)).map(|(_, id)| id)
     }
 
     /// (price, CPUs) from the best bid down.

@@ -32,11 +32,17 @@ use arrayvec::ArrayVec;
 
 use crate::OrderId;
 
-/// Priority key: smaller is better. Asks use (price, seq), bids (MAX - price, seq);
-/// `seq` is unique, so keys never tie. (MAX, MAX) is reserved: it marks "empty".
-pub type Key = (u64, u64);
+/// Priority key: smaller is better. Asks use (price, seq), bids (MAX - price, seq),
+/// packed by [`key`] so that comparing two keys is one wide comparison; `seq` is
+/// unique, so keys never tie. `u128::MAX` is reserved: it marks "empty".
+pub type Key = u128;
 
-const NONE_KEY: Key = (u64::MAX, u64::MAX);
+/// The key ordering by `primary`, then by `seq`.
+pub const fn key(primary: u64, seq: u64) -> Key {
+    (primary as u128) << 64 | seq as u128
+}
+
+const NONE_KEY: Key = Key::MAX;
 /// Buckets split each binary order of magnitude in 2^SUB_BITS (log-linear, as in HDR
 /// histograms), so a threshold's boundary bucket holds few entries that fail it.
 /// (Three bits measured slower: the extra children cost more than the shorter scans save.)
@@ -59,6 +65,7 @@ pub enum Bound {
 }
 
 impl Bound {
+    #[cfg(test)]
     fn passes(self, entry: u32, query: u32) -> bool {
         match self {
             Bound::AtLeast => entry >= query,
@@ -196,7 +203,6 @@ impl Node {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
-    key: Key,
     id: OrderId,
     attrs: [u32; DIMS],
 }
@@ -206,8 +212,8 @@ struct Entry {
 struct Cell(BTreeMap<Key, Entry>);
 
 impl Cell {
-    fn insert(&mut self, e: Entry) -> bool {
-        self.0.insert(e.key, e).is_none()
+    fn insert(&mut self, key: Key, e: Entry) -> bool {
+        self.0.insert(key, e).is_none()
     }
 
     fn remove(&mut self, key: Key) -> bool {
@@ -215,11 +221,11 @@ impl Cell {
     }
 
     fn best(&self) -> (Key, OrderId) {
-        self.0.first_key_value().map_or(NONE, |(_, e)| (e.key, e.id))
+        self.0.first_key_value().map_or(NONE, |(k, e)| (*k, e.id))
     }
 
-    fn iter(&self) -> impl Iterator<Item = &Entry> {
-        self.0.values()
+    fn iter(&self) -> impl Iterator<Item = (&Key, &Entry)> {
+        self.0.iter()
     }
 }
 
@@ -252,7 +258,7 @@ impl FilterIndex {
 
     pub fn insert(&mut self, key: Key, id: OrderId, attrs: [u32; DIMS]) {
         assert!(key != NONE_KEY, "the key {key:?} is reserved");
-        let entry = Entry { key, id, attrs };
+        let entry = Entry { id, attrs };
         if key < self.root_best.0 {
             self.root_best = (key, id);
         }
@@ -284,7 +290,7 @@ impl FilterIndex {
             }
             node = child.index as usize;
         }
-        let fresh = self.cells[node].insert(entry);
+        let fresh = self.cells[node].insert(key, entry);
         assert!(fresh, "priority key {key:?} inserted twice");
         self.len += 1;
     }
@@ -332,7 +338,18 @@ impl FilterIndex {
         }
         let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
         let whole = std::array::from_fn(|d| self.bounds[d].whole_buckets(query[d]));
-        let mut search = Search { index: self, query, free_from, reachable, whole, found: None, limit };
+        // Scanning checks each attribute against a range; a bit set is a tree level, and
+        // its buckets are exact, so the tree has already decided it.
+        let mut lo = [0; DIMS];
+        let mut hi = [u32::MAX; DIMS];
+        for d in 0..DIMS {
+            match self.bounds[d] {
+                Bound::AtLeast => lo[d] = query[d],
+                Bound::AtMost => hi[d] = query[d],
+                Bound::Intersects => {}
+            }
+        }
+        let mut search = Search { index: self, free_from, reachable, whole, lo, hi, found: None, limit };
         search.node(0, 0, true, self.root_best);
         search.found
     }
@@ -340,7 +357,7 @@ impl FilterIndex {
     /// Every entry in priority order (for checks and snapshots; not fast).
     pub fn entries(&self) -> Vec<(Key, OrderId, [u32; DIMS])> {
         let mut out: Vec<_> =
-            self.cells.iter().flat_map(|c| c.iter().map(|e| (e.key, e.id, e.attrs))).collect();
+            self.cells.iter().flat_map(|c| c.iter().map(|(k, e)| (*k, e.id, e.attrs))).collect();
         out.sort_unstable_by_key(|e| e.0);
         out
     }
@@ -374,7 +391,7 @@ impl FilterIndex {
                 self.check_node(child.index as usize, level + 1, entries)?
             } else {
                 let cell = &self.cells[child.index as usize];
-                entries.extend(cell.iter().copied());
+                entries.extend(cell.iter().map(|(_, e)| *e));
                 cell.best().0
             };
             if entries[start..].iter().any(|e| self.bounds[level].bucket(e.attrs[level]) != child.bucket as usize) {
@@ -395,12 +412,14 @@ fn best_of(node: &Node) -> (Key, OrderId) {
 
 struct Search<'a> {
     index: &'a FilterIndex,
-    query: [u32; DIMS],
     /// `free_from[d]`: no attribute from `d` on is constrained.
     free_from: [bool; DIMS + 1],
-    /// Per attribute, the buckets that may hold a passing entry, and those that only do.
-    reachable: [Mask; DIMS],
-    whole: [Mask; DIMS],
+    /// Per tree level, the buckets that may hold a passing entry, and those that only do.
+    reachable: [Mask; TREE],
+    whole: [Mask; TREE],
+    /// Per attribute, the range of values that pass.
+    lo: [u32; DIMS],
+    hi: [u32; DIMS],
     found: Option<(Key, OrderId)>,
     limit: Key,
 }
@@ -460,20 +479,20 @@ impl Search<'_> {
     }
 
     /// Takes the first entry, in priority order, that passes and still wins.
-    fn scan<'e>(&mut self, entries: impl Iterator<Item = &'e Entry>) {
-        for e in entries {
-            if !self.could_win(e.key) {
+    fn scan<'e>(&mut self, entries: impl Iterator<Item = (&'e Key, &'e Entry)>) {
+        for (&k, e) in entries {
+            if !self.could_win(k) {
                 break;
             }
             if self.passes(&e.attrs) {
-                self.found = Some((e.key, e.id));
+                self.found = Some((k, e.id));
                 return;
             }
         }
     }
 
     fn passes(&self, attrs: &[u32; DIMS]) -> bool {
-        (0..DIMS).all(|d| self.index.bounds[d].passes(attrs[d], self.query[d]))
+        (0..DIMS).fold(true, |ok, d| ok & (self.lo[d] <= attrs[d]) & (attrs[d] <= self.hi[d]))
     }
 }
 
@@ -514,21 +533,21 @@ mod tests {
     fn finds_cheapest_that_fits_not_cheapest_overall() {
         let mut ix = FilterIndex::new(BOUNDS);
         // cheap but small RAM
-        ix.insert((10, 1), OrderId(1), [0b11, 1, 512, 1000, 20]);
+        ix.insert(key(10, 1), OrderId(1), [0b11, 1, 512, 1000, 20]);
         // dearer, enough RAM, too slow a link
-        ix.insert((20, 2), OrderId(2), [0b11, 1, 8192, 1000, 400]);
+        ix.insert(key(20, 2), OrderId(2), [0b11, 1, 8192, 1000, 400]);
         // dearest, fits
-        ix.insert((30, 3), OrderId(3), [0b01, 1, 8192, 1000, 20]);
-        let all = (u64::MAX, u64::MAX);
-        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], all), Some(((30, 3), OrderId(3))));
-        assert_eq!(ix.best([0b01, 0, 0, 0, u32::MAX], all), Some(((10, 1), OrderId(1))));
+        ix.insert(key(30, 3), OrderId(3), [0b01, 1, 8192, 1000, 20]);
+        let all = key(u64::MAX, u64::MAX - 1);
+        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], all), Some((key(30, 3), OrderId(3))));
+        assert_eq!(ix.best([0b01, 0, 0, 0, u32::MAX], all), Some((key(10, 1), OrderId(1))));
         // the other kind: only the first two offer it
-        assert_eq!(ix.best([0b10, 0, 4096, 0, u32::MAX], all), Some(((20, 2), OrderId(2))));
+        assert_eq!(ix.best([0b10, 0, 4096, 0, u32::MAX], all), Some((key(20, 2), OrderId(2))));
         assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), None);
         // price limit excludes the only fit
-        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], (29, u64::MAX)), None);
-        assert!(ix.remove((30, 3), [0b01, 1, 8192, 1000, 20]));
-        assert!(!ix.remove((30, 3), [0b01, 1, 8192, 1000, 20]));
+        assert_eq!(ix.best([0b01, 0, 4096, 0, 100], key(29, u64::MAX)), None);
+        assert!(ix.remove(key(30, 3), [0b01, 1, 8192, 1000, 20]));
+        assert!(!ix.remove(key(30, 3), [0b01, 1, 8192, 1000, 20]));
         assert_eq!(ix.best([0b01, 0, 4096, 0, 100], all), None);
         ix.check().unwrap();
     }
@@ -544,9 +563,9 @@ mod tests {
             for (seq, (insert, price, kinds, [a, b, c, d])) in ops.into_iter().enumerate() {
                 let attrs = [kinds, a, b, c, d];
                 if insert || live.is_empty() {
-                    let key = (price, seq as u64);
-                    ix.insert(key, OrderId(seq as u64), attrs);
-                    live.push((key, OrderId(seq as u64), attrs));
+                    let k = key(price, seq as u64);
+                    ix.insert(k, OrderId(seq as u64), attrs);
+                    live.push((k, OrderId(seq as u64), attrs));
                 } else {
                     let victim = live.remove(price as usize % live.len());
                     prop_assert!(ix.remove(victim.0, victim.2));
@@ -555,7 +574,7 @@ mod tests {
             }
             for (kinds, [a, b, c, d], limit) in queries {
                 let q = [kinds, a, b, c, if d > 5500 { u32::MAX } else { d }];
-                let limit = (limit, u64::MAX);
+                let limit = key(limit, u64::MAX);
                 prop_assert_eq!(ix.best(q, limit), naive(&live, q, limit));
             }
         }
