@@ -4,7 +4,7 @@
 use rustc_hash::FxHashMap;
 
 use crate::index::{key, Bound, FilterIndex, Key, DIMS};
-use crate::{BuyOrder, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
+use crate::{BuyOrder, KindSet, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
 
 /// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency].
 const LEVELS: [usize; DIMS] = [0, 3, 2, 4, 1];
@@ -23,23 +23,28 @@ fn requirement_attrs(r: &Requirements) -> [u32; DIMS] {
     ordered([1 << r.kind.index(), r.inbound_udp_only as u32, r.min_ram_mib, r.min_score, r.max_latency_ms])
 }
 
-/// CPUs per (kind, price) level.
+/// CPUs per (set of kinds, price): one counter per order, however many kinds it
+/// offers; a kind's depth sums the sets that contain it when asked.
 #[derive(Debug, Clone, Default)]
-struct Depth(FxHashMap<(SandboxKind, u64), u32>);
+struct Depth(FxHashMap<(KindSet, u64), u32>);
 
 impl Depth {
-    fn add(&mut self, kind: SandboxKind, price: u64, n: i64) {
-        let level = self.0.entry((kind, price)).or_default();
+    fn add(&mut self, kinds: KindSet, price: u64, n: i64) {
+        let level = self.0.entry((kinds, price)).or_default();
         *level = u32::try_from(*level as i64 + n).expect("depth level stays in range");
         if *level == 0 {
-            self.0.remove(&(kind, price));
+            self.0.remove(&(kinds, price));
         }
     }
 
     fn levels(&self, kind: SandboxKind) -> Vec<(u64, u32)> {
-        let mut v: Vec<_> = self.0.iter().filter(|((k, _), _)| *k == kind).map(|((_, p), n)| (*p, *n)).collect();
-        v.sort_unstable();
-        v
+        let mut by_price = std::collections::BTreeMap::new();
+        for ((kinds, price), n) in &self.0 {
+            if kinds.contains(kind) {
+                *by_price.entry(*price).or_insert(0) += n;
+            }
+        }
+        by_price.into_iter().collect()
     }
 }
 
@@ -66,8 +71,8 @@ impl AskBook {
 
     pub fn insert(&mut self, o: &SellOrder) {
         self.index.insert(Self::key(o), o.id, slot_attrs(&o.slot));
+        self.depth.add(o.slot.kinds, o.ask, 1);
         for kind in o.slot.kinds.iter() {
-            self.depth.add(kind, o.ask, 1);
             self.slots[kind.index()] += 1;
         }
     }
@@ -75,8 +80,8 @@ impl AskBook {
     pub fn remove(&mut self, o: &SellOrder) {
         let removed = self.index.remove(Self::key(o), slot_attrs(&o.slot));
         assert!(removed, "{} was not in the ask book", o.id);
+        self.depth.add(o.slot.kinds, o.ask, -1);
         for kind in o.slot.kinds.iter() {
-            self.depth.add(kind, o.ask, -1);
             self.slots[kind.index()] -= 1;
         }
     }
@@ -129,7 +134,7 @@ impl BidBook {
     pub fn insert(&mut self, o: &BuyOrder) {
         let kind = o.request.requirements.kind;
         self.index.insert(Self::key(o), o.id, requirement_attrs(&o.request.requirements));
-        self.depth.add(kind, o.max_price(), o.open as i64);
+        self.depth.add(KindSet::of(&[kind]), o.max_price(), o.open as i64);
         self.orders[kind.index()] += 1;
     }
 
@@ -138,13 +143,13 @@ impl BidBook {
         let kind = o.request.requirements.kind;
         let removed = self.index.remove(Self::key(o), requirement_attrs(&o.request.requirements));
         assert!(removed, "{} was not in the bid book", o.id);
-        self.depth.add(kind, o.max_price(), -(o.open as i64));
+        self.depth.add(KindSet::of(&[kind]), o.max_price(), -(o.open as i64));
         self.orders[kind.index()] -= 1;
     }
 
     /// Adjusts the depth when a resting order's open count changes by `delta`.
     pub fn resize(&mut self, o: &BuyOrder, delta: i64) {
-        self.depth.add(o.request.requirements.kind, o.max_price(), delta);
+        self.depth.add(KindSet::of(&[o.request.requirements.kind]), o.max_price(), delta);
     }
 
     /// The best bid at or over `min_price` that `slot` satisfies, in any kind the slot offers.

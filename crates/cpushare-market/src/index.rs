@@ -331,6 +331,10 @@ impl FilterIndex {
     /// The entry with the smallest key `<= limit` whose attributes pass `query` under the
     /// index's bounds.
     pub fn best(&self, query: [u32; DIMS], limit: Key) -> Option<(Key, OrderId)> {
+        if self.root_best.0 > limit {
+            // Nothing in the index is within the limit (often: the book is empty).
+            return None;
+        }
         let mut free_from = [false; DIMS + 1];
         free_from[DIMS] = true;
         for d in (0..DIMS).rev() {
