@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use rustc_hash::FxHashMap;
+use smallvec::SmallVec;
 
 use serde::{Deserialize, Serialize};
 
@@ -585,7 +586,7 @@ impl Market {
                     seq,
                     open: request.cpus,
                     resting: false,
-                    leases: Vec::new(),
+                    leases: SmallVec::new(),
                 };
                 self.buys.insert(order, o);
             }

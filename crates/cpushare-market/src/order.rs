@@ -1,6 +1,7 @@
 //! Sell orders (one CPU slot each) and buy orders (N CPUs with constraints).
 
 use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
 
 use crate::money::{period_ceiling, MAX_CPUS, MAX_PERIOD, MAX_PRICE, MIN_PERIOD};
 use crate::{AccountId, Cents, LeaseId, MarketError, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
@@ -123,8 +124,8 @@ pub struct BuyOrder {
     /// Whether the open CPUs rest in the book (they do once the order has traded
     /// what it could on arrival).
     pub resting: bool,
-    /// Live leases filling this order.
-    pub leases: Vec<LeaseId>,
+    /// Live leases filling this order (inline up to four: most orders are small).
+    pub leases: SmallVec<[LeaseId; 4]>,
 }
 
 impl BuyOrder {
