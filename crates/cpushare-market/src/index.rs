@@ -353,7 +353,8 @@ impl FilterIndex {
                 Bound::Intersects => {}
             }
         }
-        let mut search = Search { index: self, free_from, reachable, whole, lo, hi, found: None, limit };
+        let mut search =
+            Search { index: self, free_from, reachable, whole, lo, hi, found: None, bound: limit.saturating_add(1) };
         search.node(0, 0, true, self.root_best);
         search.found
     }
@@ -425,16 +426,20 @@ struct Search<'a> {
     lo: [u32; DIMS],
     hi: [u32; DIMS],
     found: Option<(Key, OrderId)>,
-    limit: Key,
+    /// Keys below this can still win: one past the limit, then the best found so far.
+    /// (The reserved empty key never gets under it.)
+    bound: Key,
 }
 
 impl Search<'_> {
     /// Whether a subtree whose best key is `key` could still improve the answer.
     fn could_win(&self, key: Key) -> bool {
-        match self.found {
-            Some((k, _)) => key < k,
-            None => key <= self.limit && key != NONE_KEY,
-        }
+        key < self.bound
+    }
+
+    fn take(&mut self, found: (Key, OrderId)) {
+        self.found = Some(found);
+        self.bound = found.0;
     }
 
     /// `passing`: every attribute fixed on the path to here passes for the whole bucket.
@@ -444,7 +449,7 @@ impl Search<'_> {
             return;
         }
         if passing && self.free_from[level] {
-            self.found = Some(best);
+            self.take(best);
             return;
         }
         let node = &self.index.nodes[n];
@@ -460,7 +465,7 @@ impl Search<'_> {
                 continue;
             }
             if passing && child_free && whole & bit != 0 {
-                self.found = Some((c.best, c.best_id));
+                self.take((c.best, c.best_id));
             } else {
                 partial.push((c.best, pos as u8));
             }
@@ -475,7 +480,7 @@ impl Search<'_> {
             if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
             } else if child_passing && self.free_from[TREE] {
-                self.found = Some((c.best, c.best_id));
+                self.take((c.best, c.best_id));
             } else {
                 self.scan(self.index.cells[c.index as usize].iter());
             }
@@ -489,7 +494,7 @@ impl Search<'_> {
                 break;
             }
             if self.passes(&e.attrs) {
-                self.found = Some((k, e.id));
+                self.take((k, e.id));
                 return;
             }
         }
