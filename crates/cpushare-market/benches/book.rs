@@ -1,7 +1,6 @@
 //! Criterion benchmarks of the market engine. See BENCHMARKS.md for results.
 
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use cpushare_market::index::{key, Bound, FilterIndex};
 use cpushare_market::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -22,28 +21,35 @@ fn mixed_operations(c: &mut Criterion) {
 /// The filtered best-ask query alone, against the plain scan of a price-ordered map.
 fn filtered_query(c: &mut Criterion) {
     let mut r = ChaCha8Rng::seed_from_u64(3);
-    let bounds = [Bound::Intersects, Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost];
-    let mut index = FilterIndex::new(bounds);
+    let mut book = AskBook::default();
     let mut scan = ScanBook::new();
     for seq in 0..RESTING as u64 {
-        let (s, ask) = slot(&mut r);
-        index.insert(key(ask, seq), OrderId(seq), attrs(&s));
-        scan.insert(ask, seq, s);
+        let (slot, ask) = slot(&mut r);
+        let order = SellOrder {
+            id: OrderId(seq),
+            account: AccountId(0),
+            node: NodeId(0),
+            slot,
+            ask,
+            placed_at: 0,
+            seq,
+            lease: None,
+            withdrawn: false,
+        };
+        book.insert(&order);
+        scan.insert(ask, seq, slot);
     }
-    let queries: Vec<(Requirements, u64)> = (0..4096)
-        .map(|_| requirements(&mut r))
-        .collect();
+    let queries: Vec<(Requirements, u64)> = (0..4096).map(|_| requirements(&mut r)).collect();
     // Both must agree before either is timed.
     for (q, p) in &queries {
-        let a = index.best(query(q), key(*p, u64::MAX));
-        assert_eq!(a.map(|x| x.0), scan.best(q, *p).map(|(p, s)| key(p, s)));
+        assert_eq!(book.best(q, *p).map(|id| id.0), scan.best(q, *p).map(|(_, seq)| seq));
     }
     let mut g = c.benchmark_group("best ask for a filtered buy, 100k slots");
     g.throughput(Throughput::Elements(queries.len() as u64));
-    g.bench_function("cpushare filter index", |b| {
+    g.bench_function("cpushare ask book", |b| {
         b.iter(|| {
             for (q, p) in &queries {
-                black_box(index.best(query(q), key(*p, u64::MAX)));
+                black_box(book.best(q, *p));
             }
         })
     });
@@ -55,14 +61,6 @@ fn filtered_query(c: &mut Criterion) {
         })
     });
     g.finish();
-}
-
-fn attrs(s: &SlotAttributes) -> [u32; 5] {
-    [s.kinds.bits() as u32, s.inbound_udp as u32, s.ram_mib, s.score, s.latency_ms]
-}
-
-fn query(q: &Requirements) -> [u32; 5] {
-    [1 << q.kind.index(), q.inbound_udp_only as u32, q.min_ram_mib, q.min_score, q.max_latency_ms]
 }
 
 /// Replaying an event log, as the exchange does at every start.
