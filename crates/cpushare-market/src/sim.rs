@@ -247,24 +247,9 @@ impl<'a> Sim<'a> {
     }
 
     fn make_seller(&mut self, account: AccountId, node: NodeId) -> Seller {
-        let r = &mut self.rng;
-        // A machine: one CPU model, one network, several slots.
-        let score = (r.gen_range(8.0f64..14.5)).exp2() as u32; // ~250 .. ~23,000 MFLOPS
-        let latency_ms = (r.gen_range(2.0f64..9.0)).exp2() as u32; // 4 .. 512 ms
-        let inbound_udp = r.gen_bool(0.4);
-        let mut kinds = vec![SandboxKind::SeccompStrict, SandboxKind::SeccompEmulated];
-        match r.gen_range(0..100) {
-            0..=29 => kinds.push(SandboxKind::VmTcg),
-            30..=39 => kinds.extend([SandboxKind::VmTcg, SandboxKind::VmKvm]),
-            _ => {}
-        }
-        let kinds = KindSet::of(&kinds);
-        let n_slots = [1, 1, 2, 2, 2, 4, 4, 8][r.gen_range(0..8)];
-        let ram_mib = [512, 1024, 2048, 2048, 4096, 8192, 16384][r.gen_range(0..7)];
-        // Asks follow the score and the RAM: about a cent per CPU-hour per 1,000 MFLOPS
-        // plus a third of a cent per GiB, give or take.
-        let ask = ((score as f64 / 1000.0 + ram_mib as f64 / 3072.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
-        let slot = SlotAttributes { score, ram_mib, kinds, inbound_udp, latency_ms };
+        // A machine: one CPU model, one network, several identical slots.
+        let (slot, ask) = random_slot(&mut self.rng);
+        let n_slots = [1, 1, 2, 2, 2, 4, 4, 8][self.rng.gen_range(0..8)];
         Seller { account, node, slots: vec![(slot, ask); n_slots] }
     }
 
@@ -292,30 +277,12 @@ impl<'a> Sim<'a> {
 
     fn place_buy(&mut self, b: u32, t: Time) -> Result<(), String> {
         let account = self.buyers[b as usize].account;
+        let (requirements, max_price) = random_requirements(&mut self.rng);
         let r = &mut self.rng;
-        let kind = match r.gen_range(0..100) {
-            0..=54 => SandboxKind::SeccompStrict,
-            55..=74 => SandboxKind::SeccompEmulated,
-            75..=94 => SandboxKind::VmTcg,
-            _ => SandboxKind::VmKvm,
-        };
-        let min_score = if r.gen_bool(0.4) { (r.gen_range(9.0f64..14.0)).exp2() as u32 } else { 0 };
-        let min_ram_mib = if r.gen_bool(0.4) { [1024, 2048, 4096, 8192][r.gen_range(0..4)] } else { 0 };
-        let max_latency_ms = if r.gen_bool(0.3) { [20, 50, 100, 200][r.gen_range(0..4)] } else { u32::MAX };
-        let inbound_udp_only = kind == SandboxKind::VmTcg && r.gen_bool(0.2);
         let cpus = [1, 1, 2, 4, 4, 8, 8, 16, 32, 64][r.gen_range(0..10)];
-        // Buyers bid around what the slot they want costs, some stingy, some generous.
-        let reference = min_score.max(2000) as f64 / 1000.0 + min_ram_mib.max(1024) as f64 / 3072.0;
-        let max_price = (reference * r.gen_range(0.5..3.0)).round().max(1.0) as u64;
         let period = if r.gen_bool(0.8) { HOUR } else { 600 };
         let periods = if r.gen_bool(0.8) { Some(r.gen_range(1..8)) } else { None };
-        let request = BuyRequest {
-            cpus,
-            max_price,
-            requirements: Requirements { kind, min_score, min_ram_mib, max_latency_ms, inbound_udp_only },
-            period,
-            periods,
-        };
+        let request = BuyRequest { cpus, max_price, requirements, period, periods };
         let patience = self.hours(1.0);
         let cancel_after = self.hours(8.0);
         let next = self.hours(self.config.mean_hours_between_orders);
@@ -386,6 +353,46 @@ impl<'a> Sim<'a> {
             }
         }
     }
+}
+
+/// A random machine's slot and its ask, as the simulated sellers (and the
+/// benchmarks) have them: scores of ≈250–23,000 MFLOPS, 0.5–16 GiB, 4–512 ms,
+/// 40 % reachable by UDP, all seccomp kinds and often VMs.
+pub fn random_slot(r: &mut impl Rng) -> (SlotAttributes, u64) {
+    let score = (r.gen_range(8.0f64..14.5)).exp2() as u32;
+    let latency_ms = (r.gen_range(2.0f64..9.0)).exp2() as u32;
+    let inbound_udp = r.gen_bool(0.4);
+    let mut kinds = vec![SandboxKind::SeccompStrict, SandboxKind::SeccompEmulated];
+    match r.gen_range(0..100) {
+        0..=29 => kinds.push(SandboxKind::VmTcg),
+        30..=39 => kinds.extend([SandboxKind::VmTcg, SandboxKind::VmKvm]),
+        _ => {}
+    }
+    let ram_mib = [512, 1024, 2048, 2048, 4096, 8192, 16384][r.gen_range(0..7)];
+    let slot = SlotAttributes { score, ram_mib, kinds: KindSet::of(&kinds), inbound_udp, latency_ms };
+    // Asks follow the score and the RAM: about a cent per CPU-hour per 1,000 MFLOPS
+    // plus a third of a cent per GiB, give or take.
+    let ask = ((score as f64 / 1000.0 + ram_mib as f64 / 3072.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
+    (slot, ask)
+}
+
+/// A random buyer's constraints and bid: 40 % want a minimum score, 40 % a
+/// minimum RAM, 30 % a latency cap, 10 % inbound UDP only; the bid is around what
+/// such a slot costs, some stingy, some generous.
+pub fn random_requirements(r: &mut impl Rng) -> (Requirements, u64) {
+    let kind = match r.gen_range(0..100) {
+        0..=54 => SandboxKind::SeccompStrict,
+        55..=74 => SandboxKind::SeccompEmulated,
+        75..=94 => SandboxKind::VmTcg,
+        _ => SandboxKind::VmKvm,
+    };
+    let min_score = if r.gen_bool(0.4) { (r.gen_range(9.0f64..14.0)).exp2() as u32 } else { 0 };
+    let min_ram_mib = if r.gen_bool(0.4) { [1024, 2048, 4096, 8192][r.gen_range(0..4)] } else { 0 };
+    let max_latency_ms = if r.gen_bool(0.3) { [20, 50, 100, 200][r.gen_range(0..4)] } else { u32::MAX };
+    let inbound_udp_only = r.gen_bool(0.1);
+    let reference = min_score.max(2000) as f64 / 1000.0 + min_ram_mib.max(1024) as f64 / 3072.0;
+    let max_price = (reference * r.gen_range(0.5..3.0)).round().max(1.0) as u64;
+    (Requirements { kind, min_score, min_ram_mib, max_latency_ms, inbound_udp_only }, max_price)
 }
 
 impl SimReport {

@@ -17,40 +17,7 @@ pub const RESTING: usize = 100_000;
 const SELLERS: u64 = 10_000;
 const BUYERS: u64 = 1_000;
 
-pub fn slot(r: &mut impl Rng) -> (SlotAttributes, u64) {
-    let score = (r.gen_range(8.0f64..14.5)).exp2() as u32;
-    let latency_ms = (r.gen_range(2.0f64..9.0)).exp2() as u32;
-    let mut kinds = vec![SandboxKind::SeccompStrict, SandboxKind::SeccompEmulated];
-    match r.gen_range(0..100) {
-        0..=29 => kinds.push(SandboxKind::VmTcg),
-        30..=39 => kinds.extend([SandboxKind::VmTcg, SandboxKind::VmKvm]),
-        _ => {}
-    }
-    let ram_mib = [512, 1024, 2048, 2048, 4096, 8192, 16384][r.gen_range(0..7)];
-    let slot = SlotAttributes { score, ram_mib, kinds: KindSet::of(&kinds), inbound_udp: r.gen_bool(0.4), latency_ms };
-    // Asks follow the score and the RAM: about a cent per CPU-hour per 1,000 MFLOPS
-    // plus a third of a cent per GiB, give or take.
-    let ask = ((score as f64 / 1000.0 + ram_mib as f64 / 3072.0) * r.gen_range(0.6..1.6)).round().max(1.0) as u64;
-    (slot, ask)
-}
-
-/// A buyer's filters: 40 % want a minimum score, 40 % a minimum RAM, 30 % a
-/// latency cap, some only inbound UDP; a few are strict enough that little fits.
-pub fn requirements(r: &mut impl Rng) -> (Requirements, u64) {
-    let kind = match r.gen_range(0..100) {
-        0..=54 => SandboxKind::SeccompStrict,
-        55..=74 => SandboxKind::SeccompEmulated,
-        75..=94 => SandboxKind::VmTcg,
-        _ => SandboxKind::VmKvm,
-    };
-    let min_score = if r.gen_bool(0.4) { (r.gen_range(9.0f64..14.0)).exp2() as u32 } else { 0 };
-    let min_ram_mib = if r.gen_bool(0.4) { [1024, 2048, 4096, 8192][r.gen_range(0..4)] } else { 0 };
-    let max_latency_ms = if r.gen_bool(0.3) { [20, 50, 100, 200][r.gen_range(0..4)] } else { u32::MAX };
-    let inbound_udp_only = r.gen_bool(0.1);
-    let reference = min_score.max(2000) as f64 / 1000.0 + min_ram_mib.max(1024) as f64 / 3072.0;
-    let max_price = (reference * r.gen_range(0.5..3.0)).round().max(1.0) as u64;
-    (Requirements { kind, min_score, min_ram_mib, max_latency_ms, inbound_udp_only }, max_price)
-}
+pub use cpushare_market::sim::{random_requirements as requirements, random_slot as slot};
 
 pub const OP_NAMES: [&str; 5] = ["place sell", "place buy", "end lease", "withdraw slot", "cancel buy"];
 const SELL: usize = 0;
