@@ -776,8 +776,10 @@ fn check_amount(amount: Cents) -> Result<(), MarketError> {
     Ok(())
 }
 
-/// A canonical, comparable picture of the whole state (what replay must reproduce).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A canonical, comparable picture of the whole state: what replay must
+/// reproduce, and what the exchange stores so that a restart need not replay the
+/// whole log. The book fields are derived (kept for comparison).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
     pub now: Time,
     pub next_id: u64,
@@ -794,6 +796,33 @@ pub struct Snapshot {
 }
 
 impl Market {
+    /// Rebuilds a market from a snapshot; it then behaves exactly as the market the
+    /// snapshot was taken from.
+    pub fn restore(config: MarketConfig, s: Snapshot) -> Market {
+        let mut m = Market::new(config);
+        (m.now, m.next_id, m.next_seq, m.world, m.fees) = (s.now, s.next_id, s.next_seq, s.world, s.fees);
+        m.balances = s.balances.into_iter().collect();
+        // Slots of a node in id order: the order they were placed in, as seller_lost expects.
+        for o in s.sells {
+            if o.is_resting() {
+                m.asks.insert(&o);
+            }
+            m.slots_of_node.entry(o.node).or_default().push(o.id);
+            m.sells.insert(o.id, o);
+        }
+        for o in s.buys {
+            if o.resting {
+                m.bids.insert(&o);
+            }
+            m.buys.insert(o.id, o);
+        }
+        for l in s.leases {
+            m.deadlines.push(l.deadline, l.id);
+            m.leases.insert(l.id, l);
+        }
+        m
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         let mut balances: Vec<_> = self.accounts().collect();
         balances.sort_by_key(|b| b.0);

@@ -142,6 +142,71 @@ fn pick<T: Copy>(items: &[T], i: usize) -> Option<T> {
     (!items.is_empty()).then(|| items[i % items.len()])
 }
 
+/// Runs one operation; `None` when there was nothing to run it on.
+fn execute(m: &mut Market, now: &mut Time, op: &Op) -> Option<Result<(), MarketError>> {
+    let buys: Vec<OrderId> = { let mut v: Vec<_> = m.buy_orders().map(|o| o.id).collect(); v.sort(); v };
+    let sells: Vec<OrderId> = { let mut v: Vec<_> = m.sell_orders().map(|o| o.id).collect(); v.sort(); v };
+    // Sorted: the market's maps iterate in no particular order.
+    let mut leases: Vec<&Lease> = m.leases().collect();
+    leases.sort_by_key(|l| l.id);
+    let leased_sells: Vec<OrderId> = leases.iter().map(|l| l.sell).collect();
+    let awaiting: Vec<LeaseId> = leases.iter().filter(|l| l.state == LeaseState::AwaitingReady).map(|l| l.id).collect();
+    let leases: Vec<LeaseId> = leases.iter().map(|l| l.id).collect();
+    let t = *now;
+    let result: Result<(), MarketError> = match *op {
+        Op::Deposit { account, amount } => m.deposit(AccountId(account), amount, t),
+        Op::Withdraw { account, amount } => m.withdraw(AccountId(account), amount, t),
+        Op::Sell { account, node, slot, ask } => {
+            m.place_sell(AccountId(account), SellRequest { node: NodeId(node), slot, ask }, t).map(drop)
+        }
+        Op::Buy { account, request } => m.place_buy(AccountId(account), request, t).map(drop),
+        Op::CancelBuy { account, pick: i } => match pick(&buys, i) {
+            Some(o) => m.cancel_buy(AccountId(account), o, t),
+            None => m.cancel_buy(AccountId(account), OrderId(9999), t),
+        },
+        Op::CancelSell { account, pick: i } => match pick(&sells, i) {
+            Some(o) => m.cancel_sell(owner_or(m, o, account), o, t),
+            None => return None,
+        },
+        Op::Reprice { account, pick: i, ask, leased } => match pick(if leased { &leased_sells } else { &sells }, i) {
+            Some(o) => m.reprice_sell(owner_or(m, o, account), o, ask, t),
+            None => return None,
+        },
+        Op::CancelLease { account, pick: i } => match pick(&leases, i) {
+            Some(l) => m.cancel_lease(AccountId(account), l, t),
+            None => return None,
+        },
+        Op::Ready { account, pick: i } => match pick(if account % 2 == 0 { &awaiting } else { &leases }, i) {
+            // Mostly the right seller, sometimes a stranger.
+            Some(l) => {
+                let seller = m.lease(l).unwrap().seller;
+                let who = if account == ACCOUNTS { AccountId(account) } else { seller };
+                m.lease_ready(who, l, t)
+            }
+            None => return None,
+        },
+        Op::Tick { dt } => {
+            *now += dt;
+            m.tick(*now)
+        }
+        Op::Settle { dt, silent_node, silent_for } => {
+            *now += dt;
+            let t = *now;
+            let silent_since = t.saturating_sub(silent_for);
+            m.settle(t, |n| if n == NodeId(silent_node) { silent_since } else { t })
+        }
+        Op::SellerLost { node, silent_for } => m.seller_lost(NodeId(node), t.saturating_sub(silent_for), t).map(drop),
+        Op::BuyerLost { account, silent_for } => m.buyer_lost(AccountId(account), t.saturating_sub(silent_for), t).map(drop),
+        Op::Backwards => {
+            if m.now() == 0 {
+                return None;
+            }
+            m.tick(m.now() - 1)
+        }
+    };
+    Some(result)
+}
+
 fn run(ops: Vec<Op>) -> Result<Vec<Event>, TestCaseError> {
     let config = MarketConfig { fee_bps: 250, ready_timeout: 900 };
     let mut m = Market::new(config);
@@ -153,62 +218,8 @@ fn run(ops: Vec<Op>) -> Result<Vec<Event>, TestCaseError> {
     log.extend(m.take_events());
     let mut now: Time = 0;
     for op in ops {
-        let buys: Vec<OrderId> = { let mut v: Vec<_> = m.buy_orders().map(|o| o.id).collect(); v.sort(); v };
-        let sells: Vec<OrderId> = { let mut v: Vec<_> = m.sell_orders().map(|o| o.id).collect(); v.sort(); v };
-        let leases: Vec<LeaseId> = m.leases().map(|l| l.id).collect();
-        let leased_sells: Vec<OrderId> = m.leases().map(|l| l.sell).collect();
-        let awaiting: Vec<LeaseId> = m.leases().filter(|l| l.state == LeaseState::AwaitingReady).map(|l| l.id).collect();
         let before = m.snapshot();
-        let result: Result<(), MarketError> = match op {
-            Op::Deposit { account, amount } => m.deposit(AccountId(account), amount, now),
-            Op::Withdraw { account, amount } => m.withdraw(AccountId(account), amount, now),
-            Op::Sell { account, node, slot, ask } => {
-                m.place_sell(AccountId(account), SellRequest { node: NodeId(node), slot, ask }, now).map(drop)
-            }
-            Op::Buy { account, request } => m.place_buy(AccountId(account), request, now).map(drop),
-            Op::CancelBuy { account, pick: i } => match pick(&buys, i) {
-                Some(o) => m.cancel_buy(AccountId(account), o, now),
-                None => m.cancel_buy(AccountId(account), OrderId(9999), now),
-            },
-            Op::CancelSell { account, pick: i } => match pick(&sells, i) {
-                Some(o) => m.cancel_sell(owner_or(&m, o, account), o, now),
-                None => continue,
-            },
-            Op::Reprice { account, pick: i, ask, leased } => match pick(if leased { &leased_sells } else { &sells }, i) {
-                Some(o) => m.reprice_sell(owner_or(&m, o, account), o, ask, now),
-                None => continue,
-            },
-            Op::CancelLease { account, pick: i } => match pick(&leases, i) {
-                Some(l) => m.cancel_lease(AccountId(account), l, now),
-                None => continue,
-            },
-            Op::Ready { account, pick: i } => match pick(if account % 2 == 0 { &awaiting } else { &leases }, i) {
-                // Mostly the right seller, sometimes a stranger.
-                Some(l) => {
-                    let seller = m.lease(l).unwrap().seller;
-                    let who = if account == ACCOUNTS { AccountId(account) } else { seller };
-                    m.lease_ready(who, l, now)
-                }
-                None => continue,
-            },
-            Op::Tick { dt } => {
-                now += dt;
-                m.tick(now)
-            }
-            Op::Settle { dt, silent_node, silent_for } => {
-                now += dt;
-                let silent_since = now.saturating_sub(silent_for);
-                m.settle(now, |n| if n == NodeId(silent_node) { silent_since } else { now })
-            }
-            Op::SellerLost { node, silent_for } => m.seller_lost(NodeId(node), now.saturating_sub(silent_for), now).map(drop),
-            Op::BuyerLost { account, silent_for } => m.buyer_lost(AccountId(account), now.saturating_sub(silent_for), now).map(drop),
-            Op::Backwards => {
-                if m.now() == 0 {
-                    continue;
-                }
-                m.tick(m.now() - 1)
-            }
-        };
+        let Some(result) = execute(&mut m, &mut now, &op) else { continue };
         let events = m.take_events();
         if let Err(e) = result {
             prop_assert!(events.is_empty(), "refused with {e} but emitted {events:?}");
@@ -230,6 +241,36 @@ proptest! {
     #[test]
     fn the_market_keeps_its_promises(ops in prop::collection::vec(op(), 1..120)) {
         run(ops)?;
+    }
+
+    /// A market restored from a snapshot taken midway carries on exactly as the
+    /// original: the same events, the same state.
+    #[test]
+    fn a_restored_market_carries_on_like_the_original(ops in prop::collection::vec(op(), 2..120), cut in any::<prop::sample::Index>()) {
+        let config = MarketConfig { fee_bps: 250, ready_timeout: 900 };
+        let mut m = Market::new(config);
+        for a in 0..ACCOUNTS {
+            m.open_account(AccountId(a), 0).unwrap();
+        }
+        let cut = cut.index(ops.len());
+        let mut now = 0;
+        for op in &ops[..cut] {
+            execute(&mut m, &mut now, op);
+        }
+        let snapshot = m.snapshot();
+        let json = serde_json::to_string(&snapshot).unwrap();
+        let mut r = Market::restore(config, serde_json::from_str(&json).unwrap());
+        prop_assert_eq!(r.snapshot(), snapshot);
+        r.check_invariants().map_err(TestCaseError::fail)?;
+        m.take_events();
+        let mut now_r = now;
+        for op in &ops[cut..] {
+            let a = execute(&mut m, &mut now, op);
+            let b = execute(&mut r, &mut now_r, op);
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(m.take_events(), r.take_events());
+        }
+        prop_assert_eq!(m.snapshot(), r.snapshot());
     }
 }
 
