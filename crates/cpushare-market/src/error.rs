@@ -31,6 +31,10 @@ pub enum MarketError {
     ReadyTooLate { lease: LeaseId, deadline: Time },
     #[error("{order} was already withdrawn")]
     AlreadyWithdrawn { order: OrderId },
+    #[error("the exchange is already halted")]
+    Halted,
+    #[error("the exchange is not halted")]
+    NotHalted,
     #[error("time went backwards: asked to act at {now}, but the market is already at {last}")]
     TimeWentBackwards { now: Time, last: Time },
 }

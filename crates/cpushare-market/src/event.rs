@@ -17,6 +17,10 @@ pub enum Event {
     Deposited { account: AccountId, amount: Cents, at: Time },
     /// Money from `available` to outside.
     Withdrawn { account: AccountId, amount: Cents, at: Time },
+    /// The operator stopped matching (leases end separately, "exchange halted").
+    Halted { at: Time },
+    /// Matching restarts.
+    Resumed { at: Time },
 
     /// A slot enters the book.
     SellPlaced { order: OrderId, account: AccountId, node: NodeId, slot: SlotAttributes, ask: u64, at: Time },
@@ -67,6 +71,8 @@ impl Event {
             Event::AccountOpened { at, .. }
             | Event::Deposited { at, .. }
             | Event::Withdrawn { at, .. }
+            | Event::Halted { at }
+            | Event::Resumed { at }
             | Event::SellPlaced { at, .. }
             | Event::SellRepriced { at, .. }
             | Event::SellWithdrawn { at, .. }

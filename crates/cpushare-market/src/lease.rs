@@ -40,10 +40,12 @@ pub enum EndReason {
     /// The seller withdrew the slot or raised its ask above the bid; the
     /// lease ran to the end of its period.
     SellerWithdrew,
+    /// The operator halted the exchange.
+    ExchangeHalted,
 }
 
 impl EndReason {
-    pub const ALL: [EndReason; 7] = [
+    pub const ALL: [EndReason; 8] = [
         EndReason::Completed,
         EndReason::CancelledByBuyer,
         EndReason::SellerLost,
@@ -51,12 +53,16 @@ impl EndReason {
         EndReason::OutOfFunds,
         EndReason::ReadyTimeout,
         EndReason::SellerWithdrew,
+        EndReason::ExchangeHalted,
     ];
 
-    /// Whether the order should look for another slot: the seller failed it,
-    /// not the buyer.
+    /// Whether the order should look for another slot: the seller (or the
+    /// exchange) failed it, not the buyer.
     pub fn reopens_order(self) -> bool {
-        matches!(self, EndReason::SellerLost | EndReason::ReadyTimeout | EndReason::SellerWithdrew)
+        matches!(
+            self,
+            EndReason::SellerLost | EndReason::ReadyTimeout | EndReason::SellerWithdrew | EndReason::ExchangeHalted
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -68,6 +74,7 @@ impl EndReason {
             EndReason::OutOfFunds => "out of funds",
             EndReason::ReadyTimeout => "timed out waiting for ready",
             EndReason::SellerWithdrew => "seller withdrew",
+            EndReason::ExchangeHalted => "exchange halted",
         }
     }
 }

@@ -33,6 +33,6 @@ pub use book::{AskBook, BidBook};
 pub use error::MarketError;
 pub use event::Event;
 pub use lease::{EndReason, Lease, LeaseState, PriceSide};
-pub use market::{Balance, Market, MarketConfig, Snapshot};
+pub use market::{Balance, Bucket, Market, MarketConfig, Posting, Snapshot};
 pub use order::{BuyOrder, BuyRequest, SellOrder, SellRequest};
 pub use types::{AccountId, Cents, KindSet, LeaseId, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};

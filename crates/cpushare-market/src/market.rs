@@ -59,7 +59,29 @@ pub struct Market {
     asks: AskBook,
     bids: BidBook,
     deadlines: Deadlines,
+    /// Matching is stopped (the operator's kill switch); orders rest, nothing trades.
+    halted: bool,
     outbox: Vec<Event>,
+    /// Per-account postings of the pending events, when the owner keeps a statement.
+    journal: Option<Vec<Posting>>,
+}
+
+/// Which of an account's two balances a posting moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bucket {
+    Available,
+    Escrow,
+}
+
+/// One line of an account's statement: `amount` moved in `bucket` by the pending
+/// event at index `event` (as [`Market::take_events`] will return it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Posting {
+    pub event: usize,
+    pub account: AccountId,
+    pub bucket: Bucket,
+    pub amount: Cents,
 }
 
 impl Market {
@@ -79,8 +101,25 @@ impl Market {
             asks: AskBook::default(),
             bids: BidBook::default(),
             deadlines: Deadlines::default(),
+            halted: false,
             outbox: Vec::new(),
+            journal: None,
         }
+    }
+
+    /// Keep postings per account for every event from now on (see [`Market::take_postings`]).
+    pub fn keep_journal(&mut self) {
+        self.journal.get_or_insert_with(Vec::new);
+    }
+
+    /// Postings of the events emitted since the last call, with indexes into the
+    /// events [`Market::take_events`] returns; take both together.
+    pub fn take_postings(&mut self) -> Vec<Posting> {
+        self.journal.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    pub fn is_halted(&self) -> bool {
+        self.halted
     }
 
     /// Rebuilds a market from its event log.
@@ -343,6 +382,39 @@ impl Market {
         Ok(ended)
     }
 
+    /// The kill switch: stops matching and ends every lease now ("exchange halted";
+    /// metering stops, unspent escrow returns). Orders keep their place and their
+    /// CPUs; nothing trades until [`Market::resume`]. Returns the leases ended.
+    pub fn halt(&mut self, now: Time) -> Result<Vec<LeaseId>, MarketError> {
+        self.check_time(now)?;
+        if self.halted {
+            return Err(MarketError::Halted);
+        }
+        self.emit(Event::Halted { at: now });
+        let mut ended: Vec<LeaseId> = self.leases.keys().copied().collect();
+        ended.sort_unstable();
+        for &lease in &ended {
+            self.end_lease(lease, EndReason::ExchangeHalted, now, now);
+        }
+        Ok(ended)
+    }
+
+    /// Restarts matching: every resting bid, best first, takes what it can.
+    pub fn resume(&mut self, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        if !self.halted {
+            return Err(MarketError::NotHalted);
+        }
+        self.emit(Event::Resumed { at: now });
+        let mut bids: Vec<(u64, u64, OrderId)> =
+            self.buys.values().filter(|o| o.resting).map(|o| (u64::MAX - o.max_price(), o.seq, o.id)).collect();
+        bids.sort_unstable();
+        for (_, _, order) in bids {
+            self.fill_buy(order, now);
+        }
+        Ok(())
+    }
+
     /// Runs everything due by `now`: ready timeouts and period ends (renewal or end),
     /// in deadline order.
     pub fn tick(&mut self, now: Time) -> Result<(), MarketError> {
@@ -419,7 +491,7 @@ impl Market {
     /// Fills a buy order's open CPUs from the best fitting asks, each at its ask; what
     /// is left rests in the book.
     fn fill_buy(&mut self, order: OrderId, now: Time) {
-        loop {
+        while !self.halted {
             let o = &self.buys[&order];
             if o.open == 0 {
                 return;
@@ -435,6 +507,9 @@ impl Market {
 
     /// Trades a resting slot with the best bid it satisfies, at the bid.
     fn match_resting_sell(&mut self, order: OrderId, now: Time) {
+        if self.halted {
+            return;
+        }
         let o = &self.sells[&order];
         if let Some(buy) = self.bids.best(&o.slot, o.ask) {
             let price = self.buys[&buy].max_price();
@@ -538,13 +613,15 @@ impl Market {
                 self.balances.insert(account, Balance::default());
             }
             Event::Deposited { account, amount, .. } => {
-                self.account_mut(account).available += amount;
+                self.post(account, Bucket::Available, amount);
                 self.world -= amount;
             }
             Event::Withdrawn { account, amount, .. } => {
-                self.account_mut(account).available -= amount;
+                self.post(account, Bucket::Available, -amount);
                 self.world += amount;
             }
+            Event::Halted { .. } => self.halted = true,
+            Event::Resumed { .. } => self.halted = false,
             Event::SellPlaced { order, account, node, slot, ask, at } => {
                 self.take_id(order.0);
                 let seq = self.take_seq();
@@ -671,8 +748,8 @@ impl Market {
                 l.fee += fee;
                 l.escrow -= charge;
                 let (buyer, seller) = (l.buyer, l.seller);
-                self.account_mut(buyer).escrow -= charge;
-                self.account_mut(seller).available += charge - fee;
+                self.post(buyer, Bucket::Escrow, -charge);
+                self.post(seller, Bucket::Available, charge - fee);
                 self.fees += fee;
             }
             Event::LeaseRenewed { lease, at, price, released, escrow } => {
@@ -729,20 +806,29 @@ impl Market {
         self.next_seq - 1
     }
 
-    fn account_mut(&mut self, account: AccountId) -> &mut Balance {
-        self.balances.get_mut(&account).expect("account of an event exists")
+    /// The one place an account's balance changes.
+    fn post(&mut self, account: AccountId, bucket: Bucket, amount: Cents) {
+        if amount == 0 {
+            return;
+        }
+        let b = self.balances.get_mut(&account).expect("account of an event exists");
+        match bucket {
+            Bucket::Available => b.available += amount,
+            Bucket::Escrow => b.escrow += amount,
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.push(Posting { event: self.outbox.len(), account, bucket, amount });
+        }
     }
 
     fn hold(&mut self, account: AccountId, amount: Cents) {
-        let b = self.account_mut(account);
-        b.available -= amount;
-        b.escrow += amount;
+        self.post(account, Bucket::Available, -amount);
+        self.post(account, Bucket::Escrow, amount);
     }
 
     fn release(&mut self, account: AccountId, amount: Cents) {
-        let b = self.account_mut(account);
-        b.available += amount;
-        b.escrow -= amount;
+        self.post(account, Bucket::Escrow, -amount);
+        self.post(account, Bucket::Available, amount);
     }
 
     /// Removes a slot from the market (and from the book, if it rests there).
@@ -791,6 +877,7 @@ pub struct Snapshot {
     pub buys: Vec<BuyOrder>,
     pub leases: Vec<Lease>,
     pub deadlines: Vec<(Time, LeaseId)>,
+    pub halted: bool,
     pub asks: Vec<OrderId>,
     pub bids: Vec<OrderId>,
 }
@@ -800,7 +887,8 @@ impl Market {
     /// snapshot was taken from.
     pub fn restore(config: MarketConfig, s: Snapshot) -> Market {
         let mut m = Market::new(config);
-        (m.now, m.next_id, m.next_seq, m.world, m.fees) = (s.now, s.next_id, s.next_seq, s.world, s.fees);
+        (m.now, m.next_id, m.next_seq, m.world, m.fees, m.halted) =
+            (s.now, s.next_id, s.next_seq, s.world, s.fees, s.halted);
         m.balances = s.balances.into_iter().collect();
         // Slots of a node in id order: the order they were placed in, as seller_lost expects.
         for o in s.sells {
@@ -845,6 +933,7 @@ impl Market {
             buys,
             leases,
             deadlines,
+            halted: self.halted,
             asks: self.asks.entries(),
             bids: self.bids.entries(),
         }
@@ -940,8 +1029,9 @@ impl Market {
                 return Err(format!("the {kind} bid depth shows {depth} CPUs, {open} are open"));
             }
         }
-        // No resting bid could trade with a resting ask: the book is uncrossed.
-        for s in self.sells.values().filter(|s| s.is_resting()) {
+        // No resting bid could trade with a resting ask: the book is uncrossed
+        // (unless matching is halted).
+        for s in self.sells.values().filter(|s| s.is_resting() && !self.halted) {
             if let Some(b) = self.bids.best(&s.slot, s.ask) {
                 return Err(format!("resting {} and {} could trade", s.id, b));
             }

@@ -29,6 +29,8 @@ enum Op {
     SellerLost { node: u64, silent_for: u64 },
     BuyerLost { account: u64, silent_for: u64 },
     Backwards,
+    Halt,
+    Resume,
 }
 
 fn kinds() -> impl Strategy<Value = KindSet> {
@@ -84,6 +86,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (node, 0u64..600).prop_map(|(node, silent_for)| Op::SellerLost { node, silent_for }),
         1 => (account, 0u64..600).prop_map(|(account, silent_for)| Op::BuyerLost { account, silent_for }),
         1 => Just(Op::Backwards),
+        // Halts are rare (a kill switch); resuming when not halted tests the refusal.
+        1 => prop_oneof![4 => Just(Op::Resume), 1 => Just(Op::Halt)],
     ]
 }
 
@@ -203,6 +207,8 @@ fn execute(m: &mut Market, now: &mut Time, op: &Op) -> Option<Result<(), MarketE
             }
             m.tick(m.now() - 1)
         }
+        Op::Halt => m.halt(t).map(drop),
+        Op::Resume => m.resume(t),
     };
     Some(result)
 }
@@ -210,8 +216,11 @@ fn execute(m: &mut Market, now: &mut Time, op: &Op) -> Option<Result<(), MarketE
 fn run(ops: Vec<Op>) -> Result<Vec<Event>, TestCaseError> {
     let config = MarketConfig { fee_bps: 250, ready_timeout: 900 };
     let mut m = Market::new(config);
+    m.keep_journal();
     let mut log = Vec::new();
     let mut meter = Meter::default();
+    // What the journal says each account holds; must always equal the balances.
+    let mut journaled: HashMap<AccountId, Balance> = HashMap::new();
     for a in 0..ACCOUNTS {
         m.open_account(AccountId(a), 0).unwrap();
     }
@@ -221,6 +230,17 @@ fn run(ops: Vec<Op>) -> Result<Vec<Event>, TestCaseError> {
         let before = m.snapshot();
         let Some(result) = execute(&mut m, &mut now, &op) else { continue };
         let events = m.take_events();
+        for p in m.take_postings() {
+            prop_assert!(p.event < events.len(), "posting of event {} of {}", p.event, events.len());
+            let b = journaled.entry(p.account).or_default();
+            match p.bucket {
+                Bucket::Available => b.available += p.amount,
+                Bucket::Escrow => b.escrow += p.amount,
+            }
+        }
+        for (account, balance) in m.accounts() {
+            prop_assert_eq!(journaled.get(&account).copied().unwrap_or_default(), balance, "journal of {}", account);
+        }
         if let Err(e) = result {
             prop_assert!(events.is_empty(), "refused with {e} but emitted {events:?}");
             prop_assert_eq!(&m.snapshot(), &before, "refused with {} but changed the state", e);
@@ -296,6 +316,6 @@ fn random_sequences_reach_every_event_and_end_reason() {
         }
     }
     assert!(counts["lease-ready"] * 2 > counts["lease-opened"], "most leases should start: {counts:?}");
-    assert_eq!(kinds.len(), 14, "events seen: {kinds:?}");
+    assert_eq!(kinds.len(), 16, "events seen: {kinds:?}");
     assert_eq!(reasons.len(), EndReason::ALL.len(), "end reasons seen: {reasons:?}");
 }

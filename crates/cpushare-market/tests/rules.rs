@@ -531,3 +531,59 @@ fn replay_rebuilds_the_same_state() {
     let back: Vec<Event> = serde_json::from_str(&json).unwrap();
     assert_eq!(back, events);
 }
+
+#[test]
+fn halting_ends_every_lease_and_stops_matching_until_resumed() {
+    let mut m = market();
+    let s = sell(&mut m, NODE, slot(), 100, 0);
+    let b = m.place_buy(BUYER, buy(2, 100), 0).unwrap();
+    let lease = leases_of(&m, b)[0].id;
+    m.lease_ready(SELLER, lease, 0).unwrap();
+    m.take_events();
+    assert_eq!(m.halt(1800).unwrap(), vec![lease]);
+    assert_eq!(ended(&m.take_events()), vec![(lease, EndReason::ExchangeHalted, 1800)]);
+    // Half an hour at 1 EUR/h; the order keeps both CPUs, resting.
+    assert_eq!(m.balance(BUYER).unwrap(), Balance { available: 100_000 - 50 - 200, escrow: 200 });
+    assert_eq!(m.buy_order(b).unwrap().open, 2);
+    assert!(m.sell_order(s).unwrap().is_resting());
+    // Nothing trades while halted, though orders may still rest.
+    sell(&mut m, NODE2, slot(), 90, 1900);
+    assert!(m.leases().next().is_none());
+    assert_refused(&mut m, |m| m.halt(1900), MarketError::Halted);
+    m.check_invariants().unwrap();
+    m.resume(2000).unwrap();
+    assert_eq!(leases_of(&m, b).len(), 2, "resuming uncrosses the book");
+    assert_refused(&mut m, |m| m.resume(2000), MarketError::NotHalted);
+    check(&m);
+}
+
+#[test]
+fn the_journal_explains_every_balance_change() {
+    let mut m = Market::new(MarketConfig::default());
+    m.keep_journal();
+    for a in [BUYER, SELLER] {
+        m.open_account(a, 0).unwrap();
+    }
+    m.deposit(BUYER, 1000, 0).unwrap();
+    sell(&mut m, NODE, slot(), 100, 0);
+    let b = m.place_buy(BUYER, buy(1, 150), 0).unwrap();
+    m.lease_ready(SELLER, leases_of(&m, b)[0].id, 0).unwrap();
+    m.tick(HOUR).unwrap();
+    m.cancel_buy(BUYER, b, HOUR + 600).unwrap();
+    let events = m.take_events();
+    let postings = m.take_postings();
+    for account in [BUYER, SELLER] {
+        let mut sum = Balance::default();
+        for p in postings.iter().filter(|p| p.account == account) {
+            assert!(p.event < events.len());
+            match p.bucket {
+                Bucket::Available => sum.available += p.amount,
+                Bucket::Escrow => sum.escrow += p.amount,
+            }
+        }
+        assert_eq!(sum, m.balance(account).unwrap(), "{account}");
+    }
+    // The deposit is the first posting, from the first money event.
+    assert!(matches!(events[postings[0].event], Event::Deposited { amount: 1000, .. }));
+    assert!(m.take_postings().is_empty());
+}
