@@ -1,0 +1,4 @@
+//! The cpushare exchange: the service every node talks to.
+
+pub mod pki;
+pub mod state;
