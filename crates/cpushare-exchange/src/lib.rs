@@ -2,3 +2,4 @@
 
 pub mod pki;
 pub mod state;
+pub mod store;

@@ -44,6 +44,10 @@ pub enum Event {
         lease: LeaseId,
         buy: OrderId,
         sell: OrderId,
+        /// The parties, for whoever reads the log (they follow from the orders).
+        buyer: AccountId,
+        seller: AccountId,
+        node: NodeId,
         price: u64,
         side: PriceSide,
         escrow: Cents,

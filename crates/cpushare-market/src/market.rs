@@ -187,6 +187,11 @@ impl Market {
     pub fn accounts(&self) -> impl Iterator<Item = (AccountId, Balance)> + '_ {
         self.balances.iter().map(|(a, b)| (*a, *b))
     }
+    /// Nodes that have slots on the market (resting or leased).
+    pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.slots_of_node.keys().copied()
+    }
+
     pub fn asks(&self) -> &AskBook {
         &self.asks
     }
@@ -518,14 +523,18 @@ impl Market {
     }
 
     fn open_lease(&mut self, buy: OrderId, sell: OrderId, price: u64, side: PriceSide, now: Time) {
-        let request = &self.buys[&buy].request;
-        let escrow = period_ceiling(price, request.period);
-        let refund = request.escrow_per_cpu() - escrow;
+        let order = &self.buys[&buy];
+        let escrow = period_ceiling(price, order.request.period);
+        let refund = order.request.escrow_per_cpu() - escrow;
         let lease = LeaseId(self.next_id);
+        let (buyer, slot) = (order.account, &self.sells[&sell]);
         self.emit(Event::LeaseOpened {
             lease,
             buy,
             sell,
+            buyer,
+            seller: slot.account,
+            node: slot.node,
             price,
             side,
             escrow,
@@ -684,7 +693,7 @@ impl Market {
                 o.resting = false;
                 self.drop_buy_if_done(order);
             }
-            Event::LeaseOpened { lease, buy, sell, price, side, escrow, refund, deadline, at } => {
+            Event::LeaseOpened { lease, buy, sell, price, side, escrow, refund, deadline, at, .. } => {
                 self.take_id(lease.0);
                 let o = &self.buys[&buy];
                 let leaves_book = o.resting && o.open == 1;
