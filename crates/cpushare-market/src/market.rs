@@ -303,6 +303,19 @@ impl Market {
         Ok(())
     }
 
+    /// The seller gives a lease back now (its work could not run, say): it ends
+    /// "seller withdrew", charged for the time delivered, and the buyer's order
+    /// looks for another slot. The slot stays on the market.
+    pub fn release_lease(&mut self, account: AccountId, lease: LeaseId, now: Time) -> Result<(), MarketError> {
+        self.check_time(now)?;
+        let l = self.leases.get(&lease).ok_or(MarketError::UnknownLease(lease))?;
+        if l.seller != account {
+            return Err(MarketError::NotYourLease { lease });
+        }
+        self.end_lease(lease, EndReason::SellerWithdrew, now, now);
+        Ok(())
+    }
+
     /// Takes a slot off the market: at once if it rests, at the end of its lease
     /// period if it is leased.
     pub fn cancel_sell(&mut self, account: AccountId, order: OrderId, now: Time) -> Result<(), MarketError> {

@@ -23,6 +23,7 @@ enum Op {
     /// `leased`: pick among leased slots, whose new ask matters at renewal.
     Reprice { account: u64, pick: usize, ask: u64, leased: bool },
     CancelLease { account: u64, pick: usize },
+    ReleaseLease { account: u64, pick: usize },
     Ready { account: u64, pick: usize },
     Tick { dt: u64 },
     Settle { dt: u64, silent_node: u64, silent_for: u64 },
@@ -73,13 +74,14 @@ fn op() -> impl Strategy<Value = Op> {
     let node = 0..NODES;
     prop_oneof![
         2 => (account.clone(), prop_oneof![-10i64..400, 400i64..20_000]).prop_map(|(account, amount)| Op::Deposit { account, amount }),
-        2 => (account.clone(), -10i64..5_000).prop_map(|(account, amount)| Op::Withdraw { account, amount }),
+        3 => (account.clone(), -10i64..5_000).prop_map(|(account, amount)| Op::Withdraw { account, amount }),
         4 => (account.clone(), node.clone(), slot(), 0u64..300).prop_map(|(account, node, slot, ask)| Op::Sell { account, node, slot, ask }),
         4 => (account.clone(), request()).prop_map(|(account, request)| Op::Buy { account, request }),
         1 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::CancelBuy { account, pick }),
         1 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::CancelSell { account, pick }),
         2 => (account.clone(), any::<usize>(), 0u64..300, any::<bool>()).prop_map(|(account, pick, ask, leased)| Op::Reprice { account, pick, ask, leased }),
         1 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::CancelLease { account, pick }),
+        1 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::ReleaseLease { account, pick }),
         6 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::Ready { account, pick }),
         3 => prop_oneof![0u64..200, 0u64..4000].prop_map(|dt| Op::Tick { dt }),
         2 => (0u64..600, node.clone(), 0u64..600).prop_map(|(dt, silent_node, silent_for)| Op::Settle { dt, silent_node, silent_for }),
@@ -178,6 +180,14 @@ fn execute(m: &mut Market, now: &mut Time, op: &Op) -> Option<Result<(), MarketE
         },
         Op::CancelLease { account, pick: i } => match pick(&leases, i) {
             Some(l) => m.cancel_lease(AccountId(account), l, t),
+            None => return None,
+        },
+        Op::ReleaseLease { account, pick: i } => match pick(&leases, i) {
+            // Mostly the lease's seller, sometimes a stranger.
+            Some(l) => {
+                let who = if account == ACCOUNTS { AccountId(account) } else { m.lease(l).unwrap().seller };
+                m.release_lease(who, l, t)
+            }
             None => return None,
         },
         Op::Ready { account, pick: i } => match pick(if account % 2 == 0 { &awaiting } else { &leases }, i) {

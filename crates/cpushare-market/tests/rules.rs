@@ -587,3 +587,21 @@ fn the_journal_explains_every_balance_change() {
     assert!(matches!(events[postings[0].event], Event::Deposited { amount: 1000, .. }));
     assert!(m.take_postings().is_empty());
 }
+
+#[test]
+fn a_seller_can_give_a_lease_back_and_the_order_moves_on() {
+    let mut m = market();
+    let s = sell(&mut m, NODE, slot(), 100, 0);
+    let b = m.place_buy(BUYER, buy(1, 100), 0).unwrap();
+    let lease = leases_of(&m, b)[0].id;
+    m.lease_ready(SELLER, lease, 0).unwrap();
+    let spare = sell(&mut m, NODE2, slot(), 100, 1);
+    assert_refused(&mut m, |m| m.release_lease(BUYER, lease, 360), MarketError::NotYourLease { lease });
+    m.take_events();
+    m.release_lease(SELLER, lease, 360).unwrap();
+    assert_eq!(ended(&m.take_events()), vec![(lease, EndReason::SellerWithdrew, 360)]);
+    assert_eq!(m.balance(BUYER).unwrap().available, 100_000 - 10 - 100);
+    assert_eq!(leases_of(&m, b)[0].sell, spare);
+    assert!(m.sell_order(s).unwrap().is_resting(), "the slot stays on the market");
+    check(&m);
+}

@@ -1,0 +1,427 @@
+//! The engine: one task owns the whole state and is its only writer.
+//!
+//! API handlers send it jobs (closures over [`Core`]). It runs every job that
+//! is waiting, then writes what they changed (records and ledger rows) to the
+//! store in one transaction, and only then answers them and tells subscribers.
+//! So an acknowledged call is durable, and a thousand orders arriving together
+//! cost one commit (group commit). The engine also keeps time: ready timeouts,
+//! period ends, settlement, and sellers whose heartbeats stopped.
+//!
+//! If the store fails, the engine's memory is ahead of the disk; it stops the
+//! process, and the restart rebuilds the state from the store, which holds
+//! exactly what was acknowledged.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cpushare_market::{AccountId, Bucket, EndReason, Event, KindSet, LeaseId, MarketConfig, NodeId, Time};
+use rustc_hash::FxHashMap;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::state::{apply_registry, Record, State, StateSnapshot};
+use crate::store::{LedgerRow, Store};
+
+/// How the engine runs.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub market: MarketConfig,
+    /// A seller silent this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Settle running leases this often.
+    pub settle_every: Duration,
+    /// Take a snapshot after this many records.
+    pub snapshot_every: u64,
+    /// Most jobs in one batch (one commit).
+    pub max_batch: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            market: MarketConfig::default(),
+            heartbeat_timeout: Duration::from_secs(30),
+            settle_every: Duration::from_secs(10),
+            snapshot_every: 100_000,
+            max_batch: 4096,
+        }
+    }
+}
+
+/// Who a connection is, from its certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub account: AccountId,
+    pub node: NodeId,
+    pub admin: bool,
+}
+
+/// A lease's parties, kept while it lives so that its events reach them.
+#[derive(Debug, Clone, Copy)]
+pub struct Parties {
+    pub buyer: AccountId,
+    pub seller: AccountId,
+    pub node: NodeId,
+    pub kinds: KindSet,
+}
+
+/// What subscribers hear, after the change is durable.
+#[derive(Debug, Clone)]
+pub enum Notice {
+    Trade { lease: LeaseId, price: u64, at: Time, kinds: KindSet },
+    Lease { parties: Parties, lease: LeaseId, kind: &'static str, at: Time, reason: Option<EndReason>, charged: i64 },
+}
+
+/// A message for one seller node's session.
+#[derive(Debug, Clone)]
+pub enum ToSeller {
+    Assigned { lease: LeaseId },
+    Closed { lease: LeaseId, reason: EndReason },
+}
+
+/// State shared with the API handlers without going through the engine.
+pub struct Shared {
+    pub config: EngineConfig,
+    /// Certificate fingerprint -> caller, for every node not revoked.
+    pub trusted: RwLock<HashMap<String, Caller>>,
+    /// Last time each seller node was heard from (seconds).
+    pub last_seen: Mutex<FxHashMap<NodeId, Time>>,
+    pub notices: broadcast::Sender<Arc<Notice>>,
+    pub store: Arc<Store>,
+}
+
+impl Shared {
+    pub fn caller(&self, fingerprint: &str) -> Option<Caller> {
+        self.trusted.read().unwrap().get(fingerprint).copied()
+    }
+
+    pub fn heard_from(&self, node: NodeId) {
+        self.last_seen.lock().unwrap().insert(node, now_secs());
+    }
+}
+
+/// The state and this batch's output, as jobs see them.
+pub struct Core {
+    pub state: State,
+    /// Records made since the last commit, in order.
+    pending: Vec<Record>,
+    ledger: Vec<LedgerRow>,
+    notices: Vec<Notice>,
+    to_sellers: Vec<(NodeId, ToSeller)>,
+    pub parties: FxHashMap<LeaseId, Parties>,
+    /// The live session of each seller node: its id and its mailbox.
+    pub sessions: FxHashMap<NodeId, (u64, mpsc::Sender<ToSeller>)>,
+    shared: Arc<Shared>,
+}
+
+impl Core {
+    /// The time to act at: the clock, but never before what the market has seen.
+    pub fn now(&self) -> Time {
+        now_secs().max(self.state.market.now())
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Makes a registry change (applied at once, durable with this batch).
+    pub fn record(&mut self, record: Record) {
+        self.collect_market();
+        apply_registry(&mut self.state.registry, &record);
+        match &record {
+            Record::NodeEnrolled { node, account, fingerprint, admin, .. } => {
+                let caller = Caller { account: *account, node: *node, admin: *admin };
+                self.shared.trusted.write().unwrap().insert(fingerprint.clone(), caller);
+            }
+            Record::NodeRevoked { node, .. } => {
+                // Useless at once: new calls are refused and the live session is cut.
+                self.shared.trusted.write().unwrap().retain(|_, c| c.node != *node);
+                self.sessions.remove(node);
+            }
+            _ => {}
+        }
+        self.pending.push(record);
+    }
+
+    /// Moves the market's new events (and their postings) into this batch.
+    fn collect_market(&mut self) {
+        let events = self.state.market.take_events();
+        if events.is_empty() {
+            return;
+        }
+        let postings = self.state.market.take_postings();
+        let first_seq = self.state.seq + self.pending.len() as u64 + 1;
+        for p in postings {
+            let e = &events[p.event];
+            self.ledger.push(LedgerRow {
+                seq: first_seq + p.event as u64,
+                account: p.account.0,
+                bucket: match p.bucket {
+                    Bucket::Available => "available",
+                    Bucket::Escrow => "escrow",
+                }
+                .into(),
+                amount: p.amount,
+                reason: reason(e),
+                at: e.at(),
+            });
+        }
+        for e in events {
+            self.notice(&e);
+            self.pending.push(Record::Market(e));
+        }
+    }
+
+    fn notice(&mut self, e: &Event) {
+        let lease_notice = |parties: Parties, lease, kind, at, reason, charged| Notice::Lease {
+            parties,
+            lease,
+            kind,
+            at,
+            reason,
+            charged,
+        };
+        match *e {
+            Event::LeaseOpened { lease, sell, buyer, seller, node, price, at, .. } => {
+                let kinds = self.state.market.sell_order(sell).map(|s| s.slot.kinds).unwrap_or_default();
+                let p = Parties { buyer, seller, node, kinds };
+                self.parties.insert(lease, p);
+                self.notices.push(Notice::Trade { lease, price, at, kinds });
+                self.notices.push(lease_notice(p, lease, "opened", at, None, 0));
+                self.to_sellers.push((node, ToSeller::Assigned { lease }));
+            }
+            Event::LeaseReady { lease, at } | Event::LeaseRenewed { lease, at, .. } => {
+                let kind = if matches!(e, Event::LeaseReady { .. }) { "ready" } else { "renewed" };
+                if let Some(&p) = self.parties.get(&lease) {
+                    self.notices.push(lease_notice(p, lease, kind, at, None, 0));
+                }
+            }
+            Event::LeaseSettled { lease, until, charge, .. } => {
+                if let Some(&p) = self.parties.get(&lease) {
+                    self.notices.push(lease_notice(p, lease, "settled", until, None, charge));
+                }
+            }
+            Event::LeaseEnded { lease, reason, at, .. } => {
+                if let Some(p) = self.parties.remove(&lease) {
+                    self.notices.push(lease_notice(p, lease, "ended", at, Some(reason), 0));
+                    self.to_sellers.push((p.node, ToSeller::Closed { lease, reason }));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What moved the money, in words, for statements.
+fn reason(e: &Event) -> String {
+    match e {
+        Event::Deposited { .. } => "deposit".into(),
+        Event::Withdrawn { .. } => "withdrawal".into(),
+        Event::BuyPlaced { order, .. } => format!("{order} placed: escrow"),
+        Event::BuyCancelled { order, .. } => format!("{order} cancelled: escrow returned"),
+        Event::LeaseOpened { lease, .. } => format!("{lease} opened"),
+        Event::LeaseSettled { lease, seconds, .. } => format!("{lease}: {seconds} s metered"),
+        Event::LeaseRenewed { lease, .. } => format!("{lease} renewed: escrow for the next period"),
+        Event::LeaseEnded { lease, reason, .. } => format!("{lease} ended ({})", reason.name()),
+        other => format!("{other:?}"),
+    }
+}
+
+type Reply = Box<dyn FnOnce() + Send>;
+type Job = Box<dyn FnOnce(&mut Core) -> Reply + Send>;
+
+/// A handle to the engine; cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    pub shared: Arc<Shared>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the exchange's engine has stopped")]
+pub struct Stopped;
+
+impl Engine {
+    /// Loads the state from the store (the newest snapshot, then the records after
+    /// it) and starts the engine task.
+    pub async fn start(store: Store, config: EngineConfig) -> anyhow::Result<Engine> {
+        let mut state = match store.latest_snapshot().await? {
+            Some((seq, body)) => {
+                let snapshot: StateSnapshot = serde_json::from_str(&body)?;
+                anyhow::ensure!(snapshot.seq == seq, "snapshot {seq} claims sequence {}", snapshot.seq);
+                State::restore(config.market, snapshot)
+            }
+            None => State::new(config.market),
+        };
+        store
+            .for_each_record(state.seq, |seq, body| {
+                let record: Record = serde_json::from_str(body)
+                    .map_err(|e| anyhow::anyhow!("record {seq} in the store is unreadable ({e}): {body}"))?;
+                state.apply(seq, &record);
+                Ok(())
+            })
+            .await?;
+        state.market.check_invariants().map_err(|e| anyhow::anyhow!("the stored market is inconsistent: {e}"))?;
+        tracing::info!(seq = state.seq, "state loaded");
+
+        let trusted = state
+            .registry
+            .trusted()
+            .into_iter()
+            .map(|(f, (node, n))| (f, Caller { account: n.account, node, admin: n.admin }))
+            .collect();
+        // Sellers that held slots get a full timeout to reconnect after a restart.
+        let now = now_secs();
+        let last_seen = state.market.nodes().map(|n| (n, now)).collect();
+        let (notices, _) = broadcast::channel(16_384);
+        let shared = Arc::new(Shared {
+            config: config.clone(),
+            trusted: RwLock::new(trusted),
+            last_seen: Mutex::new(last_seen),
+            notices,
+            store: Arc::new(store),
+        });
+        let parties = state
+            .market
+            .leases()
+            .map(|l| {
+                let kinds = state.market.sell_order(l.sell).map(|s| s.slot.kinds).unwrap_or_default();
+                (l.id, Parties { buyer: l.buyer, seller: l.seller, node: l.node, kinds })
+            })
+            .collect();
+        let core = Core {
+            state,
+            pending: Vec::new(),
+            ledger: Vec::new(),
+            notices: Vec::new(),
+            to_sellers: Vec::new(),
+            parties,
+            sessions: FxHashMap::default(),
+            shared: shared.clone(),
+        };
+        let (tx, rx) = mpsc::channel(config.max_batch * 4);
+        tokio::spawn(run(core, rx, config));
+        Ok(Engine { jobs: tx, shared })
+    }
+
+    /// Runs `f` on the engine; answers once what it changed is durable.
+    pub async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Core) -> T + Send + 'static) -> Result<T, Stopped> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |core| {
+            let v = f(core);
+            Box::new(move || {
+                let _ = tx.send(v);
+            })
+        });
+        self.jobs.send(job).await.map_err(|_| Stopped)?;
+        rx.await.map_err(|_| Stopped)
+    }
+}
+
+async fn run(mut core: Core, mut jobs: mpsc::Receiver<Job>, config: EngineConfig) {
+    let mut clock = tokio::time::interval(Duration::from_secs(1));
+    clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_settle = now_secs();
+    let mut since_snapshot = 0u64;
+    loop {
+        let mut replies: Vec<Reply> = Vec::new();
+        tokio::select! {
+            job = jobs.recv() => {
+                let Some(job) = job else { break };
+                replies.push(job(&mut core));
+                while replies.len() < config.max_batch {
+                    match jobs.try_recv() {
+                        Ok(job) => replies.push(job(&mut core)),
+                        Err(_) => break,
+                    }
+                }
+            }
+            _ = clock.tick() => {
+                let now = core.now();
+                time_passes(&mut core, now, &config);
+                if now >= last_settle + config.settle_every.as_secs() {
+                    last_settle = now;
+                    let last_seen = core.shared.last_seen.lock().unwrap().clone();
+                    let _ = core.state.market.settle(now, |n| last_seen.get(&n).copied().unwrap_or(now));
+                }
+            }
+        }
+        since_snapshot += commit(&mut core).await;
+        for reply in replies {
+            reply();
+        }
+        if since_snapshot >= config.snapshot_every {
+            since_snapshot = 0;
+            let snapshot = core.state.snapshot();
+            let body = serde_json::to_string(&snapshot).expect("a snapshot serialises");
+            if let Err(e) = core.shared.store.save_snapshot(snapshot.seq, &body).await {
+                // Not fatal: the log still holds everything; the next snapshot may work.
+                tracing::warn!("could not save a snapshot: {e:#}");
+            }
+        }
+    }
+    tracing::info!("engine stopped");
+}
+
+/// Deadlines, and sellers silent for longer than the heartbeat timeout.
+fn time_passes(core: &mut Core, now: Time, config: &EngineConfig) {
+    let timeout = config.heartbeat_timeout.as_secs();
+    let silent: Vec<(NodeId, Time)> = {
+        let mut seen = core.shared.last_seen.lock().unwrap();
+        let mut silent = Vec::new();
+        for node in core.state.market.nodes() {
+            let last = *seen.entry(node).or_insert(now);
+            if now > last + timeout {
+                silent.push((node, last));
+            }
+        }
+        silent.sort_unstable();
+        silent
+    };
+    for (node, last) in silent {
+        tracing::info!(%node, last, "seller lost: no heartbeat");
+        let _ = core.state.market.seller_lost(node, last, now);
+        core.sessions.remove(&node);
+    }
+    let _ = core.state.market.tick(now);
+}
+
+/// Makes the batch durable, then tells subscribers. Returns the records written.
+async fn commit(core: &mut Core) -> u64 {
+    core.collect_market();
+    let records = std::mem::take(&mut core.pending);
+    let ledger = std::mem::take(&mut core.ledger);
+    let n = records.len() as u64;
+    if n > 0 {
+        let first = core.state.seq + 1;
+        let rows: Vec<(u64, String)> = records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (first + i as u64, serde_json::to_string(r).expect("a record serialises")))
+            .collect();
+        if let Err(e) = core.shared.store.append(&rows, &ledger).await {
+            // Memory is now ahead of the disk: the only safe move is to stop and let a
+            // restart rebuild from what is durable (and was acknowledged).
+            tracing::error!("the store failed, stopping so that a restart recovers: {e:#}");
+            eprintln!("cpushare exchange: the store failed: {e:#}; stopping");
+            std::process::exit(70);
+        }
+        core.state.seq += n;
+    }
+    for notice in core.notices.drain(..) {
+        let _ = core.shared.notices.send(Arc::new(notice));
+    }
+    for (node, message) in core.to_sellers.drain(..) {
+        if let Some((_, mailbox)) = core.sessions.get(&node) {
+            if mailbox.try_send(message).is_err() {
+                // A seller that does not read its mail is cut; it will reconnect.
+                core.sessions.remove(&node);
+            }
+        }
+    }
+    n
+}
+
+pub fn now_secs() -> Time {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
