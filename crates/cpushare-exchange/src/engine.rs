@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cpushare_market::{AccountId, Bucket, EndReason, Event, KindSet, LeaseId, MarketConfig, NodeId, Time};
+use cpushare_market::{AccountId, Bucket, EndReason, Event, KindSet, LeaseId, MarketConfig, NodeId, OrderId, Time};
 use rustc_hash::FxHashMap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -75,7 +75,7 @@ pub enum Notice {
 /// A message for one seller node's session.
 #[derive(Debug, Clone)]
 pub enum ToSeller {
-    Assigned { lease: LeaseId },
+    Assigned { lease: LeaseId, sell: OrderId, price: u64, period: u64, ready_by: Time },
     Closed { lease: LeaseId, reason: EndReason },
 }
 
@@ -143,6 +143,14 @@ impl Core {
         self.pending.push(record);
     }
 
+    /// Starts a seller node's session; news it would get from this batch is dropped,
+    /// since the session's first message lists the node's leases as they stand.
+    pub fn open_session(&mut self, node: NodeId, session: u64, mailbox: mpsc::Sender<ToSeller>) {
+        self.collect_market();
+        self.to_sellers.retain(|(n, _)| *n != node);
+        self.sessions.insert(node, (session, mailbox));
+    }
+
     /// Moves the market's new events (and their postings) into this batch.
     fn collect_market(&mut self) {
         let events = self.state.market.take_events();
@@ -188,7 +196,12 @@ impl Core {
                 self.parties.insert(lease, p);
                 self.notices.push(Notice::Trade { lease, price, at, kinds });
                 self.notices.push(lease_notice(p, lease, "opened", at, None, 0));
-                self.to_sellers.push((node, ToSeller::Assigned { lease }));
+                // (A lease that already ended within the same job is not assigned.)
+                if let Some(l) = self.state.market.lease(lease) {
+                    let assigned =
+                        ToSeller::Assigned { lease, sell: l.sell, price: l.price, period: l.period, ready_by: l.deadline };
+                    self.to_sellers.push((node, assigned));
+                }
             }
             Event::LeaseReady { lease, at } | Event::LeaseRenewed { lease, at, .. } => {
                 let kind = if matches!(e, Event::LeaseReady { .. }) { "ready" } else { "renewed" };

@@ -1,0 +1,356 @@
+//! The exchange as nodes see it: a real server over mutual TLS on loopback.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cpushare_exchange::client::{connect, Connection, Trust};
+use cpushare_exchange::datadir::{self, Running, Settings};
+use cpushare_exchange::node::{enroll, NodeConfig};
+use cpushare_proto::v1 as pb;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+struct Exchange {
+    running: Running,
+    admin: Connection,
+    url: String,
+    data: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Exchange {
+    async fn start(tune: impl FnOnce(&mut Settings)) -> Exchange {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut settings = Settings::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into(), "127.0.0.1".into()], String::new());
+        tune(&mut settings);
+        datadir::init(&data, settings, &tmp.path().join("operator")).await.unwrap();
+        let running = datadir::run(&data, None).await.unwrap();
+        let url = format!("https://127.0.0.1:{}", running.listening.addr.port());
+        let mut admin_cfg = NodeConfig::load(&tmp.path().join("operator")).unwrap();
+        admin_cfg.url = url.clone();
+        let admin = admin_cfg.connect().await.unwrap();
+        Exchange { running, admin, url, data, _tmp: tmp }
+    }
+
+    /// A new account with one enrolled node and `cents` deposited.
+    async fn member(&mut self, name: &str, cents: i64) -> (NodeConfig, Connection) {
+        let created = self.admin.admin.create_account(pb::CreateAccountRequest { name: name.into() }).await.unwrap().into_inner();
+        if cents > 0 {
+            self.admin.admin.deposit(pb::DepositRequest { account: created.account, amount_cents: cents }).await.unwrap();
+        }
+        let dir = self._tmp.path().join(name);
+        let node = enroll(&self.url, &created.token, Some(self.running.ca_fingerprint.clone()), &dir, name).await.unwrap();
+        let conn = node.connect().await.unwrap();
+        (node, conn)
+    }
+}
+
+fn slot() -> pb::SlotAttributes {
+    pb::SlotAttributes {
+        score: 2000,
+        ram_mib: 2048,
+        kinds: vec![pb::SandboxKind::SeccompStrict as i32],
+        inbound_udp: false,
+        latency_ms: 20,
+    }
+}
+
+fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
+    pb::PlaceBuyRequest {
+        cpus,
+        max_price,
+        requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
+        period_secs: 0,
+        periods: 0,
+    }
+}
+
+#[tokio::test]
+async fn nodes_enroll_trade_and_see_their_statements() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let (alice, mut a) = ex.member("alice", 10_000).await;
+    let (bob, mut b) = ex.member("bob", 0).await;
+    assert_ne!(alice.node, bob.node);
+
+    let hello = a.exchange.hello(pb::HelloRequest {}).await.unwrap().into_inner();
+    assert_eq!((hello.account, hello.node, hello.admin), (alice.account, alice.node, false));
+    assert_eq!(hello.ca_fingerprint, ex.running.ca_fingerprint);
+
+    let mut events = a.exchange.lease_events(pb::LeaseEventsRequest {}).await.unwrap().into_inner();
+    let mut trades = b.exchange.trades(pb::TradesRequest {}).await.unwrap().into_inner();
+
+    // Bob's node opens its session and offers one slot.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let register = pb::Register { kernel: "6.1.0".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot()), ask: 100 }] };
+    tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) }).await.unwrap();
+    let mut session = b.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let Some(pb::session_message::Body::Registered(reg)) = session.next().await.unwrap().unwrap().body else { panic!() };
+    assert_eq!(reg.orders.len(), 1);
+
+    let placed = a.exchange.place_buy(buy(2, 150)).await.unwrap().into_inner();
+    assert_eq!(placed.leases.len(), 1, "one of two CPUs fills at once");
+    let lease = placed.leases[0];
+
+    let Some(pb::session_message::Body::LeaseAssigned(assigned)) = session.next().await.unwrap().unwrap().body else { panic!() };
+    assert_eq!((assigned.lease, assigned.price), (lease, 100));
+    let trade = trades.next().await.unwrap().unwrap();
+    assert_eq!((trade.lease, trade.price), (lease, 100));
+    let opened = events.next().await.unwrap().unwrap();
+    assert_eq!((opened.lease, opened.kind.as_str()), (lease, "opened"));
+
+    tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Ready(pb::Ready { lease })) }).await.unwrap();
+    let ready = events.next().await.unwrap().unwrap();
+    assert_eq!(ready.kind, "ready");
+
+    let orders = a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders;
+    assert_eq!(orders.len(), 1);
+    assert_eq!((orders[0].side.as_str(), orders[0].open, orders[0].leased), ("buy", 1, 1));
+    let leases = b.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner().leases;
+    assert_eq!((leases[0].role.as_str(), leases[0].state.as_str()), ("seller", "running"));
+
+    let balance = a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner();
+    assert_eq!((balance.available_cents, balance.escrow_cents), (10_000 - 250, 250));
+    let depth = b.exchange.book_depth(pb::BookDepthRequest { kind: pb::SandboxKind::SeccompStrict as i32 }).await.unwrap().into_inner();
+    assert_eq!(depth.bids, vec![pb::PriceLevel { price: 150, cpus: 1 }]);
+
+    let statement = a.exchange.statement(pb::StatementRequest::default()).await.unwrap().into_inner().entries;
+    let sum: i64 = statement.iter().map(|e| e.amount_cents).sum();
+    assert_eq!(sum, 10_000, "the statement adds up to the balance: {statement:?}");
+    assert!(statement.iter().any(|e| e.reason == "deposit"));
+
+    let audit = ex.admin.admin.audit(pb::AuditRequest {}).await.unwrap().into_inner();
+    assert!(audit.ok, "{}", audit.problem);
+    assert_eq!((audit.leases, audit.world_cents), (1, -10_000));
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn strangers_revoked_nodes_and_other_accounts_are_refused() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let (_alice, mut a) = ex.member("alice", 10_000).await;
+    let (bob, mut b) = ex.member("bob", 10_000).await;
+
+    // No certificate: only Hello and Enroll work.
+    let mut anon = connect(&ex.url, Trust::Fingerprint(ex.running.ca_fingerprint.clone()), None).await.unwrap();
+    let err = anon.exchange.balance(pb::BalanceRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("enroll"), "{}", err.message());
+    let err = anon.exchange.enroll(pb::EnrollRequest { token: "guess".into(), csr_der: vec![1, 2], node_name: "x".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Not the operator.
+    let err = a.admin.create_account(pb::CreateAccountRequest { name: "mallory".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = a.admin.deposit(pb::DepositRequest { account: 2, amount_cents: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // Someone else's order does not exist, as far as Alice can tell.
+    let bobs = b.exchange.place_buy(buy(1, 10)).await.unwrap().into_inner().order;
+    let err = a.exchange.cancel_order(pb::CancelOrderRequest { order: bobs }).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders.is_empty());
+
+    // Malformed orders are refused precisely and change nothing.
+    let err = a.exchange.place_buy(pb::PlaceBuyRequest { requirements: None, ..buy(1, 10) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = a.exchange.place_buy(buy(0, 10)).await.unwrap_err();
+    assert!(err.message().contains("cpus must be between"), "{}", err.message());
+    let err = a.exchange.place_buy(buy(1_000, 1_000_000)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("insufficient funds"));
+    let balance = a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner();
+    assert_eq!((balance.available_cents, balance.escrow_cents), (10_000, 0));
+
+    // A revoked node is refused at once, though its connection is open.
+    ex.admin.admin.revoke_node(pb::RevokeNodeRequest { node: bob.node }).await.unwrap();
+    let err = b.exchange.balance(pb::BalanceRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{}", err.message());
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_enrolls_once_and_a_wrong_pin_is_caught() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let created = ex.admin.admin.create_account(pb::CreateAccountRequest { name: "carol".into() }).await.unwrap().into_inner();
+    let tmp = tempfile::tempdir().unwrap();
+    let wrong = "00:".repeat(31) + "00";
+    let err = enroll(&ex.url, &created.token, Some(wrong), &tmp.path().join("a"), "a").await.err().unwrap();
+    assert!(format!("{err:#}").contains("fingerprint"), "{err:#}");
+    // First use without a pin works and records the CA.
+    let node = enroll(&ex.url, &created.token, None, &tmp.path().join("b"), "b").await.unwrap();
+    assert_eq!(cpushare_exchange::pki::fingerprint(&node.ca), ex.running.ca_fingerprint);
+    let err = enroll(&ex.url, &created.token, None, &tmp.path().join("c"), "c").await.err().unwrap();
+    assert!(format!("{err:#}").contains("already used"), "{err:#}");
+    let err = ex.admin.admin.create_account(pb::CreateAccountRequest { name: "carol".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists);
+    let err = ex.admin.admin.create_account(pb::CreateAccountRequest { name: "no spaces".into() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_old_client_is_told_to_upgrade() {
+    let ex = Exchange::start(|_| {}).await;
+    // A raw channel that sends no protocol version.
+    let conn = connect(&ex.url, Trust::FirstUse, None).await.unwrap();
+    let mut raw = pb::exchange_client::ExchangeClient::new(conn.channel);
+    let err = raw.hello(pb::HelloRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().starts_with("upgrade to at least protocol 1"), "{}", err.message());
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn order_traffic_is_rate_limited_per_account() {
+    let mut ex = Exchange::start(|s| {
+        s.orders_per_sec = 1.0;
+        s.order_burst = 3.0;
+    })
+    .await;
+    let (_n, mut a) = ex.member("alice", 10_000).await;
+    for _ in 0..3 {
+        a.exchange.place_buy(buy(1, 1)).await.unwrap();
+    }
+    let err = a.exchange.place_buy(buy(1, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("per second per account"), "{}", err.message());
+    // Other accounts are not affected.
+    let (_m, mut b) = ex.member("bob", 10_000).await;
+    b.exchange.place_buy(buy(1, 1)).await.unwrap();
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_silent_seller_is_lost_and_its_buyer_pays_only_for_time_delivered() {
+    let mut ex = Exchange::start(|s| s.heartbeat_timeout_secs = 2).await;
+    let (_a, mut a) = ex.member("alice", 10_000).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let register = pb::Register { kernel: "6.1".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot()), ask: 3600 }] };
+    tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) }).await.unwrap();
+    let mut session = b.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    session.next().await.unwrap().unwrap();
+    let mut events = a.exchange.lease_events(pb::LeaseEventsRequest {}).await.unwrap().into_inner();
+    let lease = a.exchange.place_buy(buy(1, 3600)).await.unwrap().into_inner().leases[0];
+    tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Ready(pb::Ready { lease })) }).await.unwrap();
+    // The seller goes silent (its process dies): drop the session.
+    drop(tx);
+    drop(session);
+    let ended = loop {
+        let e = tokio::time::timeout(Duration::from_secs(15), events.next()).await.expect("the seller is declared lost").unwrap().unwrap();
+        if e.kind == "ended" {
+            break e;
+        }
+    };
+    assert_eq!((ended.lease, ended.reason.as_str()), (lease, "seller lost"));
+    // At 1 EUR per hour (one cent a second), a few seconds delivered.
+    let balance = a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner();
+    let spent = 10_000 - balance.available_cents;
+    assert!(balance.escrow_cents == 100 * 36 && (0..=10).contains(&(spent - 3600)), "{balance:?}");
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_relay_joins_a_leases_buyer_and_seller_only() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let (_a, mut a) = ex.member("alice", 10_000).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    let (_c, mut c) = ex.member("carol", 0).await;
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10 }).await.unwrap();
+    let lease = a.exchange.place_buy(buy(1, 10)).await.unwrap().into_inner().leases[0];
+
+    let frame = |data: &[u8]| pb::RelayFrame { lease, data: data.to_vec() };
+    let err = c.exchange.relay(tokio_stream::iter(vec![frame(b"hi")])).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "carol is not a party");
+
+    let (to_seller, rx) = tokio::sync::mpsc::channel(8);
+    to_seller.send(frame(b"work")).await.unwrap();
+    let mut buyer_in = a.exchange.relay(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let (to_buyer, rx) = tokio::sync::mpsc::channel(8);
+    to_buyer.send(frame(b"")).await.unwrap();
+    let mut seller_in = b.exchange.relay(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    assert_eq!(seller_in.next().await.unwrap().unwrap().data, b"work");
+    to_buyer.send(pb::RelayFrame { lease: 0, data: b"result".to_vec() }).await.unwrap();
+    assert_eq!(buyer_in.next().await.unwrap().unwrap().data, b"result");
+    // A large transfer arrives whole and in order.
+    let chunks: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_le_bytes().repeat(4096)).collect();
+    let sender = tokio::spawn({
+        let chunks = chunks.clone();
+        async move {
+            for c in chunks {
+                to_seller.send(pb::RelayFrame { lease: 0, data: c }).await.unwrap();
+            }
+        }
+    });
+    for c in &chunks {
+        assert_eq!(&seller_in.next().await.unwrap().unwrap().data, c);
+    }
+    sender.await.unwrap();
+    // When the lease ends, the relay closes.
+    a.exchange.cancel_lease(pb::CancelLeaseRequest { lease }).await.unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(5), seller_in.next()).await.unwrap();
+    assert!(matches!(end, Some(Err(_)) | None), "{end:?}");
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn halting_ends_every_lease_and_resuming_trades_again() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let (_a, mut a) = ex.member("alice", 10_000).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10 }).await.unwrap();
+    a.exchange.place_buy(buy(1, 10)).await.unwrap();
+    let halted = ex.admin.admin.halt(pb::HaltRequest {}).await.unwrap().into_inner();
+    assert_eq!(halted.leases_ended, 1);
+    assert!(a.exchange.hello(pb::HelloRequest {}).await.unwrap().into_inner().halted);
+    assert!(a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner().leases.is_empty());
+    let err = ex.admin.admin.halt(pb::HaltRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    ex.admin.admin.resume(pb::ResumeRequest {}).await.unwrap();
+    assert_eq!(a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner().leases.len(), 1);
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn sellers_on_a_refused_kernel_are_turned_away() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    ex.admin.admin.set_refused_kernels(pb::SetRefusedKernelsRequest { prefixes: vec!["4.19.".into()] }).await.unwrap();
+    let register = pb::Register { kernel: "4.19.0-21-amd64".into(), seccomp_strict: true, slots: vec![] };
+    let first = pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) };
+    let err = b.exchange.seller_session(tokio_stream::iter(vec![first])).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("4.19.0-21-amd64") && err.message().contains("upgrade"), "{}", err.message());
+    ex.running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restart_finds_every_order_lease_and_cent() {
+    let mut ex = Exchange::start(|_| {}).await;
+    let (alice, mut a) = ex.member("alice", 10_000).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 40 }).await.unwrap();
+    a.exchange.place_buy(buy(3, 50)).await.unwrap();
+    let before = (
+        a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
+        a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner(),
+        a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner(),
+    );
+    let data = ex.data.clone();
+    ex.running.listening.shutdown().await;
+    let running = datadir::run(&data, Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let mut cfg = alice;
+    cfg.url = format!("https://127.0.0.1:{}", running.listening.addr.port());
+    let mut a = cfg.connect().await.unwrap();
+    let after = (
+        a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
+        a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner(),
+        a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner(),
+    );
+    assert_eq!(before, after);
+    running.listening.shutdown().await;
+}
