@@ -37,6 +37,9 @@ pub struct Settings {
     pub orders_per_sec: f64,
     #[serde(default = "default_burst")]
     pub order_burst: f64,
+    /// How often running leases are metered and settled.
+    #[serde(default = "default_settle")]
+    pub settle_every_secs: u64,
 }
 
 fn default_fee() -> u32 {
@@ -54,6 +57,9 @@ fn default_rate() -> f64 {
 fn default_burst() -> f64 {
     Limits::default().order_burst
 }
+fn default_settle() -> u64 {
+    EngineConfig::default().settle_every.as_secs()
+}
 
 impl Settings {
     pub fn new(listen: SocketAddr, names: Vec<String>, db: String) -> Settings {
@@ -66,6 +72,7 @@ impl Settings {
             heartbeat_timeout_secs: default_heartbeat(),
             orders_per_sec: default_rate(),
             order_burst: default_burst(),
+            settle_every_secs: default_settle(),
         }
     }
 
@@ -73,6 +80,7 @@ impl Settings {
         EngineConfig {
             market: MarketConfig { fee_bps: self.fee_bps, ready_timeout: self.ready_timeout_secs },
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
+            settle_every: Duration::from_secs(self.settle_every_secs.max(1)),
             ..EngineConfig::default()
         }
     }

@@ -158,6 +158,7 @@ impl Core {
             return;
         }
         let postings = self.state.market.take_postings();
+        debug_assert!(postings.iter().all(|p| p.event < events.len()), "postings of events not taken");
         let first_seq = self.state.seq + self.pending.len() as u64 + 1;
         for p in postings {
             let e = &events[p.event];
@@ -275,6 +276,8 @@ impl Engine {
             })
             .await?;
         state.market.check_invariants().map_err(|e| anyhow::anyhow!("the stored market is inconsistent: {e}"))?;
+        // Statements record postings from now on (replayed ones are in the store already).
+        state.market.keep_journal();
         tracing::info!(seq = state.seq, "state loaded");
 
         let trusted = state

@@ -102,15 +102,11 @@ pub struct StateSnapshot {
 
 impl State {
     pub fn new(config: MarketConfig) -> State {
-        let mut market = Market::new(config);
-        market.keep_journal();
-        State { market, registry: Registry::default(), seq: 0 }
+        State { market: Market::new(config), registry: Registry::default(), seq: 0 }
     }
 
     pub fn restore(config: MarketConfig, s: StateSnapshot) -> State {
-        let mut market = Market::restore(config, s.market);
-        market.keep_journal();
-        State { market, registry: s.registry, seq: s.seq }
+        State { market: Market::restore(config, s.market), registry: s.registry, seq: s.seq }
     }
 
     pub fn snapshot(&self) -> StateSnapshot {

@@ -21,7 +21,13 @@ async fn records_come_back_in_order_after_a_reopen() {
         let store = Store::open(&db.url).await.unwrap();
         assert_eq!(store.last_seq().await.unwrap(), 2500, "{}", db.name);
         let mut seen = Vec::new();
-        store.for_each_record(2000, |seq, body| Ok(seen.push((seq, body.to_string())))).await.unwrap();
+        store
+            .for_each_record(2000, |seq, body| {
+                seen.push((seq, body.to_string()));
+                Ok(())
+            })
+            .await
+            .unwrap();
         assert_eq!(seen, batch[2000..].to_vec(), "{}", db.name);
     }
 }

@@ -1,14 +1,30 @@
 //! `cpushare`: one binary for every actor of the exchange.
 
+use std::path::PathBuf;
+
 use clap::{Parser, Subcommand};
 
+mod exchange_cmd;
+mod node_cmd;
+mod table;
 mod sim;
 
 /// cpushare: an open exchange where anyone sells the idle CPUs of a Linux
 /// machine and anyone else rents them by the hour.
+///
+/// Start an exchange with `cpushare exchange init` and `cpushare exchange run`;
+/// give people accounts with `cpushare account create NAME`; each machine joins
+/// with `cpushare enroll`; then `cpushare buy`, `orders`, `leases`, `balance`...
 #[derive(Parser)]
-#[command(version, about, long_about = None, propagate_version = true)]
+#[command(version, about, propagate_version = true)]
 struct Cli {
+    /// This node's configuration directory (its key, certificate and exchange).
+    /// Default: $CPUSHARE_CONFIG, or ~/.config/cpushare.
+    #[arg(long, global = true, value_name = "DIR")]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -20,11 +36,70 @@ enum Command {
     /// Deterministic: the same seed and sizes always give the same trades.
     /// Prints one line per simulated hour, then totals, wall time and peak memory.
     Sim(sim::SimArgs),
+    /// Run and operate an exchange.
+    #[command(subcommand)]
+    Exchange(exchange_cmd::ExchangeCmd),
+    /// Accounts (operator only).
+    #[command(subcommand)]
+    Account(node_cmd::AccountCmd),
+    /// Join an exchange: make this machine's key and get it certified with a
+    /// one-time token from the operator.
+    Enroll(node_cmd::EnrollArgs),
+    /// Nodes of your account.
+    #[command(subcommand)]
+    Node(node_cmd::NodeCmd),
+    /// Your account's money: available and held in escrow.
+    Balance,
+    /// Money from outside into an account (operator only; stands in for a payment provider).
+    Deposit(node_cmd::DepositArgs),
+    /// Money from your account to outside.
+    Withdraw(node_cmd::WithdrawArgs),
+    /// Your account's ledger entries, newest first.
+    Statement(node_cmd::StatementArgs),
+    /// Rent CPUs: place a buy order.
+    Buy(node_cmd::BuyArgs),
+    /// Your orders.
+    Orders,
+    /// Cancel one of your orders (a buy order's leases end now).
+    Cancel(node_cmd::CancelArgs),
+    /// End one of your leases now.
+    CancelLease(node_cmd::CancelLeaseArgs),
+    /// Depth of one market: CPUs offered and wanted per price.
+    Book(node_cmd::BookArgs),
+    /// Trades as they happen.
+    Trades(node_cmd::TradesArgs),
+    /// Your leases, as buyer and as seller.
+    Leases,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let config = cli.config.clone().unwrap_or_else(cpushare_exchange::node::default_config_dir);
+    let out = table::Output { json: cli.json };
     match cli.command {
         Command::Sim(args) => sim::run(args),
+        command => {
+            let runtime = tokio::runtime::Runtime::new()?;
+            runtime.block_on(async move {
+                match command {
+                    Command::Sim(_) => unreachable!(),
+                    Command::Exchange(cmd) => exchange_cmd::run(cmd, &config, out).await,
+                    Command::Account(cmd) => node_cmd::account(cmd, &config, out).await,
+                    Command::Enroll(args) => node_cmd::enroll(args, &config, out).await,
+                    Command::Node(cmd) => node_cmd::node(cmd, &config, out).await,
+                    Command::Balance => node_cmd::balance(&config, out).await,
+                    Command::Deposit(args) => node_cmd::deposit(args, &config, out).await,
+                    Command::Withdraw(args) => node_cmd::withdraw(args, &config, out).await,
+                    Command::Statement(args) => node_cmd::statement(args, &config, out).await,
+                    Command::Buy(args) => node_cmd::buy(args, &config, out).await,
+                    Command::Orders => node_cmd::orders(&config, out).await,
+                    Command::Cancel(args) => node_cmd::cancel(args, &config, out).await,
+                    Command::CancelLease(args) => node_cmd::cancel_lease(args, &config, out).await,
+                    Command::Book(args) => node_cmd::book(args, &config, out).await,
+                    Command::Trades(args) => node_cmd::trades(args, &config, out).await,
+                    Command::Leases => node_cmd::leases(&config, out).await,
+                }
+            })
+        }
     }
 }
