@@ -40,6 +40,9 @@ pub struct Settings {
     /// How often running leases are metered and settled.
     #[serde(default = "default_settle")]
     pub settle_every_secs: u64,
+    /// Snapshot the state after this many records, so a restart replays only the tail.
+    #[serde(default = "default_snapshot")]
+    pub snapshot_every_records: u64,
 }
 
 fn default_fee() -> u32 {
@@ -57,6 +60,9 @@ fn default_rate() -> f64 {
 fn default_burst() -> f64 {
     Limits::default().order_burst
 }
+fn default_snapshot() -> u64 {
+    EngineConfig::default().snapshot_every
+}
 fn default_settle() -> u64 {
     EngineConfig::default().settle_every.as_secs()
 }
@@ -73,6 +79,7 @@ impl Settings {
             orders_per_sec: default_rate(),
             order_burst: default_burst(),
             settle_every_secs: default_settle(),
+            snapshot_every_records: default_snapshot(),
         }
     }
 
@@ -81,6 +88,7 @@ impl Settings {
             market: MarketConfig { fee_bps: self.fee_bps, ready_timeout: self.ready_timeout_secs },
             heartbeat_timeout: Duration::from_secs(self.heartbeat_timeout_secs),
             settle_every: Duration::from_secs(self.settle_every_secs.max(1)),
+            snapshot_every: self.snapshot_every_records.max(1),
             ..EngineConfig::default()
         }
     }

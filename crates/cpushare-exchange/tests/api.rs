@@ -330,11 +330,24 @@ async fn sellers_on_a_refused_kernel_are_turned_away() {
 
 #[tokio::test]
 async fn a_restart_finds_every_order_lease_and_cent() {
-    let mut ex = Exchange::start(|_| {}).await;
+    restart_keeps_everything(100_000).await;
+}
+
+#[tokio::test]
+async fn a_restart_from_a_snapshot_and_the_log_tail_keeps_everything() {
+    // A snapshot every few records: the restart restores one and replays what followed.
+    restart_keeps_everything(7).await;
+}
+
+async fn restart_keeps_everything(snapshot_every: u64) {
+    let mut ex = Exchange::start(|s| s.snapshot_every_records = snapshot_every).await;
     let (alice, mut a) = ex.member("alice", 10_000).await;
     let (_b, mut b) = ex.member("bob", 0).await;
     b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 40 }).await.unwrap();
     a.exchange.place_buy(buy(3, 50)).await.unwrap();
+    for price in 1..=10 {
+        b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 100 + price }).await.unwrap();
+    }
     let before = (
         a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
         a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner(),
@@ -342,6 +355,10 @@ async fn a_restart_finds_every_order_lease_and_cent() {
     );
     let data = ex.data.clone();
     ex.running.listening.shutdown().await;
+    let store = cpushare_exchange::store::Store::open(&cpushare_exchange::store::sqlite_url(&data.join("exchange.db"))).await.unwrap();
+    let snapshot = store.latest_snapshot().await.unwrap();
+    assert_eq!(snapshot.is_some(), snapshot_every < 1000, "a snapshot was taken iff they are frequent");
+    store.close().await;
     let running = datadir::run(&data, Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let mut cfg = alice;
     cfg.url = format!("https://127.0.0.1:{}", running.listening.addr.port());

@@ -1,0 +1,115 @@
+//! The exchange commands as a user types them.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_cpushare");
+
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn run(config: &Path, args: &[&str]) -> Output {
+    Command::new(BIN).arg("--config").arg(config).args(args).output().unwrap()
+}
+
+fn ok(config: &Path, args: &[&str]) -> String {
+    let out = run(config, args);
+    assert!(out.status.success(), "cpushare {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fails(config: &Path, args: &[&str], expect: &str) {
+    let out = run(config, args);
+    assert!(!out.status.success(), "cpushare {args:?} should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(expect), "cpushare {args:?}: expected {expect:?} in {err}");
+}
+
+fn json(config: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(config, &all)).unwrap()
+}
+
+/// An exchange initialised and running; returns it with the operator's config dir.
+fn exchange(tmp: &Path) -> (Running, PathBuf) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let operator = tmp.join("operator");
+    let data = tmp.join("data");
+    let listen = format!("127.0.0.1:{port}");
+    let init = json(&operator, &["exchange", "init", "--data", data.to_str().unwrap(), "--name", "127.0.0.1", "--listen", &listen]);
+    assert_eq!(init["CA fingerprint"].as_str().unwrap().len(), 95);
+    fails(&operator, &["exchange", "init", "--data", data.to_str().unwrap()], "already holds an exchange");
+    let child = Command::new(BIN).args(["exchange", "run", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let running = Running(child);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while run(&operator, &["exchange", "audit"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the exchange did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    (running, operator)
+}
+
+#[test]
+fn a_member_enrolls_deposits_buys_and_reads_it_all_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_exchange, operator) = exchange(tmp.path());
+    let alice = tmp.path().join("alice");
+
+    fails(&alice, &["balance"], "not enrolled");
+    let created = json(&operator, &["account", "create", "alice"]);
+    let token = created["token"].as_str().unwrap();
+    let url = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(operator.join("node.json")).unwrap()).unwrap()["exchange"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let fp = json(&operator, &["exchange", "audit"]);
+    assert_eq!(fp["ok"], true);
+    let enrolled = json(&alice, &["enroll", "--exchange", &url, "--token", token]);
+    assert_eq!(enrolled["account"], created["account"]);
+    fails(&alice, &["enroll", "--exchange", &url, "--token", token], "already holds an enrolled node");
+
+    let account = created["account"].as_u64().unwrap().to_string();
+    fails(&alice, &["deposit", &account, "10"], "only the exchange operator");
+    fails(&operator, &["deposit", &account, "ten"], "not an amount in euros");
+    ok(&operator, &["deposit", &account, "25.50"]);
+    let balance = json(&alice, &["balance"]);
+    assert_eq!(balance["available (EUR)"], "25.50");
+
+    let placed = json(&alice, &["buy", "--cpus", "2", "--max-price", "0.40", "--min-ram", "2048"]);
+    let order = placed["order"].as_u64().unwrap();
+    assert_eq!(placed["still wanted"], 2);
+    let orders = json(&alice, &["orders"]);
+    assert_eq!(orders[0]["order"], order);
+    assert_eq!(orders[0]["what"], "seccomp-strict, >= 2048 MiB");
+    let table = ok(&alice, &["orders"]);
+    assert!(table.starts_with("ORDER"), "{table}");
+    let balance = json(&alice, &["balance"]);
+    assert_eq!((balance["available (EUR)"].as_str(), balance["escrow (EUR)"].as_str()), (Some("24.70"), Some("0.80")));
+    let book = json(&alice, &["book"]);
+    assert_eq!(book[0]["side"], "bid");
+    let statement = json(&alice, &["statement"]);
+    assert!(statement.as_array().unwrap().len() >= 3);
+
+    fails(&alice, &["buy", "--max-price", "0.001"], "not an amount in euros");
+    fails(&alice, &["buy", "--max-price", "1", "--kind", "docker"], "unknown sandbox kind");
+    fails(&alice, &["buy", "--max-price", "1000000", "--cpus", "50"], "insufficient funds");
+    fails(&alice, &["cancel", "99999"], "does not exist");
+    ok(&alice, &["cancel", &order.to_string()]);
+    assert_eq!(json(&alice, &["balance"])["escrow (EUR)"], "0.00");
+
+    let halted = json(&operator, &["exchange", "halt"]);
+    assert_eq!(halted["halted"], true);
+    ok(&operator, &["exchange", "resume"]);
+
+    let me = enrolled["node"].as_u64().unwrap().to_string();
+    ok(&alice, &["node", "revoke", &me]);
+    fails(&alice, &["balance"], "not trusted");
+}
