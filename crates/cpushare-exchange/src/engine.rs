@@ -1,11 +1,14 @@
 //! The engine: one task owns the whole state and is its only writer.
 //!
 //! API handlers send it jobs (closures over [`Core`]). It runs every job that
-//! is waiting, then writes what they changed (records and ledger rows) to the
-//! store in one transaction, and only then answers them and tells subscribers.
-//! So an acknowledged call is durable, and a thousand orders arriving together
-//! cost one commit (group commit). The engine also keeps time: ready timeouts,
-//! period ends, settlement, and sellers whose heartbeats stopped.
+//! is waiting and hands what they changed (records and ledger rows), with their
+//! answers, to the committer as one batch. The committer writes batches in
+//! order, each (or several queued together) in one transaction, and only then
+//! answers and tells subscribers. So an acknowledged call is durable, nobody
+//! hears of a change before it is, and a thousand orders arriving together cost
+//! one commit (group commit). The engine does not wait for the disk: it applies
+//! the next jobs while the committer syncs the last batch. It also keeps time:
+//! ready timeouts, period ends, settlement, and sellers whose heartbeats stopped.
 //!
 //! If the store fails, the engine's memory is ahead of the disk; it stops the
 //! process, and the restart rebuilds the state from the store, which holds
@@ -88,6 +91,8 @@ pub struct Shared {
     pub last_seen: Mutex<FxHashMap<NodeId, Time>>,
     pub notices: broadcast::Sender<Arc<Notice>>,
     pub store: Arc<Store>,
+    /// The live session of each seller node: its id and its mailbox.
+    sessions: Mutex<FxHashMap<NodeId, (u64, mpsc::Sender<ToSeller>)>>,
 }
 
 impl Shared {
@@ -97,6 +102,29 @@ impl Shared {
 
     pub fn heard_from(&self, node: NodeId) {
         self.last_seen.lock().unwrap().insert(node, now_secs());
+    }
+
+    /// Ends a node's session if it is still the one with this id.
+    pub fn close_session(&self, node: NodeId, session: u64) {
+        let mut sessions = self.sessions.lock().unwrap();
+        if sessions.get(&node).is_some_and(|(id, _)| *id == session) {
+            sessions.remove(&node);
+        }
+    }
+
+    fn drop_session(&self, node: NodeId) {
+        self.sessions.lock().unwrap().remove(&node);
+    }
+
+    /// Delivers mail to a seller's session; a session that does not read its mail
+    /// is cut (it will reconnect).
+    fn deliver(&self, node: NodeId, message: ToSeller) {
+        let mut sessions = self.sessions.lock().unwrap();
+        if let Some((_, mailbox)) = sessions.get(&node) {
+            if mailbox.try_send(message).is_err() {
+                sessions.remove(&node);
+            }
+        }
     }
 }
 
@@ -109,8 +137,6 @@ pub struct Core {
     notices: Vec<Notice>,
     to_sellers: Vec<(NodeId, ToSeller)>,
     pub parties: FxHashMap<LeaseId, Parties>,
-    /// The live session of each seller node: its id and its mailbox.
-    pub sessions: FxHashMap<NodeId, (u64, mpsc::Sender<ToSeller>)>,
     shared: Arc<Shared>,
 }
 
@@ -136,7 +162,7 @@ impl Core {
             Record::NodeRevoked { node, .. } => {
                 // Useless at once: new calls are refused and the live session is cut.
                 self.shared.trusted.write().unwrap().retain(|_, c| c.node != *node);
-                self.sessions.remove(node);
+                self.shared.drop_session(*node);
             }
             _ => {}
         }
@@ -148,7 +174,7 @@ impl Core {
     pub fn open_session(&mut self, node: NodeId, session: u64, mailbox: mpsc::Sender<ToSeller>) {
         self.collect_market();
         self.to_sellers.retain(|(n, _)| *n != node);
-        self.sessions.insert(node, (session, mailbox));
+        self.shared.sessions.lock().unwrap().insert(node, (session, mailbox));
     }
 
     /// Moves the market's new events (and their postings) into this batch.
@@ -296,6 +322,7 @@ impl Engine {
             last_seen: Mutex::new(last_seen),
             notices,
             store: Arc::new(store),
+            sessions: Mutex::new(FxHashMap::default()),
         });
         let parties = state
             .market
@@ -312,11 +339,13 @@ impl Engine {
             notices: Vec::new(),
             to_sellers: Vec::new(),
             parties,
-            sessions: FxHashMap::default(),
             shared: shared.clone(),
         };
         let (tx, rx) = mpsc::channel(config.max_batch * 4);
-        tokio::spawn(run(core, rx, config));
+        // A few batches may wait for the disk; beyond that the engine waits too.
+        let (batches, to_commit) = mpsc::channel(4);
+        tokio::spawn(commit_in_order(to_commit, shared.clone()));
+        tokio::spawn(run(core, rx, batches, config));
         Ok(Engine { jobs: tx, shared })
     }
 
@@ -334,11 +363,10 @@ impl Engine {
     }
 }
 
-async fn run(mut core: Core, mut jobs: mpsc::Receiver<Job>, config: EngineConfig) {
+async fn run(mut core: Core, mut jobs: mpsc::Receiver<Job>, batches: mpsc::Sender<Batch>, config: EngineConfig) {
     let mut clock = tokio::time::interval(Duration::from_secs(1));
     clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_settle = now_secs();
-    let mut since_snapshot = 0u64;
     loop {
         let mut replies: Vec<Reply> = Vec::new();
         tokio::select! {
@@ -362,21 +390,95 @@ async fn run(mut core: Core, mut jobs: mpsc::Receiver<Job>, config: EngineConfig
                 }
             }
         }
-        since_snapshot += commit(&mut core).await;
-        for reply in replies {
-            reply();
-        }
-        if since_snapshot >= config.snapshot_every {
-            since_snapshot = 0;
-            let snapshot = core.state.snapshot();
-            let body = serde_json::to_string(&snapshot).expect("a snapshot serialises");
-            if let Err(e) = core.shared.store.save_snapshot(snapshot.seq, &body).await {
-                // Not fatal: the log still holds everything; the next snapshot may work.
-                tracing::warn!("could not save a snapshot: {e:#}");
-            }
+        let batch = seal(&mut core, replies, config.snapshot_every);
+        if batches.send(batch).await.is_err() {
+            break;
         }
     }
     tracing::info!("engine stopped");
+}
+
+/// What one pass of the engine changed, waiting to be made durable.
+struct Batch {
+    records: Vec<(u64, String)>,
+    ledger: Vec<LedgerRow>,
+    replies: Vec<Reply>,
+    notices: Vec<Notice>,
+    mail: Vec<(NodeId, ToSeller)>,
+    /// A snapshot of the state as of the end of this batch (sequence, JSON).
+    snapshot: Option<(u64, String)>,
+}
+
+/// Numbers the batch's records and takes everything it must announce.
+fn seal(core: &mut Core, replies: Vec<Reply>, snapshot_every: u64) -> Batch {
+    core.collect_market();
+    let first = core.state.seq + 1;
+    let records: Vec<(u64, String)> = std::mem::take(&mut core.pending)
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (first + i as u64, serde_json::to_string(r).expect("a record serialises")))
+        .collect();
+    let before = core.state.seq;
+    core.state.seq += records.len() as u64;
+    let snapshot = (before / snapshot_every != core.state.seq / snapshot_every).then(|| {
+        let snapshot = core.state.snapshot();
+        (snapshot.seq, serde_json::to_string(&snapshot).expect("a snapshot serialises"))
+    });
+    Batch {
+        records,
+        ledger: std::mem::take(&mut core.ledger),
+        replies,
+        notices: std::mem::take(&mut core.notices),
+        mail: std::mem::take(&mut core.to_sellers),
+        snapshot,
+    }
+}
+
+/// Writes batches in order, several at once when they queue up, and only then
+/// answers and announces them.
+async fn commit_in_order(mut batches: mpsc::Receiver<Batch>, shared: Arc<Shared>) {
+    /// Records per transaction at most, when batches queue up.
+    const MAX_ROWS: usize = 50_000;
+    while let Some(first) = batches.recv().await {
+        let mut group = vec![first];
+        let mut rows = group[0].records.len();
+        while rows < MAX_ROWS {
+            match batches.try_recv() {
+                Ok(b) => {
+                    rows += b.records.len();
+                    group.push(b);
+                }
+                Err(_) => break,
+            }
+        }
+        let records: Vec<(u64, String)> = group.iter_mut().flat_map(|b| std::mem::take(&mut b.records)).collect();
+        let ledger: Vec<LedgerRow> = group.iter_mut().flat_map(|b| std::mem::take(&mut b.ledger)).collect();
+        if let Err(e) = shared.store.append(&records, &ledger).await {
+            // Memory is now ahead of the disk: the only safe move is to stop and let a
+            // restart rebuild from what is durable (and was acknowledged).
+            tracing::error!("the store failed, stopping so that a restart recovers: {e:#}");
+            eprintln!("cpushare exchange: the store failed: {e:#}; stopping");
+            std::process::exit(70);
+        }
+        for batch in group {
+            for reply in batch.replies {
+                reply();
+            }
+            for notice in batch.notices {
+                let _ = shared.notices.send(Arc::new(notice));
+            }
+            for (node, message) in batch.mail {
+                shared.deliver(node, message);
+            }
+            if let Some((seq, body)) = batch.snapshot {
+                // After its records are durable, so a snapshot never runs ahead of the log.
+                if let Err(e) = shared.store.save_snapshot(seq, &body).await {
+                    // Not fatal: the log holds everything; the next snapshot may work.
+                    tracing::warn!("could not save a snapshot: {e:#}");
+                }
+            }
+        }
+    }
 }
 
 /// Deadlines, and sellers silent for longer than the heartbeat timeout.
@@ -397,45 +499,9 @@ fn time_passes(core: &mut Core, now: Time, config: &EngineConfig) {
     for (node, last) in silent {
         tracing::info!(%node, last, "seller lost: no heartbeat");
         let _ = core.state.market.seller_lost(node, last, now);
-        core.sessions.remove(&node);
+        core.shared.drop_session(node);
     }
     let _ = core.state.market.tick(now);
-}
-
-/// Makes the batch durable, then tells subscribers. Returns the records written.
-async fn commit(core: &mut Core) -> u64 {
-    core.collect_market();
-    let records = std::mem::take(&mut core.pending);
-    let ledger = std::mem::take(&mut core.ledger);
-    let n = records.len() as u64;
-    if n > 0 {
-        let first = core.state.seq + 1;
-        let rows: Vec<(u64, String)> = records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (first + i as u64, serde_json::to_string(r).expect("a record serialises")))
-            .collect();
-        if let Err(e) = core.shared.store.append(&rows, &ledger).await {
-            // Memory is now ahead of the disk: the only safe move is to stop and let a
-            // restart rebuild from what is durable (and was acknowledged).
-            tracing::error!("the store failed, stopping so that a restart recovers: {e:#}");
-            eprintln!("cpushare exchange: the store failed: {e:#}; stopping");
-            std::process::exit(70);
-        }
-        core.state.seq += n;
-    }
-    for notice in core.notices.drain(..) {
-        let _ = core.shared.notices.send(Arc::new(notice));
-    }
-    for (node, message) in core.to_sellers.drain(..) {
-        if let Some((_, mailbox)) = core.sessions.get(&node) {
-            if mailbox.try_send(message).is_err() {
-                // A seller that does not read its mail is cut; it will reconnect.
-                core.sessions.remove(&node);
-            }
-        }
-    }
-    n
 }
 
 pub fn now_secs() -> Time {

@@ -487,13 +487,7 @@ impl Exchange for Handler {
                     }
                 }
             }
-            let _ = api
-                .call(move |core| {
-                    if core.sessions.get(&c.node).is_some_and(|(id, _)| *id == session) {
-                        core.sessions.remove(&c.node);
-                    }
-                })
-                .await;
+            api.engine.shared.close_session(c.node, session);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }

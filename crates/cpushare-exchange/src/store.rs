@@ -45,8 +45,10 @@ const SCHEMA: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS ledger_by_account ON ledger (account, seq)",
 ];
 
-/// Rows per multi-row INSERT (well under SQLite's and PostgreSQL's parameter limits).
+/// Rows per multi-row INSERT on PostgreSQL (well under its parameter limit).
 const CHUNK: usize = 400;
+/// Rows per multi-row INSERT on SQLite.
+const SQLITE_ROWS: usize = 64;
 
 impl Store {
     /// Opens (creating if needed) the store at `url`: `sqlite:///path/to/file.db`
@@ -120,6 +122,36 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Sqlite {
+            // SQLite runs on sqlx's worker thread, so every statement is a hand-off to
+            // it: insert many rows per statement, in chunks of one size (the prepared
+            // statement is cached), with positional `?` (no parameter names to look up).
+            for chunk in records.chunks(SQLITE_ROWS) {
+                let sql = insert_sql_positional("records (seq, body)", 2, chunk.len());
+                let mut q = sqlx::query(&sql);
+                for (seq, body) in chunk {
+                    q = q.bind(*seq as i64).bind(body.as_str());
+                }
+                q.execute(&mut *tx).await.context("appending records")?;
+            }
+            for chunk in ledger.chunks(SQLITE_ROWS) {
+                let sql = insert_sql_positional("ledger (seq, account, bucket, amount, reason, at)", 6, chunk.len());
+                let mut q = sqlx::query(&sql);
+                for r in chunk {
+                    q = q
+                        .bind(r.seq as i64)
+                        .bind(r.account as i64)
+                        .bind(r.bucket.as_str())
+                        .bind(r.amount)
+                        .bind(r.reason.as_str())
+                        .bind(r.at as i64);
+                }
+                q.execute(&mut *tx).await.context("appending ledger rows")?;
+            }
+            tx.commit().await.context("committing")?;
+            return Ok(());
+        }
+        // PostgreSQL is across a socket: few statements, many rows each.
         for chunk in records.chunks(CHUNK) {
             let sql = insert_sql("records (seq, body)", 2, chunk.len());
             let mut q = sqlx::query(&sql);
@@ -233,6 +265,11 @@ fn insert_sql(table: &str, columns: usize, rows: usize) -> String {
         sql.push(')');
     }
     sql
+}
+
+fn insert_sql_positional(table: &str, columns: usize, rows: usize) -> String {
+    let row = format!("({})", vec!["?"; columns].join(","));
+    format!("INSERT INTO {table} VALUES {}", vec![row; rows].join(","))
 }
 
 /// The SQLite URL for a file.
