@@ -140,6 +140,10 @@ async fn strangers_revoked_nodes_and_other_accounts_are_refused() {
     assert!(err.message().contains("enroll"), "{}", err.message());
     let err = anon.exchange.enroll(pb::EnrollRequest { token: "guess".into(), csr_der: vec![1, 2], node_name: "x".into() }).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
+    // Messages are bounded (1 MiB by default): a huge one is refused before it is read.
+    let huge = pb::EnrollRequest { token: "t".into(), csr_der: vec![0; 2 << 20], node_name: "x".into() };
+    let err = anon.exchange.enroll(huge).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 
     // Not the operator.
     let err = a.admin.create_account(pb::CreateAccountRequest { name: "mallory".into() }).await.unwrap_err();
