@@ -1,0 +1,599 @@
+//! cpushare-loader: the first and last code the seller runs inside a jail.
+//!
+//! The supervisor spawns this small static binary (never a fork of the large
+//! daemon) with exactly these descriptors:
+//!
+//!   0  the program's input        1  its output        2  its log
+//!   3  the program (a static x86-64 ELF, in a memfd)
+//!   4  the status page (a memfd page the supervisor reads after the exit)
+//!
+//! and `argv = [loader, ram_bytes, cpu_seconds, uid, gid, flags, program argv...]`.
+//! It maps the program's PT_LOAD segments itself (the program is never
+//! `execve`d), builds its stack, closes every other descriptor, applies the
+//! limits (address space, CPU time, no core dumps, nice 19, no new privileges,
+//! `rdtsc` faulting, an unprivileged uid when started as root), then enters
+//! `SECCOMP_MODE_STRICT` and jumps to the program's entry point. From then on the
+//! kernel allows only read, write, exit and sigreturn.
+//!
+//! To say precisely why hostile code died, the loader also turns on Syscall
+//! User Dispatch for everything outside its own image: each system call the
+//! program makes arrives here as SIGSYS first. Read, write and exit are made on
+//! its behalf; anything else is written to the status page ("forbidden system
+//! call 57") and ends the program. Strict mode stays the only security
+//! boundary: code that switches dispatch off can still only read, write and
+//! exit, and anything else is killed by the kernel (then reported without the
+//! number).
+//!
+//! Built by the sandbox crate's build script with rustc alone: no_std, no libc,
+//! linked at a fixed high address (0x7e00_0000_0000) so that it never collides
+//! with a program's segments.
+
+#![no_std]
+#![no_main]
+
+use core::arch::{asm, naked_asm};
+use core::ptr;
+
+// ---- system calls ----
+
+const SYS_READ: usize = 0;
+const SYS_WRITE: usize = 1;
+const SYS_MMAP: usize = 9;
+const SYS_MPROTECT: usize = 10;
+const SYS_RT_SIGACTION: usize = 13;
+const SYS_RT_SIGRETURN: usize = 15;
+const SYS_PREAD64: usize = 17;
+const SYS_EXIT: usize = 60;
+const SYS_GETUID: usize = 102;
+const SYS_SETGROUPS: usize = 116;
+const SYS_SETRESUID: usize = 117;
+const SYS_SETRESGID: usize = 119;
+const SYS_SIGALTSTACK: usize = 131;
+const SYS_SETPRIORITY: usize = 141;
+const SYS_PRCTL: usize = 157;
+const SYS_SETRLIMIT: usize = 160;
+const SYS_EXIT_GROUP: usize = 231;
+const SYS_GETRANDOM: usize = 318;
+const SYS_CLOSE_RANGE: usize = 436;
+
+#[inline(always)]
+unsafe fn syscall6(n: usize, a: usize, b: usize, c: usize, d: usize, e: usize, f: usize) -> isize {
+    let ret: isize;
+    unsafe {
+        asm!("syscall", inlateout("rax") n as isize => ret, in("rdi") a, in("rsi") b, in("rdx") c,
+             in("r10") d, in("r8") e, in("r9") f, lateout("rcx") _, lateout("r11") _, options(nostack));
+    }
+    ret
+}
+
+#[inline(always)]
+unsafe fn syscall3(n: usize, a: usize, b: usize, c: usize) -> isize {
+    unsafe { syscall6(n, a, b, c, 0, 0, 0) }
+}
+
+fn exit(code: usize) -> ! {
+    unsafe { asm!("syscall", in("rax") SYS_EXIT, in("rdi") code, options(noreturn, nostack)) }
+}
+
+// ---- the status page the supervisor reads ----
+
+const STATUS_MAGIC: u32 = 0x4a55_5043; // "CPUJ"
+pub const FORBIDDEN_SYSCALL: u32 = 1;
+pub const RDTSC: u32 = 2;
+pub const SEGFAULT: u32 = 3;
+pub const CPU_LIMIT: u32 = 4;
+pub const ADDRESS_SPACE: u32 = 5;
+pub const BAD_PROGRAM: u32 = 6;
+pub const STACK_OVERFLOW: u32 = 7;
+pub const BUS_ERROR: u32 = 8;
+pub const ILLEGAL_INSTRUCTION: u32 = 9;
+pub const ARITHMETIC: u32 = 10;
+pub const LOADER_FAILED: u32 = 11;
+
+#[repr(C)]
+struct Status {
+    magic: u32,
+    reason: u32,
+    detail: u64,
+    rip: u64,
+    addr: u64,
+}
+
+static mut STATUS: *mut Status = ptr::null_mut();
+
+/// Records why the program ends, and ends it.
+fn report(reason: u32, detail: u64, rip: u64, addr: u64) -> ! {
+    unsafe {
+        let s = STATUS;
+        if !s.is_null() {
+            ptr::write_volatile(&mut (*s).reason, reason);
+            ptr::write_volatile(&mut (*s).detail, detail);
+            ptr::write_volatile(&mut (*s).rip, rip);
+            ptr::write_volatile(&mut (*s).addr, addr);
+            ptr::write_volatile(&mut (*s).magic, STATUS_MAGIC);
+        }
+    }
+    exit(125)
+}
+
+// ---- memory functions the compiler may call (there is no libc) ----
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    unsafe { asm!("rep movsb", inout("rdi") dst => _, inout("rsi") src => _, inout("rcx") n => _, options(nostack)) };
+    dst
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) || (dst as usize) >= (src as usize) + n {
+        unsafe { memcpy(dst, src, n) }
+    } else {
+        unsafe {
+            asm!("std", "rep movsb", "cld", inout("rdi") dst.add(n - 1) => _, inout("rsi") src.add(n - 1) => _,
+                 inout("rcx") n => _, options(nostack));
+        }
+        dst
+    }
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memset(dst: *mut u8, c: i32, n: usize) -> *mut u8 {
+    unsafe { asm!("rep stosb", inout("rdi") dst => _, in("al") c as u8, inout("rcx") n => _, options(nostack)) };
+    dst
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    let mut i = 0;
+    while i < n {
+        let (x, y) = unsafe { (ptr::read_volatile(a.add(i)), ptr::read_volatile(b.add(i))) };
+        if x != y {
+            return x as i32 - y as i32;
+        }
+        i += 1;
+    }
+    0
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn strlen(s: *const u8) -> usize {
+    let mut n = 0;
+    while unsafe { ptr::read_volatile(s.add(n)) } != 0 {
+        n += 1;
+    }
+    n
+}
+
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    unsafe { memcmp(a, b, n) }
+}
+
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo) -> ! {
+    report(LOADER_FAILED, 0, 0, 0)
+}
+
+/// The prebuilt `core` refers to an unwinding personality; nothing here unwinds.
+#[unsafe(no_mangle)]
+pub extern "C" fn rust_eh_personality() {}
+
+// ---- entry ----
+
+#[unsafe(naked)]
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn _start() -> ! {
+    naked_asm!("mov rdi, rsp", "and rsp, -16", "call {main}", "ud2", main = sym main)
+}
+
+const PAGE: usize = 4096;
+/// The loader's own image; system calls from here pass dispatch.
+const LOADER_BASE: usize = 0x7e00_0000_0000;
+const LOADER_SPAN: usize = 0x1000_0000;
+/// Programs live below this (and above the first 64 KiB).
+const PROGRAM_TOP: usize = 0x7d00_0000_0000;
+/// Where a position-independent static program is placed.
+const PIE_BASE: usize = 0x1000_0000;
+
+/// Executable ranges of the program, for telling `rdtsc` from other faults.
+static mut EXEC: [(usize, usize); 16] = [(0, 0); 16];
+static mut EXEC_COUNT: usize = 0;
+static mut GUARD: (usize, usize) = (0, 0);
+static mut VDSO: usize = 0;
+/// Syscall User Dispatch selector: 1 = block (dispatch to SIGSYS).
+static mut SELECTOR: u8 = 1;
+static mut ALT_STACK: [u8; 65536] = [0; 65536];
+
+unsafe fn cstr_len(p: *const u8) -> usize {
+    unsafe { strlen(p) }
+}
+
+unsafe fn parse(p: *const u8) -> Option<usize> {
+    let len = unsafe { cstr_len(p) };
+    if len == 0 || len > 20 {
+        return None;
+    }
+    let mut v: usize = 0;
+    for i in 0..len {
+        let c = unsafe { *p.add(i) };
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add((c - b'0') as usize)?;
+    }
+    Some(v)
+}
+
+fn read_u16(b: &[u8], at: usize) -> usize {
+    u16::from_le_bytes([b[at], b[at + 1]]) as usize
+}
+fn read_u32(b: &[u8], at: usize) -> usize {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
+}
+fn read_u64(b: &[u8], at: usize) -> usize {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x) as usize
+}
+
+fn pread_exact(fd: usize, buf: *mut u8, len: usize, offset: usize) -> bool {
+    let mut done = 0;
+    while done < len {
+        let n = unsafe { syscall6(SYS_PREAD64, fd, buf as usize + done, len - done, offset + done, 0, 0) };
+        if n <= 0 {
+            return false;
+        }
+        done += n as usize;
+    }
+    true
+}
+
+fn set_limit(resource: usize, soft: usize, hard: usize) {
+    let lim = [soft, hard];
+    if unsafe { syscall3(SYS_SETRLIMIT, resource, lim.as_ptr() as usize, 0) } != 0 {
+        report(LOADER_FAILED, resource as u64, 0, 0);
+    }
+}
+
+fn prctl(option: usize, a: usize, b: usize, c: usize) -> isize {
+    unsafe { syscall6(SYS_PRCTL, option, a, b, c, 0, 0) }
+}
+
+const PT_LOAD: usize = 1;
+const PT_INTERP: usize = 3;
+const PT_PHDR: usize = 6;
+const MAX_PHDRS: usize = 32;
+
+extern "C" fn main(sp: *const usize) -> ! {
+    unsafe {
+        let argc = *sp;
+        let argv = sp.add(1) as *const *const u8;
+        // Our own auxiliary vector: find the vDSO (to read its bytes when it faults).
+        let mut p = argv.add(argc + 1) as *const usize;
+        while *p != 0 {
+            p = p.add(1);
+        }
+        p = p.add(1);
+        while *p != 0 {
+            if *p == 33 {
+                VDSO = *p.add(1);
+            }
+            p = p.add(2);
+        }
+        if argc < 7 {
+            exit(126);
+        }
+        let (Some(ram), Some(cpu), Some(uid), Some(gid), Some(flags)) = (
+            parse(*argv.add(1)),
+            parse(*argv.add(2)),
+            parse(*argv.add(3)),
+            parse(*argv.add(4)),
+            parse(*argv.add(5)),
+        ) else {
+            exit(126)
+        };
+        let debuggable = flags & 1 != 0;
+
+        // The status page first, so every later failure can be reported.
+        let page = syscall6(SYS_MMAP, 0, PAGE, 3, 1, 4, 0); // PROT_READ|WRITE, MAP_SHARED, fd 4
+        if page < 0 {
+            exit(126);
+        }
+        STATUS = page as *mut Status;
+
+        load(argc, argv, ram, cpu, uid, gid, debuggable)
+    }
+}
+
+unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid: usize, gid: usize, debuggable: bool) -> ! {
+    // ---- the program's headers ----
+    let mut eh = [0u8; 64];
+    if !pread_exact(3, eh.as_mut_ptr(), 64, 0) || eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
+        report(BAD_PROGRAM, 1, 0, 0); // not a 64-bit little-endian ELF
+    }
+    let (etype, machine) = (read_u16(&eh, 16), read_u16(&eh, 18));
+    if machine != 62 {
+        report(BAD_PROGRAM, 2, 0, 0); // not x86-64
+    }
+    let bias = match etype {
+        2 => 0,        // ET_EXEC
+        3 => PIE_BASE, // ET_DYN: a static-pie, which relocates itself
+        _ => report(BAD_PROGRAM, 3, 0, 0),
+    };
+    let (entry, phoff, phentsize, phnum) = (read_u64(&eh, 24), read_u64(&eh, 32), read_u16(&eh, 54), read_u16(&eh, 56));
+    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
+        report(BAD_PROGRAM, 4, 0, 0);
+    }
+    let mut ph = [0u8; 56 * MAX_PHDRS];
+    if !pread_exact(3, ph.as_mut_ptr(), 56 * phnum, phoff) {
+        report(BAD_PROGRAM, 5, 0, 0);
+    }
+
+    // ---- limits, before any of the program's memory exists ----
+    set_limit(9, ram, ram); // RLIMIT_AS: the slot's RAM
+    set_limit(0, cpu, cpu + 1); // RLIMIT_CPU: SIGXCPU, then SIGKILL
+    set_limit(4, 0, 0); // RLIMIT_CORE: no core dumps
+    set_limit(1, 0, 0); // RLIMIT_FSIZE
+
+    // ---- the program's segments ----
+    let mut phdr_addr = 0;
+    let mut mapped_end = 0; // end of the highest page mapped so far
+    let mut prev_prot = 0;
+    let mut need = 0usize;
+    for i in 0..phnum {
+        let h = &ph[i * 56..(i + 1) * 56];
+        let ptype = read_u32(h, 0);
+        match ptype {
+            PT_INTERP => report(BAD_PROGRAM, 6, 0, 0), // dynamically linked: not allowed
+            PT_PHDR => {
+                phdr_addr = bias + read_u64(h, 16);
+                continue;
+            }
+            PT_LOAD => {}
+            _ => continue,
+        }
+        let (flags, offset, vaddr, filesz, memsz) = (read_u32(h, 4), read_u64(h, 8), read_u64(h, 16), read_u64(h, 32), read_u64(h, 40));
+        if filesz > memsz || vaddr.checked_add(memsz).is_none() {
+            report(BAD_PROGRAM, 7, 0, 0);
+        }
+        let start = (bias + vaddr) & !(PAGE - 1);
+        let end = (bias + vaddr + memsz + PAGE - 1) & !(PAGE - 1);
+        if start < 0x10000 || end > PROGRAM_TOP || end <= start {
+            report(BAD_PROGRAM, 8, start as u64, end as u64);
+        }
+        if phdr_addr == 0 && offset <= phoff && phoff < offset + filesz {
+            phdr_addr = bias + vaddr + (phoff - offset);
+        }
+        // Segments may share a page with the previous one: map only the new pages.
+        let map_from = if start < mapped_end { mapped_end } else { start };
+        if start < mapped_end && start + PAGE < mapped_end {
+            report(BAD_PROGRAM, 9, start as u64, mapped_end as u64); // overlapping segments
+        }
+        if end > map_from {
+            need += end - map_from;
+            let r = syscall6(SYS_MMAP, map_from, end - map_from, 3, 0x22 | 0x100000, usize::MAX, 0); // PRIVATE|ANON|FIXED_NOREPLACE
+            if r == -12 {
+                report(ADDRESS_SPACE, need as u64, ram as u64, 0);
+            } else if r < 0 {
+                report(BAD_PROGRAM, 10, map_from as u64, (-r) as u64);
+            }
+            mapped_end = end;
+        }
+        if filesz > 0 && !pread_exact(3, (bias + vaddr) as *mut u8, filesz, offset) {
+            report(BAD_PROGRAM, 11, 0, 0);
+        }
+        let prot = (if flags & 4 != 0 { 1 } else { 0 }) | (if flags & 2 != 0 { 2 } else { 0 }) | (if flags & 1 != 0 { 4 } else { 0 });
+        // A page shared with the previous segment keeps both segments' permissions.
+        let shared = start < map_from;
+        if shared {
+            syscall3(SYS_MPROTECT, start, PAGE, prot | prev_prot);
+        }
+        if end > map_from {
+            syscall3(SYS_MPROTECT, map_from, end - map_from, prot);
+        }
+        prev_prot = prot;
+        if prot & 4 != 0 && EXEC_COUNT < 16 {
+            EXEC[EXEC_COUNT] = (start, end);
+            EXEC_COUNT += 1;
+        }
+    }
+    if mapped_end == 0 {
+        report(BAD_PROGRAM, 12, 0, 0);
+    }
+
+    // ---- the stack: an eighth of the slot's RAM, 64 KiB to 8 MiB, over a guard page ----
+    let size = (ram / 8).clamp(64 << 10, 8 << 20) & !(PAGE - 1);
+    let base = syscall6(SYS_MMAP, 0, size + PAGE, 3, 0x22, usize::MAX, 0);
+    if base == -12 {
+        report(ADDRESS_SPACE, (need + size) as u64, ram as u64, 0);
+    } else if base < 0 {
+        report(LOADER_FAILED, 13, 0, 0);
+    }
+    let base = base as usize;
+    syscall3(SYS_MPROTECT, base, PAGE, 0);
+    GUARD = (base, base + PAGE);
+    let top = base + PAGE + size;
+
+    // Strings at the top: the program's argv and 16 random bytes.
+    let mut cursor = top;
+    let pargc = argc - 6;
+    let mut pointers = [0usize; 64];
+    if pargc > pointers.len() {
+        report(LOADER_FAILED, 14, 0, 0);
+    }
+    for i in (0..pargc).rev() {
+        let s = *argv.add(6 + i);
+        let len = cstr_len(s) + 1;
+        if len > size / 4 || cursor - len < base + PAGE + size / 2 {
+            report(LOADER_FAILED, 15, 0, 0);
+        }
+        cursor -= len;
+        memcpy(cursor as *mut u8, s, len);
+        pointers[i] = cursor;
+    }
+    cursor -= 16;
+    let random = cursor;
+    if syscall3(SYS_GETRANDOM, random, 16, 0) != 16 {
+        report(LOADER_FAILED, 16, 0, 0);
+    }
+    // argc, argv..., NULL, envp NULL, auxv pairs; rsp 16-aligned at argc.
+    let auxv: [(usize, usize); 9] = [
+        (3, phdr_addr),        // AT_PHDR
+        (4, 56),               // AT_PHENT
+        (5, phnum),            // AT_PHNUM
+        (6, PAGE),             // AT_PAGESZ
+        (9, bias + entry),     // AT_ENTRY
+        (23, 0),               // AT_SECURE
+        (25, random),          // AT_RANDOM
+        (7, 0),                // AT_BASE
+        (0, 0),                // AT_NULL
+    ];
+    let words = 1 + pargc + 1 + 1 + auxv.len() * 2;
+    let mut sp = (cursor - words * 8) & !15;
+    let stack = sp as *mut usize;
+    let mut w = 0;
+    *stack.add(w) = pargc;
+    w += 1;
+    for p in pointers.iter().take(pargc) {
+        *stack.add(w) = *p;
+        w += 1;
+    }
+    *stack.add(w) = 0; // end of argv
+    w += 1;
+    *stack.add(w) = 0; // no environment
+    w += 1;
+    for (k, v) in auxv {
+        *stack.add(w) = k;
+        *stack.add(w + 1) = v;
+        w += 2;
+    }
+    sp = stack as usize;
+
+    // ---- close everything but 0, 1, 2 ----
+    if syscall3(SYS_CLOSE_RANGE, 3, u32::MAX as usize, 0) != 0 {
+        report(LOADER_FAILED, 17, 0, 0);
+    }
+
+    // ---- who the program runs as ----
+    if syscall3(SYS_GETUID, 0, 0, 0) == 0 && uid != 0 {
+        if syscall3(SYS_SETGROUPS, 0, 0, 0) != 0
+            || syscall3(SYS_SETRESGID, gid, gid, gid) != 0
+            || syscall3(SYS_SETRESUID, uid, uid, uid) != 0
+            || syscall3(SYS_GETUID, 0, 0, 0) != uid as isize
+        {
+            report(LOADER_FAILED, 18, 0, 0);
+        }
+    }
+    syscall3(SYS_SETPRIORITY, 0, 0, 19); // nice 19
+    if prctl(38, 1, 0, 0) != 0 {
+        report(LOADER_FAILED, 19, 0, 0); // PR_SET_NO_NEW_PRIVS
+    }
+    if !debuggable {
+        prctl(4, 0, 0, 0); // PR_SET_DUMPABLE 0: no one else may ptrace or read its memory
+    }
+    if prctl(26, 2, 0, 0) != 0 {
+        report(LOADER_FAILED, 20, 0, 0); // PR_SET_TSC: rdtsc faults
+    }
+
+    // ---- signal handlers on their own stack, then dispatch, then strict mode ----
+    let ss = [ptr::addr_of_mut!(ALT_STACK) as usize, 0, 65536];
+    if syscall3(SYS_SIGALTSTACK, ss.as_ptr() as usize, 0, 0) != 0 {
+        report(LOADER_FAILED, 21, 0, 0);
+    }
+    for sig in [31, 11, 7, 4, 8, 24] {
+        // SIGSYS, SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGXCPU
+        let act = [handler as *const () as usize, 0x04 | 0x0800_0000 | 0x0400_0000, restorer as *const () as usize, usize::MAX];
+        if syscall6(SYS_RT_SIGACTION, sig, act.as_ptr() as usize, 0, 8, 0, 0) != 0 {
+            report(LOADER_FAILED, 22, 0, 0);
+        }
+    }
+    // PR_SET_SYSCALL_USER_DISPATCH, on, for everything outside the loader's image. Without it
+    // (kernels before 5.11) strict mode still holds; reports of forbidden calls lose the number.
+    let _ = syscall6(SYS_PRCTL, 59, 1, LOADER_BASE, LOADER_SPAN, ptr::addr_of_mut!(SELECTOR) as usize, 0);
+    if prctl(22, 1, 0, 0) != 0 {
+        report(LOADER_FAILED, 23, 0, 0); // PR_SET_SECCOMP, SECCOMP_MODE_STRICT
+    }
+
+    // ---- jump: entry in r11, stack in r12, everything else zero ----
+    asm!(
+        "mov rsp, r12",
+        "xor eax, eax", "xor ebx, ebx", "xor ecx, ecx", "xor edx, edx", "xor esi, esi", "xor edi, edi",
+        "xor ebp, ebp", "xor r8d, r8d", "xor r9d, r9d", "xor r10d, r10d", "xor r12d, r12d", "xor r13d, r13d",
+        "xor r14d, r14d", "xor r15d, r15d",
+        "jmp r11",
+        in("r11") bias + entry, in("r12") sp, options(noreturn)
+    )
+}
+
+#[unsafe(naked)]
+unsafe extern "C" fn restorer() -> ! {
+    naked_asm!("mov eax, 15", "syscall", "ud2")
+}
+
+// ucontext_t: general registers start at byte 40, 8 bytes each.
+const REG_RDI: usize = 8;
+const REG_RSI: usize = 9;
+const REG_RDX: usize = 12;
+const REG_RAX: usize = 13;
+const REG_RIP: usize = 16;
+
+unsafe fn reg(uc: *mut u8, r: usize) -> *mut usize {
+    unsafe { uc.add(40 + 8 * r) as *mut usize }
+}
+
+fn readable(rip: usize, len: usize) -> bool {
+    unsafe {
+        for i in 0..EXEC_COUNT {
+            let (s, e) = EXEC[i];
+            if rip >= s && rip + len <= e {
+                return true;
+            }
+        }
+        VDSO != 0 && rip >= VDSO && rip + len <= VDSO + 2 * PAGE
+    }
+}
+
+extern "C" fn handler(sig: i32, info: *mut u8, uc: *mut u8) {
+    unsafe {
+        let rip = *reg(uc, REG_RIP);
+        let addr = *(info.add(16) as *const usize);
+        match sig {
+            31 => {
+                let code = *(info.add(8) as *const i32);
+                let nr = *(info.add(24) as *const i32) as usize;
+                if code != 2 {
+                    report(FORBIDDEN_SYSCALL, nr as u64, rip as u64, 0);
+                }
+                let (a, b, c) = (*reg(uc, REG_RDI), *reg(uc, REG_RSI), *reg(uc, REG_RDX));
+                match nr {
+                    SYS_READ | SYS_WRITE => *reg(uc, REG_RAX) = syscall3(nr, a, b, c) as usize,
+                    SYS_EXIT | SYS_EXIT_GROUP => exit(a & 0xff),
+                    _ => report(FORBIDDEN_SYSCALL, nr as u64, rip as u64, 0),
+                }
+            }
+            11 => {
+                if readable(rip, 3) {
+                    let b = core::slice::from_raw_parts(rip as *const u8, 3);
+                    if b[0] == 0x0f && (b[1] == 0x31 || (b[1] == 0x01 && b[2] == 0xf9)) {
+                        report(RDTSC, 0, rip as u64, 0);
+                    }
+                }
+                // Large frames can skip the guard page: a fault up to 1 MiB below it is the stack too.
+                if addr < GUARD.1 && addr >= GUARD.0.saturating_sub(1 << 20) {
+                    report(STACK_OVERFLOW, 0, rip as u64, addr as u64);
+                }
+                report(SEGFAULT, 0, rip as u64, addr as u64);
+            }
+            7 => report(BUS_ERROR, 0, rip as u64, addr as u64),
+            4 => report(ILLEGAL_INSTRUCTION, 0, rip as u64, 0),
+            8 => report(ARITHMETIC, 0, rip as u64, 0),
+            24 => report(CPU_LIMIT, 0, rip as u64, 0),
+            _ => report(LOADER_FAILED, sig as u64, rip as u64, 0),
+        }
+    }
+}
+
+// Silence "unused" for constants documented for the supervisor.
+const _: u32 = RDTSC + SEGFAULT + CPU_LIMIT + ADDRESS_SPACE + BAD_PROGRAM + STACK_OVERFLOW + BUS_ERROR + ILLEGAL_INSTRUCTION + ARITHMETIC + LOADER_FAILED;
+const _: usize = SYS_RT_SIGRETURN + SYS_WRITE;

@@ -1,0 +1,411 @@
+//! The supervisor: runs a program in a fresh jail and says how it ended.
+//!
+//! The jail is a new process made with `posix_spawn` (never a fork of the
+//! daemon, which is large) from the loader binary, held in a sealed memfd.
+//! It gets exactly five descriptors, then keeps three (see `loader/main.rs`).
+//! Input is written by a task, output and log are read with caps: a program
+//! that writes more output than its lease allows is killed, so it cannot
+//! exhaust the seller's memory.
+
+use std::ffi::CString;
+use std::fmt;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::syscalls;
+
+/// What a jail may use.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Address space, bytes: the slot's RAM.
+    pub ram_bytes: u64,
+    /// CPU time, seconds.
+    pub cpu_seconds: u64,
+    /// Output kept at most; more ends the program.
+    pub output_bytes: usize,
+    /// Log kept at most; more is dropped (the program carries on).
+    pub log_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { ram_bytes: 512 << 20, cpu_seconds: 3600, output_bytes: 64 << 20, log_bytes: 64 << 10 }
+    }
+}
+
+/// How the jail is made.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// User and group to run as when the supervisor is root (default: nobody).
+    pub run_as: Option<(u32, u32)>,
+    /// Leave the program traceable by its owner (for `cpushare run --local` with gdb or strace).
+    pub debuggable: bool,
+}
+
+/// A program ready to run: its bytes in a sealed memfd, and their SHA-256.
+pub struct Program {
+    fd: OwnedFd,
+    sha256: [u8; 32],
+    len: usize,
+}
+
+impl Program {
+    pub fn new(elf: &[u8]) -> io::Result<Program> {
+        let fd = sealed_memfd(c"cpushare-program", elf)?;
+        Ok(Program { fd, sha256: Sha256::digest(elf).into(), len: elf.len() })
+    }
+
+    pub fn sha256(&self) -> [u8; 32] {
+        self.sha256
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Why the jail ended a program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kill {
+    ForbiddenSyscall { nr: u64 },
+    /// Killed by the kernel's strict mode, the call unknown (dispatch was switched off).
+    ForbiddenUnknown,
+    Rdtsc,
+    Segfault { addr: u64, rip: u64 },
+    StackOverflow,
+    CpuLimit { seconds: u64 },
+    AddressSpace { needed: u64, limit: u64 },
+    BadProgram { why: &'static str },
+    BusError { addr: u64 },
+    IllegalInstruction { rip: u64 },
+    Arithmetic { rip: u64 },
+    OutputLimit { bytes: usize },
+    WallClock { seconds: u64 },
+    Signal(i32),
+    LoaderFailed { detail: u64 },
+}
+
+impl fmt::Display for Kill {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Kill::ForbiddenSyscall { nr } => match syscalls::name(*nr) {
+                Some(name) => write!(f, "killed by the jail: forbidden system call {nr} ({name})"),
+                None => write!(f, "killed by the jail: forbidden system call {nr}"),
+            },
+            Kill::ForbiddenUnknown => write!(f, "killed by the jail: forbidden system call"),
+            Kill::Rdtsc => write!(f, "killed: rdtsc (the time-stamp counter is off in the jail)"),
+            Kill::Segfault { addr, rip } => write!(f, "killed: segmentation fault at {addr:#x} (instruction {rip:#x})"),
+            Kill::StackOverflow => write!(f, "killed: stack overflow"),
+            Kill::CpuLimit { seconds } => write!(f, "killed: CPU time limit ({seconds} s)"),
+            Kill::AddressSpace { needed, limit } => write!(
+                f,
+                "killed: address-space limit (the program needs {} MiB, the slot offers {} MiB)",
+                needed.div_ceil(1 << 20),
+                limit >> 20
+            ),
+            Kill::BadProgram { why } => write!(f, "not a program the jail can run: {why}"),
+            Kill::BusError { addr } => write!(f, "killed: bus error at {addr:#x}"),
+            Kill::IllegalInstruction { rip } => write!(f, "killed: illegal instruction at {rip:#x}"),
+            Kill::Arithmetic { rip } => write!(f, "killed: arithmetic fault (division by zero?) at {rip:#x}"),
+            Kill::OutputLimit { bytes } => write!(f, "killed: output larger than the {bytes} bytes this lease allows"),
+            Kill::WallClock { seconds } => write!(f, "killed: still running after {seconds} s of wall-clock time"),
+            Kill::Signal(s) => write!(f, "killed by signal {s}"),
+            Kill::LoaderFailed { detail } => write!(f, "the jail could not be set up (step {detail}); this is the seller's fault"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    Exited(i32),
+    Killed(Kill),
+}
+
+impl Ending {
+    pub fn success(&self) -> bool {
+        *self == Ending::Exited(0)
+    }
+}
+
+impl fmt::Display for Ending {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Ending::Exited(c) => write!(f, "exited with status {c}"),
+            Ending::Killed(k) => k.fmt(f),
+        }
+    }
+}
+
+/// How a run went.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub ending: Ending,
+    pub output: Vec<u8>,
+    pub log: Vec<u8>,
+    pub cpu: Duration,
+    pub wall: Duration,
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<OwnedFd> {
+    unsafe {
+        let fd = cvt(libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING))?;
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut done = 0;
+        while done < bytes.len() {
+            let n = libc::write(fd.as_raw_fd(), bytes[done..].as_ptr().cast(), bytes.len() - done);
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            done += n as usize;
+        }
+        cvt(libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_WRITE | libc::F_SEAL_SEAL))?;
+        Ok(fd)
+    }
+}
+
+/// The loader, once per process.
+fn loader() -> io::Result<&'static OwnedFd> {
+    static LOADER: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = LOADER.get() {
+        return Ok(fd);
+    }
+    let fd = sealed_memfd(c"cpushare-loader", crate::LOADER)?;
+    Ok(LOADER.get_or_init(|| fd))
+}
+
+/// A copy of `fd` numbered 10 or above (so that arranging 0..4 in the child never
+/// overwrites a source), close-on-exec.
+fn high(fd: RawFd) -> io::Result<OwnedFd> {
+    Ok(unsafe { OwnedFd::from_raw_fd(cvt(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?) })
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    unsafe {
+        cvt(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
+        Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+    }
+}
+
+/// The status page the loader writes when it ends a program.
+struct StatusPage {
+    fd: OwnedFd,
+}
+
+impl StatusPage {
+    fn new() -> io::Result<StatusPage> {
+        unsafe {
+            let fd = OwnedFd::from_raw_fd(cvt(libc::memfd_create(c"cpushare-status".as_ptr(), libc::MFD_CLOEXEC))?);
+            cvt(libc::ftruncate(fd.as_raw_fd(), 4096))?;
+            Ok(StatusPage { fd })
+        }
+    }
+
+    /// (reason, detail, rip, addr) if the loader reported.
+    fn read(&self) -> Option<(u32, u64, u64, u64)> {
+        let mut buf = [0u8; 32];
+        let n = unsafe { libc::pread(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), 32, 0) };
+        if n != 32 || u32::from_le_bytes(buf[0..4].try_into().unwrap()) != 0x4a55_5043 {
+            return None;
+        }
+        let u64_at = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().unwrap());
+        Some((u32::from_le_bytes(buf[4..8].try_into().unwrap()), u64_at(8), u64_at(16), u64_at(24)))
+    }
+}
+
+fn kill_from(reason: u32, detail: u64, rip: u64, addr: u64, limits: &Limits) -> Kill {
+    match reason {
+        1 => Kill::ForbiddenSyscall { nr: detail },
+        2 => Kill::Rdtsc,
+        3 => Kill::Segfault { addr, rip },
+        4 => Kill::CpuLimit { seconds: limits.cpu_seconds },
+        5 => Kill::AddressSpace { needed: detail, limit: rip },
+        6 => Kill::BadProgram {
+            why: match detail {
+                1 => "not a 64-bit little-endian ELF file",
+                2 => "not an x86-64 program",
+                3 => "neither a static executable nor a static position-independent one",
+                6 => "dynamically linked (link it statically)",
+                8 => "a segment lies outside the addresses a program may use",
+                9 => "overlapping segments",
+                12 => "no loadable segment",
+                _ => "malformed program headers",
+            },
+        },
+        7 => Kill::StackOverflow,
+        8 => Kill::BusError { addr },
+        9 => Kill::IllegalInstruction { rip },
+        10 => Kill::Arithmetic { rip },
+        _ => Kill::LoaderFailed { detail },
+    }
+}
+
+/// Runs `program` with `args` (its argv[0] first) on `input`, in a new jail.
+pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limits, options: &Options) -> io::Result<Run> {
+    let started = Instant::now();
+    let loader = loader()?;
+    let status = StatusPage::new()?;
+    let (in_r, in_w) = pipe()?;
+    let (out_r, out_w) = pipe()?;
+    let (log_r, log_w) = pipe()?;
+    let (uid, gid) = options.run_as.unwrap_or((65534, 65534));
+    let children = [high(in_r.as_raw_fd())?, high(out_w.as_raw_fd())?, high(log_w.as_raw_fd())?, high(program.fd.as_raw_fd())?, high(status.fd.as_raw_fd())?];
+    drop((in_r, out_w, log_w));
+
+    let mut argv: Vec<CString> = vec![
+        CString::new("cpushare-loader").unwrap(),
+        CString::new(limits.ram_bytes.to_string()).unwrap(),
+        CString::new(limits.cpu_seconds.to_string()).unwrap(),
+        CString::new(uid.to_string()).unwrap(),
+        CString::new(gid.to_string()).unwrap(),
+        CString::new(if options.debuggable { "1" } else { "0" }).unwrap(),
+    ];
+    for a in args {
+        argv.push(CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte"))?);
+    }
+    let pid = spawn(loader.as_raw_fd(), &children, &argv)?;
+    drop(children);
+
+    let mut stdin = tokio::net::unix::pipe::Sender::from_owned_fd(in_w)?;
+    let mut stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?;
+    let mut stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(log_r)?;
+    let feeder = tokio::spawn(async move {
+        // A program that does not read all its input just ends the pipe: not an error.
+        let _ = stdin.write_all(&input).await;
+    });
+    let log_cap = limits.log_bytes;
+    let logger = tokio::spawn(async move {
+        let mut log = Vec::new();
+        let mut buf = vec![0u8; 16 << 10];
+        loop {
+            match stderr.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let room = log_cap.saturating_sub(log.len());
+                    log.extend_from_slice(&buf[..n.min(room)]);
+                }
+            }
+        }
+        log
+    });
+    let waiter = tokio::task::spawn_blocking(move || wait(pid));
+
+    let wall_limit = Duration::from_secs(limits.cpu_seconds.saturating_mul(4).saturating_add(10));
+    let mut output = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut killed = None;
+    let deadline = tokio::time::sleep(wall_limit);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            r = stdout.read(&mut buf) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if output.len() + n > limits.output_bytes {
+                        killed = Some(Kill::OutputLimit { bytes: limits.output_bytes });
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        break;
+                    }
+                    output.extend_from_slice(&buf[..n]);
+                }
+            },
+            _ = &mut deadline => {
+                killed = Some(Kill::WallClock { seconds: wall_limit.as_secs() });
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                break;
+            }
+        }
+    }
+    let (wstatus, cpu) = waiter.await.map_err(io::Error::other)??;
+    feeder.abort();
+    let log = logger.await.unwrap_or_default();
+
+    let ending = if let Some(kill) = killed {
+        Ending::Killed(kill)
+    } else if let Some((reason, detail, rip, addr)) = status.read() {
+        Ending::Killed(kill_from(reason, detail, rip, addr, limits))
+    } else if libc::WIFEXITED(wstatus) {
+        match libc::WEXITSTATUS(wstatus) {
+            126 => Ending::Killed(Kill::LoaderFailed { detail: 0 }),
+            code => Ending::Exited(code),
+        }
+    } else {
+        let sig = libc::WTERMSIG(wstatus);
+        if sig == libc::SIGKILL && cpu.as_secs() >= limits.cpu_seconds {
+            Ending::Killed(Kill::CpuLimit { seconds: limits.cpu_seconds })
+        } else if sig == libc::SIGKILL {
+            // Strict mode's own kill: the program reached the kernel with dispatch off.
+            Ending::Killed(Kill::ForbiddenUnknown)
+        } else {
+            Ending::Killed(Kill::Signal(sig))
+        }
+    };
+    Ok(Run { ending, output, log, cpu, wall: started.elapsed() })
+}
+
+fn spawn(loader: RawFd, fds: &[OwnedFd; 5], argv: &[CString]) -> io::Result<libc::pid_t> {
+    let path = CString::new(format!("/proc/self/fd/{loader}")).unwrap();
+    let mut ptrs: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
+    ptrs.push(std::ptr::null_mut());
+    let env: [*mut libc::c_char; 1] = [std::ptr::null_mut()];
+    unsafe {
+        let mut actions: libc::posix_spawn_file_actions_t = std::mem::zeroed();
+        let mut attr: libc::posix_spawnattr_t = std::mem::zeroed();
+        libc::posix_spawn_file_actions_init(&mut actions);
+        libc::posix_spawnattr_init(&mut attr);
+        for (target, fd) in fds.iter().enumerate() {
+            libc::posix_spawn_file_actions_adddup2(&mut actions, fd.as_raw_fd(), target as libc::c_int);
+        }
+        // Default dispositions and an empty mask: nothing inherited from the daemon.
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::posix_spawnattr_setsigdefault(&mut attr, &all);
+        libc::posix_spawnattr_setsigmask(&mut attr, &none);
+        libc::posix_spawnattr_setflags(&mut attr, (libc::POSIX_SPAWN_SETSIGDEF | libc::POSIX_SPAWN_SETSIGMASK) as libc::c_short);
+        let mut pid = 0;
+        let r = libc::posix_spawn(&mut pid, path.as_ptr(), &actions, &attr, ptrs.as_ptr(), env.as_ptr());
+        libc::posix_spawn_file_actions_destroy(&mut actions);
+        libc::posix_spawnattr_destroy(&mut attr);
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(pid)
+    }
+}
+
+/// Waits for the jail; its wait status and the CPU time it used.
+fn wait(pid: libc::pid_t) -> io::Result<(libc::c_int, Duration)> {
+    let mut status = 0;
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    let tv = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
+    Ok((status, tv(usage.ru_utime) + tv(usage.ru_stime)))
+}

@@ -1,0 +1,117 @@
+//! The jail against honest and hostile programs: each ends with the exact
+//! report a buyer would read, and the supervisor carries on.
+
+use cpushare_sandbox::{examples, run, test_guests as g, Ending, Kill, Limits, Options, Program};
+
+fn limits() -> Limits {
+    Limits { ram_bytes: 256 << 20, cpu_seconds: 5, output_bytes: 1 << 20, log_bytes: 4096 }
+}
+
+async fn jail(elf: &[u8], input: &[u8], limits: &Limits) -> cpushare_sandbox::Run {
+    let program = Program::new(elf).unwrap();
+    run(&program, &["guest"], input.to_vec(), limits, &Options::default()).await.unwrap()
+}
+
+async fn report(elf: &[u8], limits: &Limits) -> String {
+    let r = jail(elf, b"", limits).await;
+    match r.ending {
+        Ending::Killed(k) => k.to_string(),
+        other => panic!("expected a kill, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn an_honest_program_reads_writes_and_logs() {
+    let r = jail(g::HELLO, b"hello, jail", &limits()).await;
+    assert_eq!(r.ending, Ending::Exited(0));
+    assert_eq!(r.output, b"HELLO, JAIL");
+    assert_eq!(r.log, b"hello: done\n");
+    let r = jail(g::EXITCODE, &[42], &limits()).await;
+    assert_eq!(r.ending, Ending::Exited(42));
+}
+
+#[tokio::test]
+async fn forbidden_system_calls_are_named() {
+    assert_eq!(report(g::FORK, &limits()).await, "killed by the jail: forbidden system call 57 (fork)");
+    assert_eq!(report(g::OPEN, &limits()).await, "killed by the jail: forbidden system call 2 (open)");
+    // Switching dispatch off is itself a system call it sees.
+    assert_eq!(report(g::SNEAKY, &limits()).await, "killed by the jail: forbidden system call 157 (prctl)");
+}
+
+#[tokio::test]
+async fn the_time_stamp_counter_is_off() {
+    assert_eq!(report(g::RDTSC, &limits()).await, "killed: rdtsc (the time-stamp counter is off in the jail)");
+}
+
+#[tokio::test]
+async fn the_cpu_time_limit_ends_a_spinning_program() {
+    let l = Limits { cpu_seconds: 1, ..limits() };
+    assert_eq!(report(g::SPIN, &l).await, "killed: CPU time limit (1 s)");
+}
+
+#[tokio::test]
+async fn a_program_larger_than_the_slot_is_refused() {
+    let r = report(g::HOG, &limits()).await;
+    assert_eq!(r, "killed: address-space limit (the program needs 2049 MiB, the slot offers 256 MiB)");
+}
+
+#[tokio::test]
+async fn faults_are_reported() {
+    assert!(report(g::CRASH, &limits()).await.starts_with("killed: segmentation fault at 0x0"));
+    assert_eq!(report(g::DEEP, &limits()).await, "killed: stack overflow");
+}
+
+#[tokio::test]
+async fn output_beyond_the_lease_is_cut_without_filling_memory() {
+    let l = Limits { output_bytes: 1 << 20, ..limits() };
+    let r = jail(g::SPEW, b"", &l).await;
+    assert_eq!(r.ending, Ending::Killed(Kill::OutputLimit { bytes: 1 << 20 }));
+    assert!(r.output.len() <= 1 << 20);
+    assert_eq!(r.ending.to_string(), "killed: output larger than the 1048576 bytes this lease allows");
+}
+
+#[tokio::test]
+async fn garbage_is_not_a_program() {
+    assert_eq!(report(b"#!/bin/sh\nrm -rf /\n", &limits()).await, "not a program the jail can run: not a 64-bit little-endian ELF file");
+    let mut elf = g::HELLO.to_vec();
+    elf[18] = 40; // e_machine: ARM
+    assert_eq!(report(&elf, &limits()).await, "not a program the jail can run: not an x86-64 program");
+}
+
+#[tokio::test]
+async fn many_jails_at_once_do_not_disturb_each_other() {
+    let program = Program::new(g::HELLO).unwrap();
+    let hostile = Program::new(g::FORK).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let input = format!("job {i}").into_bytes();
+        let (p, h) = (&program, &hostile);
+        tasks.push(async move {
+            let good = run(p, &["hello"], input.clone(), &limits(), &Options::default()).await.unwrap();
+            let bad = run(h, &["fork"], Vec::new(), &limits(), &Options::default()).await.unwrap();
+            (input, good, bad)
+        });
+    }
+    for (input, good, bad) in futures::future::join_all(tasks).await {
+        assert_eq!(good.output, input.to_ascii_uppercase());
+        assert_eq!(bad.ending, Ending::Killed(Kill::ForbiddenSyscall { nr: 57 }));
+    }
+}
+
+#[tokio::test]
+async fn the_examples_compute_what_they_should() {
+    let r = jail(examples::MANDELBROT, b"-2.0 -1.2 0.1 8 4 50", &limits()).await;
+    assert_eq!(r.ending, Ending::Exited(0), "{}", String::from_utf8_lossy(&r.log));
+    assert!(r.output.starts_with(b"P5\n8 4\n255\n"));
+    assert_eq!(r.output.len(), 11 + 32);
+    // sha256("hello"), searched in a range that holds it and one that does not.
+    let hash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    let index = [7u64, 4, 11, 11, 14].iter().fold(0, |acc, d| acc * 26 + d); // "hello" in base 26
+    let found = jail(examples::CRACK, format!("{hash} abcdefghijklmnopqrstuvwxyz 5 {} 1000", index - 500).as_bytes(), &limits()).await;
+    assert_eq!(found.output, b"found hello\n");
+    let none = jail(examples::CRACK, format!("{hash} abcdefghijklmnopqrstuvwxyz 5 0 1000").as_bytes(), &limits()).await;
+    assert_eq!(none.output, b"none\n");
+    let bad = jail(examples::CRACK, b"nonsense", &limits()).await;
+    assert_eq!(bad.ending, Ending::Exited(2));
+    assert!(String::from_utf8_lossy(&bad.log).contains("expected"));
+}
