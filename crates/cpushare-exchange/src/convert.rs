@@ -105,6 +105,7 @@ pub fn lease_to(l: &Lease, role: &str) -> pb::Lease {
         charged_cents: l.charged,
         deadline: l.deadline,
         seller_node: l.node.0,
+        seller_account: l.seller.0,
     }
 }
 

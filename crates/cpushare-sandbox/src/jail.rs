@@ -282,6 +282,8 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
     }
     let pid = spawn(loader.as_raw_fd(), &children, &argv)?;
     drop(children);
+    // If this future is dropped (the lease ended), the jail dies with it.
+    let mut guard = KillOnDrop(Some(pid));
 
     let mut stdin = tokio::net::unix::pipe::Sender::from_owned_fd(in_w)?;
     let mut stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?;
@@ -334,6 +336,7 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
         }
     }
     let (wstatus, cpu) = waiter.await.map_err(io::Error::other)??;
+    guard.0 = None;
     feeder.abort();
     let log = logger.await.unwrap_or_default();
 
@@ -358,6 +361,18 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
         }
     };
     Ok(Run { ending, output, log, cpu, wall: started.elapsed() })
+}
+
+/// Kills the jail unless it has been reaped.
+struct KillOnDrop(Option<libc::pid_t>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            // Not yet reaped, so the pid is still this child's.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 fn spawn(loader: RawFd, fds: &[OwnedFd; 5], argv: &[CString]) -> io::Result<libc::pid_t> {

@@ -1,0 +1,520 @@
+//! The buyer library: rents CPUs, farms out fragments of work, and gets every
+//! result back even when sellers vanish.
+//!
+//! A job is a static program and a list of fragments (inputs). [`run`] places
+//! a buy order, serves each lease it gets with one fragment at a time (two in
+//! flight, so the seller never waits), reruns elsewhere whatever a lost lease
+//! had in flight, and cancels the order when every fragment has its result.
+//! With `replicas: 2` each fragment runs on two sellers of different accounts;
+//! outputs are compared and a third run settles a mismatch, naming the seller
+//! that disagreed. [`run_local`] runs the same program in the same jail on this
+//! machine, with no exchange and no money.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use cpushare_exchange::client::Connection;
+use cpushare_proto::v1::{self as pb, job_message::Body as Say};
+use cpushare_sandbox::{jail, Ending, Limits, Options, Program};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, Notify};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// Bytes per relay frame.
+const CHUNK: usize = 256 << 10;
+/// Fragments sent ahead to one lease.
+const WINDOW: usize = 2;
+
+/// One piece of work: a name (for output files) and its input.
+#[derive(Debug, Clone)]
+pub struct Fragment {
+    pub name: String,
+    pub input: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// A static x86-64 program for the jail.
+    pub program: Vec<u8>,
+    /// Its argv (argv[0] first).
+    pub args: Vec<String>,
+    pub fragments: Vec<Fragment>,
+    pub cpus: u32,
+    /// Cents per CPU-hour.
+    pub max_price: u64,
+    pub requirements: pb::Requirements,
+    /// Runs per fragment on sellers of different accounts (1 or 2).
+    pub replicas: u32,
+}
+
+/// What became of one fragment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FragmentResult {
+    pub name: String,
+    pub output: Vec<u8>,
+    pub success: bool,
+    /// How it ended, in words ("exited with status 2", "killed by the jail: ...").
+    pub ending: String,
+    pub log: Vec<u8>,
+    /// The seller node whose result was kept (0 for a local run).
+    pub seller_node: u64,
+}
+
+/// A seller whose output disagreed with the others'.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub fragment: String,
+    pub seller_account: u64,
+    pub seller_node: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub results: Vec<FragmentResult>,
+    /// Fragments run again because a lease ended with them in flight.
+    pub reruns: u32,
+    pub mismatches: Vec<Mismatch>,
+    /// Results kept per seller node.
+    pub per_seller: BTreeMap<u64, u32>,
+    pub leases: u32,
+    /// What the job cost, cents (all leases ended, escrow returned).
+    pub cost_cents: i64,
+}
+
+/// Hooks for showing progress.
+pub trait Progress: Send + Sync + 'static {
+    fn done(&self, _done: usize, _total: usize) {}
+    fn note(&self, _message: &str) {}
+}
+
+impl Progress for () {}
+
+#[derive(Clone, PartialEq, Eq)]
+struct Answer {
+    output: Vec<u8>,
+    success: bool,
+    ending: String,
+    log: Vec<u8>,
+}
+
+struct Slot {
+    answers: Vec<(u64, u64, Answer)>, // (seller account, seller node, answer)
+    in_flight: Vec<u64>,              // seller accounts running it now
+    needed: usize,
+    result: Option<FragmentResult>,
+}
+
+/// Who runs what, shared by the lease workers.
+struct Farm {
+    names: Vec<String>,
+    slots: Vec<Slot>,
+    queue: VecDeque<usize>,
+    done: usize,
+    reruns: u32,
+    mismatches: Vec<Mismatch>,
+}
+
+impl Farm {
+    fn new(job: &Job) -> Farm {
+        let needed = job.replicas.max(1) as usize;
+        let mut queue = VecDeque::new();
+        for _ in 0..needed {
+            queue.extend(0..job.fragments.len());
+        }
+        Farm {
+            names: job.fragments.iter().map(|f| f.name.clone()).collect(),
+            slots: (0..job.fragments.len()).map(|_| Slot { answers: Vec::new(), in_flight: Vec::new(), needed, result: None }).collect(),
+            queue,
+            done: 0,
+            reruns: 0,
+            mismatches: Vec::new(),
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.done == self.slots.len()
+    }
+
+    /// A fragment this seller account may run: one it has not run, and not now.
+    fn take(&mut self, account: u64) -> Option<usize> {
+        let pos = self.queue.iter().position(|&i| {
+            let s = &self.slots[i];
+            s.result.is_none() && !s.in_flight.contains(&account) && !s.answers.iter().any(|a| a.0 == account)
+        })?;
+        let i = self.queue.remove(pos)?;
+        self.slots[i].in_flight.push(account);
+        Some(i)
+    }
+
+    /// A fragment in flight on a lease that ended goes back in the queue.
+    fn lost(&mut self, i: usize, account: u64) {
+        let s = &mut self.slots[i];
+        if let Some(p) = s.in_flight.iter().position(|a| *a == account) {
+            s.in_flight.remove(p);
+            if s.result.is_none() {
+                self.queue.push_front(i);
+                self.reruns += 1;
+            }
+        }
+    }
+
+    /// Records an answer; returns true if the fragment is now settled.
+    fn answer(&mut self, i: usize, account: u64, node: u64, answer: Answer) -> bool {
+        let s = &mut self.slots[i];
+        if let Some(p) = s.in_flight.iter().position(|a| *a == account) {
+            s.in_flight.remove(p);
+        }
+        if s.result.is_some() {
+            return false;
+        }
+        s.answers.push((account, node, answer));
+        // The answer most sellers gave, once it has a majority of the replicas asked for.
+        let majority = s.needed / 2 + 1;
+        let mut best: Option<(&Answer, usize, u64)> = None;
+        for (_, n, a) in &s.answers {
+            let votes = s.answers.iter().filter(|(_, _, b)| b == a).count();
+            if best.is_none_or(|(_, v, _)| votes > v) {
+                best = Some((a, votes, *n));
+            }
+        }
+        let (winner, votes, node) = best.expect("an answer was just added");
+        if votes >= majority.min(s.needed) && (s.needed == 1 || votes >= 2) {
+            let winner = winner.clone();
+            for (acc, n, a) in &s.answers {
+                if *a != winner {
+                    self.mismatches.push(Mismatch { fragment: self.names[i].clone(), seller_account: *acc, seller_node: *n });
+                }
+            }
+            s.result = Some(FragmentResult {
+                name: self.names[i].clone(),
+                output: winner.output,
+                success: winner.success,
+                ending: winner.ending,
+                log: winner.log,
+                seller_node: node,
+            });
+            self.done += 1;
+            return true;
+        }
+        if s.answers.len() >= s.needed {
+            // Replicas disagree: one more run decides.
+            s.needed += 1;
+            self.queue.push_front(i);
+        }
+        false
+    }
+}
+
+fn job_frame(body: Say) -> pb::RelayFrame {
+    pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec() }
+}
+
+fn status(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// Runs a job on the exchange `conn` is connected to.
+pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> anyhow::Result<Report> {
+    anyhow::ensure!(!job.fragments.is_empty(), "the job has no fragments");
+    anyhow::ensure!(job.replicas >= 1 && job.replicas <= 3, "--replicas is 1, 2 or 3");
+    let mut ex = conn.exchange.clone();
+    let before = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
+    let mut events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
+    let placed = ex
+        .place_buy(pb::PlaceBuyRequest {
+            cpus: job.cpus,
+            max_price: job.max_price,
+            requirements: Some(job.requirements),
+            period_secs: 3600,
+            periods: 0,
+        })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let order = placed.order;
+    progress.note(&format!("order {order} placed for {} CPUs at up to {} cents per CPU-hour", job.cpus, job.max_price));
+
+    let farm = Arc::new(Mutex::new(Farm::new(&job)));
+    let changed = Arc::new(Notify::new());
+    let job = Arc::new(job);
+    let program_sha: [u8; 32] = Sha256::digest(&job.program).into();
+    let mut workers: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut seen_leases = 0u32;
+
+    // New leases of this order come from the reply and from lease events.
+    let mut pending: Vec<u64> = placed.leases.clone();
+    let total = job.fragments.len();
+    while !farm.lock().unwrap().finished() {
+        if !pending.is_empty() {
+            let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+            for id in pending.drain(..) {
+                if workers.contains_key(&id) {
+                    continue;
+                }
+                let Some(info) = leases.iter().find(|l| l.id == id && l.buy_order == order) else { continue };
+                seen_leases += 1;
+                progress.note(&format!("lease {id} on seller node {} at {} cents per CPU-hour", info.seller_node, info.price));
+                let (conn, farm, changed, job, progress) = (conn.clone(), farm.clone(), changed.clone(), job.clone(), progress.clone());
+                let (account, node) = (info.seller_account, info.seller_node);
+                workers.insert(
+                    id,
+                    tokio::spawn(async move {
+                        if let Err(e) = work(id, account, node, conn, &farm, &changed, &job, program_sha, &*progress).await {
+                            progress.note(&format!("lease {id}: {e:#}"));
+                        }
+                        changed.notify_waiters();
+                    }),
+                );
+            }
+        }
+        tokio::select! {
+            e = events.next() => match e {
+                Some(Ok(e)) if e.kind == "opened" => pending.push(e.lease),
+                // The worker sees its relay close and returns what it had in flight.
+                Some(Ok(e)) if e.kind == "ended" && workers.contains_key(&e.lease) => {
+                    progress.note(&format!("lease {} ended: {}", e.lease, e.reason));
+                }
+                Some(Ok(_)) => {}
+                Some(Err(s)) => return Err(status(s)).context("lease events"),
+                None => anyhow::bail!("the exchange closed the lease events"),
+            },
+            _ = changed.notified() => {
+                let f = farm.lock().unwrap();
+                progress.done(f.done, total);
+            }
+        }
+    }
+    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+    for (_, w) in workers {
+        w.abort();
+    }
+    let after = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
+    let farm = Arc::try_unwrap(farm).ok().map(|m| m.into_inner().unwrap()).context("workers still hold the farm")?;
+    let mut report = Report {
+        reruns: farm.reruns,
+        mismatches: farm.mismatches,
+        leases: seen_leases,
+        cost_cents: (before.available_cents + before.escrow_cents) - (after.available_cents + after.escrow_cents),
+        ..Report::default()
+    };
+    for s in farm.slots {
+        let r = s.result.expect("every fragment is settled");
+        *report.per_seller.entry(r.seller_node).or_default() += 1;
+        report.results.push(r);
+    }
+    progress.done(total, total);
+    Ok(report)
+}
+
+/// Serves one lease: sends the program (unless the seller has it), then keeps
+/// up to [`WINDOW`] fragments in flight until none is left for this seller.
+#[allow(clippy::too_many_arguments)]
+async fn work(
+    lease: u64,
+    account: u64,
+    node: u64,
+    mut conn: Connection,
+    farm: &Mutex<Farm>,
+    changed: &Notify,
+    job: &Job,
+    sha: [u8; 32],
+    progress: &dyn Progress,
+) -> anyhow::Result<()> {
+    let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
+    out.send(pb::RelayFrame { lease, data: Vec::new() }).await?;
+    let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
+    out.send(job_frame(Say::Offer(pb::ProgramOffer { sha256: sha.to_vec(), size: job.program.len() as u64, args: job.args.clone() })))
+        .await?;
+    match next(&mut inbound).await? {
+        Some(Say::Ready(_)) => {}
+        Some(Say::Wanted(_)) => {
+            let mut chunks = job.program.chunks(CHUNK).peekable();
+            while let Some(c) = chunks.next() {
+                out.send(job_frame(Say::Program(pb::Chunk { fragment: 0, data: c.to_vec(), last: chunks.peek().is_none() }))).await?;
+            }
+            match next(&mut inbound).await? {
+                Some(Say::Ready(_)) => {}
+                other => anyhow::bail!("the seller did not get ready: {other:?}"),
+            }
+        }
+        other => anyhow::bail!("the seller answered the offer with {other:?}"),
+    }
+    progress.note(&format!("lease {lease}: seller ready"));
+
+    let mut in_flight: VecDeque<usize> = VecDeque::new();
+    let result = async {
+        loop {
+            // Fill the window.
+            while in_flight.len() < WINDOW {
+                let Some(i) = farm.lock().unwrap().take(account) else { break };
+                let input = &job.fragments[i].input;
+                let mut chunks = input.chunks(CHUNK).peekable();
+                if chunks.peek().is_none() {
+                    out.send(job_frame(Say::Input(pb::Chunk { fragment: i as u64, data: Vec::new(), last: true }))).await?;
+                }
+                while let Some(c) = chunks.next() {
+                    out.send(job_frame(Say::Input(pb::Chunk { fragment: i as u64, data: c.to_vec(), last: chunks.peek().is_none() }))).await?;
+                }
+                in_flight.push_back(i);
+            }
+            let Some(&i) = in_flight.front() else {
+                // Nothing for this seller now: wait for news, stop when all is settled.
+                if farm.lock().unwrap().finished() {
+                    return Ok(());
+                }
+                changed.notified().await;
+                continue;
+            };
+            // The oldest fragment's output, then its outcome.
+            let mut output = Vec::new();
+            let outcome = loop {
+                match next(&mut inbound).await? {
+                    Some(Say::Output(c)) if c.fragment == i as u64 => output.extend_from_slice(&c.data),
+                    Some(Say::Outcome(o)) if o.fragment == i as u64 => break o,
+                    None => anyhow::bail!("the relay closed"),
+                    other => anyhow::bail!("unexpected message from the seller: {other:?}"),
+                }
+            };
+            in_flight.pop_front();
+            let mut f = farm.lock().unwrap();
+            if outcome.seller_fault {
+                f.lost(i, account);
+                drop(f);
+                anyhow::bail!("the seller failed: {}", outcome.killed);
+            }
+            let ending = if outcome.killed.is_empty() { format!("exited with status {}", outcome.exit_code) } else { outcome.killed };
+            let answer = Answer { output, success: outcome.success, ending, log: outcome.log };
+            f.answer(i, account, node, answer);
+            drop(f);
+            changed.notify_waiters();
+        }
+    }
+    .await;
+    // Whatever is still in flight runs elsewhere.
+    let mut f = farm.lock().unwrap();
+    for i in in_flight {
+        f.lost(i, account);
+    }
+    drop(f);
+    changed.notify_waiters();
+    result
+}
+
+async fn next(inbound: &mut tonic::Streaming<pb::RelayFrame>) -> anyhow::Result<Option<Say>> {
+    loop {
+        let Some(frame) = inbound.message().await.map_err(status)? else { return Ok(None) };
+        if frame.data.is_empty() {
+            continue;
+        }
+        if let Some(body) = pb::JobMessage::decode(frame.data.as_slice()).context("a malformed job message")?.body {
+            return Ok(Some(body));
+        }
+    }
+}
+
+/// Runs a job on this machine, in the same jail, `parallel` fragments at a time:
+/// no exchange, no money. `debuggable` leaves the jails traceable (gdb, strace).
+pub async fn run_local(job: Job, parallel: usize, limits: Limits, debuggable: bool, progress: Arc<dyn Progress>) -> anyhow::Result<Report> {
+    let program = Arc::new(Program::new(&job.program)?);
+    let queue = Arc::new(Mutex::new((0..job.fragments.len()).collect::<VecDeque<_>>()));
+    let results: Arc<Mutex<Vec<Option<FragmentResult>>>> = Arc::new(Mutex::new(vec![None; job.fragments.len()]));
+    let job = Arc::new(job);
+    let total = job.fragments.len();
+    let mut tasks = Vec::new();
+    for _ in 0..parallel.max(1) {
+        let (program, queue, results, job, limits, progress) =
+            (program.clone(), queue.clone(), results.clone(), job.clone(), limits.clone(), progress.clone());
+        tasks.push(tokio::spawn(async move {
+            let args: Vec<&str> = job.args.iter().map(|s| s.as_str()).collect();
+            let options = Options { debuggable, ..Options::default() };
+            loop {
+                let Some(i) = queue.lock().unwrap().pop_front() else { return Ok::<_, anyhow::Error>(()) };
+                let f = &job.fragments[i];
+                let r = jail::run(&program, &args, f.input.clone(), &limits, &options).await?;
+                let mut all = results.lock().unwrap();
+                all[i] = Some(FragmentResult {
+                    name: f.name.clone(),
+                    success: r.ending.success(),
+                    ending: match &r.ending {
+                        Ending::Exited(c) => format!("exited with status {c}"),
+                        Ending::Killed(k) => k.to_string(),
+                    },
+                    output: r.output,
+                    log: r.log,
+                    seller_node: 0,
+                });
+                let done = all.iter().filter(|r| r.is_some()).count();
+                drop(all);
+                progress.done(done, total);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let results = Arc::try_unwrap(results).ok().context("still running")?.into_inner().unwrap();
+    let results: Vec<FragmentResult> = results.into_iter().map(|r| r.expect("every fragment ran")).collect();
+    let mut per_seller = BTreeMap::new();
+    per_seller.insert(0, results.len() as u32);
+    Ok(Report { results, per_seller, ..Report::default() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(s: &str) -> Answer {
+        Answer { output: s.as_bytes().to_vec(), success: true, ending: "exited with status 0".into(), log: Vec::new() }
+    }
+
+    fn job(n: usize, replicas: u32) -> Job {
+        Job {
+            program: Vec::new(),
+            args: Vec::new(),
+            fragments: (0..n).map(|i| Fragment { name: format!("f{i}"), input: Vec::new() }).collect(),
+            cpus: 1,
+            max_price: 1,
+            requirements: pb::Requirements::default(),
+            replicas,
+        }
+    }
+
+    #[test]
+    fn a_lost_fragment_runs_again() {
+        let mut f = Farm::new(&job(2, 1));
+        let i = f.take(1).unwrap();
+        f.lost(i, 1);
+        assert_eq!(f.reruns, 1);
+        assert_eq!(f.take(2), Some(i), "the lost fragment is first again");
+        assert!(f.answer(i, 2, 20, answer("x")));
+        assert!(!f.finished());
+    }
+
+    #[test]
+    fn replicas_run_on_different_accounts_and_a_third_settles_a_mismatch() {
+        let mut f = Farm::new(&job(1, 2));
+        let i = f.take(1).unwrap();
+        assert_eq!(f.take(1), None, "the same account never runs a fragment twice");
+        assert_eq!(f.take(2), Some(i));
+        assert!(!f.answer(i, 1, 10, answer("good")));
+        assert!(!f.answer(i, 2, 20, answer("evil")), "a mismatch is not settled");
+        assert_eq!(f.take(1), None);
+        assert_eq!(f.take(3), Some(i), "a third account settles it");
+        assert!(f.answer(i, 3, 30, answer("good")));
+        assert_eq!(f.mismatches, vec![Mismatch { fragment: "f0".into(), seller_account: 2, seller_node: 20 }]);
+        assert_eq!(f.slots[i].result.as_ref().unwrap().output, b"good");
+    }
+
+    #[test]
+    fn agreeing_replicas_settle_at_once() {
+        let mut f = Farm::new(&job(1, 2));
+        let i = f.take(1).unwrap();
+        assert_eq!(f.take(2), Some(i));
+        assert!(!f.answer(i, 1, 10, answer("same")));
+        assert!(f.answer(i, 2, 20, answer("same")));
+        assert!(f.finished() && f.mismatches.is_empty());
+    }
+}

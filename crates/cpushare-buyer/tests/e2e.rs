@@ -1,0 +1,137 @@
+//! The whole path on one machine: an exchange, sellers and a buyer over mutual
+//! TLS, programs running in real jails.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cpushare_buyer::{run, Fragment, Job};
+use cpushare_proto::v1 as pb;
+use cpushare_sandbox::examples;
+use cpushare_seller::testbed::Testbed;
+
+fn requirements() -> pb::Requirements {
+    pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }
+}
+
+fn tiles(n: usize) -> Vec<Fragment> {
+    (0..n)
+        .map(|i| Fragment { name: format!("tile{i}"), input: format!("-2.0 {} 0.02 64 8 200", -1.2 + 0.16 * i as f64).into_bytes() })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fragments_run_across_sellers_and_come_back_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 5).await.unwrap();
+    for name in ["s1", "s2", "s3"] {
+        tb.seller(name, 1, 3600, |_| {}).await.unwrap();
+    }
+    let buyer = tb.member("buyer", 100_000).await.unwrap();
+    let job = Job {
+        program: examples::MANDELBROT.to_vec(),
+        args: vec!["mandelbrot".into()],
+        fragments: tiles(15),
+        cpus: 3,
+        max_price: 4000,
+        requirements: requirements(),
+        replicas: 1,
+    };
+    let report = run(buyer.connect().await.unwrap(), job, Arc::new(())).await.unwrap();
+    assert_eq!(report.results.len(), 15);
+    for (i, r) in report.results.iter().enumerate() {
+        assert!(r.success, "{}: {}", r.name, r.ending);
+        assert_eq!(r.name, format!("tile{i}"));
+        assert!(r.output.starts_with(b"P5\n64 8\n255\n"));
+    }
+    assert_eq!(report.leases, 3);
+    assert_eq!(report.per_seller.values().sum::<u32>(), 15);
+    assert!(report.per_seller.len() >= 2, "the work spread: {:?}", report.per_seller);
+    assert!(report.cost_cents >= 0);
+    // The order is cancelled: nothing left running or escrowed.
+    let mut conn = buyer.connect().await.unwrap();
+    let balance = conn.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner();
+    assert_eq!(balance.escrow_cents, 0);
+    assert_eq!(100_000 - balance.available_cents, report.cost_cents);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_seller_killed_mid_fragment_loses_only_that_fragment() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 3).await.unwrap();
+    for name in ["s1", "s2", "s3"] {
+        tb.seller(name, 1, 3600, |_| {}).await.unwrap();
+    }
+    let buyer = tb.member("buyer", 100_000).await.unwrap();
+    // Each fragment searches ~1.5 million keys: long enough to be caught mid-run.
+    let hash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; // "hello"
+    let per = 1_500_000u64;
+    let fragments: Vec<Fragment> = (0..8)
+        .map(|i| Fragment { name: format!("range{i}"), input: format!("{hash} abcdefghijklmnopqrstuvwxyz 5 {} {per}", i * per).into_bytes() })
+        .collect();
+    let job = Job {
+        program: examples::CRACK.to_vec(),
+        args: vec!["crack".into()],
+        fragments,
+        cpus: 3,
+        max_price: 4000,
+        requirements: requirements(),
+        replicas: 1,
+    };
+    let conn = buyer.connect().await.unwrap();
+    let running = tokio::spawn(run(conn, job, Arc::new(())));
+    // Let work start everywhere, then one seller vanishes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = tb.sellers.remove(0);
+    let victim_node = victim.node.node;
+    victim.kill();
+    let report = tokio::time::timeout(Duration::from_secs(120), running).await.expect("the job finishes").unwrap().unwrap();
+    assert!(report.results.iter().all(|r| r.success), "{:?}", report.results.iter().map(|r| &r.ending).collect::<Vec<_>>());
+    // "hello" is index 3_276_872 in base 26: range 2.
+    let found: Vec<_> = report.results.iter().filter(|r| r.output != b"none\n").map(|r| (r.name.clone(), r.output.clone())).collect();
+    assert_eq!(found, vec![("range2".to_string(), b"found hello\n".to_vec())]);
+    assert!(report.reruns >= 1, "the lost fragment ran again: {report:?}");
+    assert!(!report.per_seller.contains_key(&victim_node) || report.per_seller[&victim_node] < 8);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_catch_a_seller_that_returns_wrong_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 5).await.unwrap();
+    tb.seller("honest1", 1, 3600, |_| {}).await.unwrap();
+    let liar = tb.seller("liar", 1, 3000, |c| c.corrupt_outputs = true).await.unwrap().account;
+    tb.seller("honest2", 1, 3600, |_| {}).await.unwrap();
+    let buyer = tb.member("buyer", 100_000).await.unwrap();
+    let job = Job {
+        program: examples::MANDELBROT.to_vec(),
+        args: vec!["mandelbrot".into()],
+        fragments: tiles(6),
+        cpus: 3,
+        max_price: 4000,
+        requirements: requirements(),
+        replicas: 2,
+    };
+    let report = run(buyer.connect().await.unwrap(), job, Arc::new(())).await.unwrap();
+    // Every kept output is the honest one (checked against a local run).
+    let local = cpushare_buyer::run_local(
+        Job {
+            program: examples::MANDELBROT.to_vec(),
+            args: vec!["mandelbrot".into()],
+            fragments: tiles(6),
+            cpus: 1,
+            max_price: 0,
+            requirements: requirements(),
+            replicas: 1,
+        },
+        2,
+        cpushare_sandbox::Limits::default(),
+        false,
+        Arc::new(()),
+    )
+    .await
+    .unwrap();
+    for (remote, local) in report.results.iter().zip(&local.results) {
+        assert_eq!(remote.output, local.output, "{}", remote.name);
+    }
+    assert!(!report.mismatches.is_empty(), "the liar was caught");
+    assert!(report.mismatches.iter().all(|m| m.seller_account == liar), "{:?}", report.mismatches);
+}

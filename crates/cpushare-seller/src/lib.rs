@@ -1,0 +1,439 @@
+//! The seller daemon: measures this machine once, offers one slot per CPU,
+//! keeps its session with the exchange (reconnecting with backoff), and runs
+//! what it leases, each fragment in a fresh jail.
+//!
+//! Runs as an ordinary user: the jail needs no privileges.
+
+pub mod bench;
+pub mod testbed;
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use cpushare_exchange::client::Connection;
+use cpushare_exchange::node::NodeConfig;
+use cpushare_proto::v1::{self as pb, job_message::Body as Job, seller_message::Body as Say, session_message::Body as Heard};
+use cpushare_sandbox::{examples, jail, Ending, Limits, Options, Program};
+use prost::Message;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+/// Largest program a seller accepts.
+const MAX_PROGRAM: u64 = 64 << 20;
+/// Largest fragment input a seller accepts.
+const MAX_INPUT: usize = 256 << 20;
+/// Bytes per relay frame (well under the exchange's message bound).
+pub const CHUNK: usize = 256 << 10;
+
+#[derive(Debug, Clone)]
+pub struct SellerConfig {
+    /// The node's configuration directory (enrolled with `cpushare enroll`).
+    pub node_dir: PathBuf,
+    /// Slots offered (one per CPU).
+    pub cpus: u32,
+    /// Ask, cents per CPU-hour.
+    pub price: u64,
+    /// RAM per slot, MiB.
+    pub ram_per_slot_mib: u32,
+    /// Where the benchmark score is cached.
+    pub cache_dir: PathBuf,
+    /// CPU seconds one fragment may use.
+    pub cpu_seconds: u64,
+    /// Output one fragment may write.
+    pub output_bytes: usize,
+    /// For tests of `--replicas`: flip a byte of every output (a dishonest seller).
+    pub corrupt_outputs: bool,
+}
+
+impl SellerConfig {
+    pub fn new(node_dir: PathBuf, cpus: u32, price: u64) -> SellerConfig {
+        SellerConfig {
+            node_dir,
+            cpus,
+            price,
+            ram_per_slot_mib: default_ram_per_slot(cpus),
+            cache_dir: default_cache_dir(),
+            cpu_seconds: 3600,
+            output_bytes: 256 << 20,
+            corrupt_outputs: false,
+        }
+    }
+}
+
+/// Half of this machine's RAM shared among the slots, at most 4 GiB each.
+pub fn default_ram_per_slot(cpus: u32) -> u32 {
+    let total_mib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(4096, |kib| kib / 1024);
+    ((total_mib / 2) / cpus.max(1) as u64).clamp(128, 4096) as u32
+}
+
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("cpushare")
+}
+
+/// What this machine offers, measured.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub score: u32,
+    pub kernel: String,
+    pub seccomp_strict: bool,
+    pub latency_ms: u32,
+}
+
+/// Measures the machine: the benchmark (cached per CPU model), whether the jail
+/// really works here (it runs a program in it), the kernel, and the latency to
+/// the exchange.
+pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Result<Probe> {
+    let dir = config.cache_dir.clone();
+    let score = tokio::task::spawn_blocking(move || bench::score(&dir)).await?;
+    let seccomp_strict = jail_works().await;
+    let kernel = kernel_release();
+    let mut rtts = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        conn.exchange.hello(pb::HelloRequest {}).await.map_err(|s| anyhow::anyhow!("the exchange refused: {}", s.message()))?;
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    Ok(Probe { score, kernel, seccomp_strict, latency_ms: rtts[1].as_millis().max(1) as u32 })
+}
+
+/// Runs a real program in the jail: the only proof that strict mode works here.
+pub async fn jail_works() -> bool {
+    let Ok(program) = Program::new(examples::CRACK) else { return false };
+    let limits = Limits { ram_bytes: 64 << 20, cpu_seconds: 5, output_bytes: 1024, log_bytes: 1024 };
+    let input = b"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 abcdefghijklmnopqrstuvwxyz 5 0 10".to_vec();
+    match jail::run(&program, &["crack"], input, &limits, &Options::default()).await {
+        Ok(run) => run.ending.success() && run.output == b"none\n",
+        Err(_) => false,
+    }
+}
+
+pub fn kernel_release() -> String {
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return "unknown".into();
+    }
+    unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// Programs by SHA-256, the most recent few kept.
+#[derive(Default)]
+struct ProgramCache {
+    programs: HashMap<[u8; 32], Arc<Program>>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl ProgramCache {
+    const KEEP: usize = 32;
+
+    fn get(&mut self, sha: &[u8]) -> Option<Arc<Program>> {
+        let key: [u8; 32] = sha.try_into().ok()?;
+        self.programs.get(&key).cloned()
+    }
+
+    fn put(&mut self, program: Program) -> Arc<Program> {
+        let key = program.sha256();
+        let program = Arc::new(program);
+        if self.programs.insert(key, program.clone()).is_none() {
+            self.order.push_back(key);
+            while self.order.len() > Self::KEEP {
+                if let Some(old) = self.order.pop_front() {
+                    self.programs.remove(&old);
+                }
+            }
+        }
+        program
+    }
+}
+
+/// A running seller.
+pub struct Seller {
+    config: SellerConfig,
+    node: NodeConfig,
+    probe: Probe,
+    cache: Mutex<ProgramCache>,
+    leases: Mutex<HashMap<u64, JoinHandle<()>>>,
+}
+
+impl Seller {
+    /// Loads the node, measures the machine, and refuses to start if the jail does not work here.
+    pub async fn start(config: SellerConfig) -> anyhow::Result<Arc<Seller>> {
+        let node = NodeConfig::load(&config.node_dir)?;
+        let mut conn = node.connect().await?;
+        let probe = probe(&config, &mut conn).await?;
+        if !probe.seccomp_strict {
+            anyhow::bail!(
+                "the jail does not work on this machine (kernel {}): seccomp strict mode or posix_spawn failed; nothing can be sold",
+                probe.kernel
+            );
+        }
+        tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, "measured");
+        Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default() }))
+    }
+
+    pub fn probe(&self) -> &Probe {
+        &self.probe
+    }
+
+    fn offers(&self) -> Vec<pb::SlotOffer> {
+        let slot = pb::SlotAttributes {
+            score: self.probe.score,
+            ram_mib: self.config.ram_per_slot_mib,
+            kinds: vec![pb::SandboxKind::SeccompStrict as i32],
+            inbound_udp: false,
+            latency_ms: self.probe.latency_ms,
+        };
+        (0..self.config.cpus).map(|_| pb::SlotOffer { slot: Some(slot.clone()), ask: self.config.price }).collect()
+    }
+
+    /// Keeps a session with the exchange until `stop` fires, reconnecting with
+    /// backoff (1 s doubling to 30 s) whenever the exchange goes away.
+    pub async fn run(self: &Arc<Self>, mut stop: tokio::sync::watch::Receiver<bool>) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let started = Instant::now();
+            tokio::select! {
+                r = self.session() => match r {
+                    Ok(()) => tracing::info!("the exchange closed the session"),
+                    Err(e) => tracing::warn!("session lost: {e:#}"),
+                },
+                _ = stop.changed() => break,
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                backoff = Duration::from_secs(1);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.changed() => break,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+        for (_, task) in self.leases.lock().unwrap().drain() {
+            task.abort();
+        }
+    }
+
+    async fn session(self: &Arc<Self>) -> anyhow::Result<()> {
+        let mut conn = self.node.connect().await?;
+        let hello = conn.exchange.hello(pb::HelloRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+        let beat_every = Duration::from_secs((hello.heartbeat_timeout_secs as u64 / 3).max(1));
+        let (tx, rx) = mpsc::channel(64);
+        let register = pb::Register { kernel: self.probe.kernel.clone(), seccomp_strict: self.probe.seccomp_strict, slots: self.offers() };
+        tx.send(pb::SellerMessage { body: Some(Say::Register(register)) }).await?;
+        let mut inbound = conn
+            .exchange
+            .seller_session(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| anyhow::anyhow!("the exchange refused the session: {}", s.message()))?
+            .into_inner();
+        let beats = {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(beat_every).await;
+                    if tx.send(pb::SellerMessage { body: Some(Say::Heartbeat(pb::Heartbeat {})) }).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        let result = async {
+            while let Some(message) = inbound.next().await {
+                match message?.body {
+                    Some(Heard::Registered(r)) => {
+                        tracing::info!(slots = r.orders.len(), leases = r.leases.len(), "registered");
+                        let live: Vec<u64> = r.leases.iter().map(|l| l.lease).collect();
+                        self.leases.lock().unwrap().retain(|lease, task| {
+                            let keep = live.contains(lease);
+                            if !keep {
+                                task.abort();
+                            }
+                            keep
+                        });
+                        for l in r.leases {
+                            self.serve(l.lease, &conn, &tx);
+                        }
+                    }
+                    Some(Heard::LeaseAssigned(l)) => {
+                        tracing::info!(lease = l.lease, price = l.price, "leased");
+                        self.serve(l.lease, &conn, &tx);
+                    }
+                    Some(Heard::LeaseClosed(c)) => {
+                        tracing::info!(lease = c.lease, reason = %c.reason, "lease ended");
+                        if let Some(task) = self.leases.lock().unwrap().remove(&c.lease) {
+                            task.abort();
+                        }
+                    }
+                    Some(Heard::Error(e)) => tracing::warn!("the exchange says: {}", e.message),
+                    None => {}
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        beats.abort();
+        result
+    }
+
+    /// Starts serving a lease, unless it is already served.
+    fn serve(self: &Arc<Self>, lease: u64, conn: &Connection, session: &mpsc::Sender<pb::SellerMessage>) {
+        let mut leases = self.leases.lock().unwrap();
+        if leases.get(&lease).is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let (me, conn, session) = (self.clone(), conn.clone(), session.clone());
+        leases.insert(
+            lease,
+            tokio::spawn(async move {
+                if let Err(e) = me.serve_lease(lease, conn, session).await {
+                    tracing::warn!(lease, "lease stopped: {e:#}");
+                }
+            }),
+        );
+    }
+
+    /// One lease: receive the program (or find it cached), report ready, then run
+    /// fragments in order, each in a fresh jail, and send back what they wrote.
+    async fn serve_lease(&self, lease: u64, mut conn: Connection, session: mpsc::Sender<pb::SellerMessage>) -> anyhow::Result<()> {
+        let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
+        out.send(pb::RelayFrame { lease, data: Vec::new() }).await?;
+        let mut inbound = conn
+            .exchange
+            .relay(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| anyhow::anyhow!("the relay refused: {}", s.message()))?
+            .into_inner();
+        let send = |body: Job| pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec() };
+
+        // The program.
+        let offer = match next(&mut inbound).await? {
+            Some(Job::Offer(o)) => o,
+            other => anyhow::bail!("expected a program offer, got {other:?}"),
+        };
+        if offer.size > MAX_PROGRAM {
+            anyhow::bail!("the program is {} bytes; this seller takes at most {MAX_PROGRAM}", offer.size);
+        }
+        let cached = self.cache.lock().unwrap().get(&offer.sha256);
+        let program = match cached {
+            Some(p) => p,
+            None => {
+                out.send(send(Job::Wanted(pb::ProgramWanted {}))).await?;
+                let mut bytes = Vec::with_capacity(offer.size as usize);
+                loop {
+                    match next(&mut inbound).await? {
+                        Some(Job::Program(c)) => {
+                            bytes.extend_from_slice(&c.data);
+                            if bytes.len() as u64 > offer.size {
+                                anyhow::bail!("the program is larger than offered");
+                            }
+                            if c.last {
+                                break;
+                            }
+                        }
+                        other => anyhow::bail!("expected the program, got {other:?}"),
+                    }
+                }
+                if Sha256::digest(&bytes).as_slice() != offer.sha256.as_slice() {
+                    anyhow::bail!("the program does not match its SHA-256");
+                }
+                let program = Program::new(&bytes)?;
+                self.cache.lock().unwrap().put(program)
+            }
+        };
+        // Metering starts now that the upload is done.
+        session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease })) }).await?;
+        out.send(send(Job::Ready(pb::JobReady {}))).await?;
+
+        // Fragments: a reader collects whole inputs while the runner runs the previous one.
+        let args = if offer.args.is_empty() { vec!["program".to_string()] } else { offer.args };
+        let (inputs_tx, mut inputs) = mpsc::channel::<(u64, Vec<u8>)>(2);
+        let reader = tokio::spawn(async move {
+            let mut current: Option<(u64, Vec<u8>)> = None;
+            while let Ok(Some(body)) = next(&mut inbound).await {
+                let Job::Input(c) = body else { continue };
+                let (id, mut data) = current.take().filter(|(id, _)| *id == c.fragment).unwrap_or((c.fragment, Vec::new()));
+                data.extend_from_slice(&c.data);
+                if data.len() > MAX_INPUT {
+                    break;
+                }
+                if c.last {
+                    if inputs_tx.send((id, data)).await.is_err() {
+                        break;
+                    }
+                } else {
+                    current = Some((id, data));
+                }
+            }
+        });
+        let limits = Limits {
+            ram_bytes: self.config.ram_per_slot_mib as u64 * (1 << 20),
+            cpu_seconds: self.config.cpu_seconds,
+            output_bytes: self.config.output_bytes,
+            log_bytes: 16 << 10,
+        };
+        let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        while let Some((fragment, input)) = inputs.recv().await {
+            let run = jail::run(&program, &argv, input, &limits, &Options::default()).await;
+            let (mut output, outcome) = match run {
+                Ok(r) => {
+                    let (exit_code, killed, seller_fault) = match &r.ending {
+                        Ending::Exited(c) => (*c, String::new(), false),
+                        Ending::Killed(k) => (-1, k.to_string(), matches!(k, cpushare_sandbox::Kill::LoaderFailed { .. })),
+                    };
+                    let outcome = pb::Outcome {
+                        fragment,
+                        success: r.ending.success(),
+                        exit_code,
+                        killed,
+                        log: r.log,
+                        cpu_ms: r.cpu.as_millis() as u64,
+                        seller_fault,
+                    };
+                    (r.output, outcome)
+                }
+                Err(e) => (Vec::new(), pb::Outcome { fragment, killed: format!("the seller could not start the jail: {e}"), seller_fault: true, ..Default::default() }),
+            };
+            if self.config.corrupt_outputs && !output.is_empty() {
+                let last = output.len() - 1;
+                output[last] ^= 0xff;
+            }
+            let mut chunks = output.chunks(CHUNK).peekable();
+            if chunks.peek().is_none() {
+                out.send(send(Job::Output(pb::Chunk { fragment, data: Vec::new(), last: true }))).await?;
+            }
+            while let Some(c) = chunks.next() {
+                out.send(send(Job::Output(pb::Chunk { fragment, data: c.to_vec(), last: chunks.peek().is_none() }))).await?;
+            }
+            out.send(send(Job::Outcome(outcome))).await?;
+        }
+        reader.abort();
+        Ok(())
+    }
+}
+
+/// The next job message on a relay; `None` when it closes.
+async fn next(inbound: &mut tonic::Streaming<pb::RelayFrame>) -> anyhow::Result<Option<Job>> {
+    loop {
+        let Some(frame) = inbound.message().await.context("the relay broke")? else { return Ok(None) };
+        if frame.data.is_empty() {
+            continue;
+        }
+        let message = pb::JobMessage::decode(frame.data.as_slice()).context("a malformed job message")?;
+        if let Some(body) = message.body {
+            return Ok(Some(body));
+        }
+    }
+}

@@ -1,0 +1,106 @@
+//! A whole market on this machine: an exchange on SQLite in a directory of its
+//! own, sellers and members, all over mutual TLS on localhost. `cpushare demo`
+//! runs on it, and so do the end-to-end tests.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cpushare_exchange::client::Connection;
+use cpushare_exchange::datadir::{self, Running, Settings};
+use cpushare_exchange::node::{enroll, NodeConfig};
+use cpushare_proto::v1 as pb;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::{Seller, SellerConfig};
+
+pub struct Testbed {
+    pub dir: PathBuf,
+    pub exchange: Running,
+    pub url: String,
+    pub operator: Connection,
+    pub sellers: Vec<SellerHandle>,
+}
+
+pub struct SellerHandle {
+    pub name: String,
+    pub account: u64,
+    pub node: NodeConfig,
+    pub seller: Arc<Seller>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl SellerHandle {
+    /// The seller vanishes: its sessions and relays drop, its jails die.
+    pub fn kill(self) {
+        let _ = self.stop.send(true);
+        self.task.abort();
+    }
+}
+
+impl Testbed {
+    /// An exchange in `dir` (which must not exist yet), listening on a free port on
+    /// localhost, with a short heartbeat timeout so that lost sellers show quickly.
+    pub async fn start(dir: &Path, heartbeat_timeout_secs: u64) -> anyhow::Result<Testbed> {
+        let mut settings = Settings::new("127.0.0.1:0".parse()?, vec!["127.0.0.1".into()], String::new());
+        settings.heartbeat_timeout_secs = heartbeat_timeout_secs;
+        settings.settle_every_secs = 1;
+        settings.orders_per_sec = 10_000.0;
+        settings.order_burst = 10_000.0;
+        datadir::init(&dir.join("exchange"), settings, &dir.join("operator")).await?;
+        let exchange = datadir::run(&dir.join("exchange"), None).await?;
+        let url = format!("https://127.0.0.1:{}", exchange.listening.addr.port());
+        let mut operator_node = NodeConfig::load(&dir.join("operator"))?;
+        operator_node.url = url.clone();
+        let operator = operator_node.connect().await?;
+        Ok(Testbed { dir: dir.to_path_buf(), exchange, url, operator, sellers: Vec::new() })
+    }
+
+    /// A member with one enrolled node and `cents` deposited.
+    pub async fn member(&mut self, name: &str, cents: i64) -> anyhow::Result<NodeConfig> {
+        let created = self
+            .operator
+            .admin
+            .create_account(pb::CreateAccountRequest { name: name.into() })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        if cents > 0 {
+            self.operator
+                .admin
+                .deposit(pb::DepositRequest { account: created.account, amount_cents: cents })
+                .await
+                .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+        }
+        enroll(&self.url, &created.token, None, &self.dir.join(name), name).await
+    }
+
+    /// A seller with `cpus` slots at `price` cents per CPU-hour, running.
+    pub async fn seller(&mut self, name: &str, cpus: u32, price: u64, tune: impl FnOnce(&mut SellerConfig)) -> anyhow::Result<&SellerHandle> {
+        let node = self.member(name, 0).await?;
+        let mut config = SellerConfig::new(node.dir.clone(), cpus, price);
+        config.cache_dir = self.dir.join("cache");
+        config.ram_per_slot_mib = 256;
+        tune(&mut config);
+        let seller = Seller::start(config).await?;
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn({
+            let seller = seller.clone();
+            async move { seller.run(stopped).await }
+        });
+        let account = node.account;
+        self.sellers.push(SellerHandle { name: name.into(), account, node, seller, stop, task });
+        // Ready once its slots are on the market.
+        let mut conn = self.sellers.last().unwrap().node.connect().await?;
+        for _ in 0..200 {
+            let orders = conn.exchange.list_orders(pb::ListOrdersRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+            if orders.into_inner().orders.len() >= cpus as usize {
+                return Ok(self.sellers.last().unwrap());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("seller {name} did not register its slots")
+    }
+}
