@@ -3,7 +3,8 @@
  *
  * Input (text): "X0 Y0 STEP WIDTH HEIGHT MAXITER", e.g. "-2.0 -1.2 0.005 64 64 256".
  * Pixel (i, j) is the point X0 + i*STEP + (Y0 + j*STEP)i.
- * Output: a binary PGM image of the tile (grey = escape speed).
+ * Output: a binary PGM image of the tile: black inside the set; outside, the
+ * slower a point escapes, the brighter (1 + 254k/(k+24) for k iterations).
  */
 #include "cpushare.h"
 
@@ -54,7 +55,7 @@ int main(void) {
                 zr = t;
                 k++;
             }
-            image[j * w + i] = k == max ? 0 : (unsigned char)(255 - (k * 255) / max);
+            image[j * w + i] = k == max ? 0 : (unsigned char)(1 + (254 * k) / (k + 24));
         }
     }
     char head[64] = "P5\n";

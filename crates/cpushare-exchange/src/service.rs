@@ -720,11 +720,11 @@ impl Admin for Handler {
     }
 }
 
-/// 256 random bits, URL-safe.
+/// 256 random bits in hex: safe to paste into a shell and never mistaken
+/// for a flag (base64 tokens could begin with '-').
 pub fn new_token() -> String {
-    use base64::Engine;
     use rand::RngCore;
     let mut bytes = [0u8; 32];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -33,10 +33,12 @@ pub struct SellerHandle {
 }
 
 impl SellerHandle {
-    /// The seller vanishes: its sessions and relays drop, its jails die.
+    /// The seller vanishes: its session and relays drop and its jails die, without
+    /// a word to the exchange (as when its machine loses power).
     pub fn kill(self) {
+        // `run` stops its lease workers (and so their jails) when told to stop.
         let _ = self.stop.send(true);
-        self.task.abort();
+        drop(self.task);
     }
 }
 

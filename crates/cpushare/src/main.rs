@@ -4,17 +4,22 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod exchange_cmd;
 mod node_cmd;
-mod table;
 mod sim;
+mod table;
+mod work_cmd;
 
 /// cpushare: an open exchange where anyone sells the idle CPUs of a Linux
 /// machine and anyone else rents them by the hour.
 ///
+/// See it all work on this machine: `cpushare demo`.
+///
 /// Start an exchange with `cpushare exchange init` and `cpushare exchange run`;
 /// give people accounts with `cpushare account create NAME`; each machine joins
-/// with `cpushare enroll`; then `cpushare buy`, `orders`, `leases`, `balance`...
+/// with `cpushare enroll`; sellers run `cpushare sell`, buyers `cpushare run`
+/// (or `buy`, `orders`, `leases`, `balance`...).
 #[derive(Parser)]
 #[command(version, about, propagate_version = true)]
 struct Cli {
@@ -31,6 +36,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The whole system on this machine: an exchange, three sellers and a buyer
+    /// render a Mandelbrot image in tiles; one seller is killed halfway.
+    Demo(demo::DemoArgs),
+    /// Sell this machine's CPUs: measure them, offer one slot per CPU, run what is leased.
+    Sell(work_cmd::SellArgs),
+    /// Run a program over a directory of inputs on rented CPUs (or --local).
+    Run(work_cmd::RunArgs),
     /// Simulate a whole market (sellers, buyers, churn) to size the exchange.
     ///
     /// Deterministic: the same seed and sizes always give the same trades.
@@ -83,6 +95,9 @@ fn main() -> anyhow::Result<()> {
             runtime.block_on(async move {
                 match command {
                     Command::Sim(_) => unreachable!(),
+                    Command::Demo(args) => demo::run(args, out).await,
+                    Command::Sell(args) => work_cmd::sell(args, &config, out).await,
+                    Command::Run(args) => work_cmd::run(args, &config, out).await,
                     Command::Exchange(cmd) => exchange_cmd::run(cmd, &config, out).await,
                     Command::Account(cmd) => node_cmd::account(cmd, &config, out).await,
                     Command::Enroll(args) => node_cmd::enroll(args, &config, out).await,

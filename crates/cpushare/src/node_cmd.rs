@@ -2,7 +2,6 @@
 
 use std::path::Path;
 
-use anyhow::Context;
 use clap::{Args, Subcommand};
 use cpushare_exchange::client::Connection;
 use cpushare_exchange::convert::{euros, kind_from, kind_to, parse_euros};
@@ -77,9 +76,9 @@ pub struct BuyArgs {
     /// CPUs wanted.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// The most you pay per CPU-hour, in euros (e.g. 0.05).
-    #[arg(long, value_name = "EUR")]
-    max_price: String,
+    /// The most you pay, in cents per CPU-hour.
+    #[arg(long, value_name = "CENTS")]
+    max_price: u64,
     /// Sandbox: seccomp-strict, seccomp-emulated, vm-kvm or vm-tcg.
     #[arg(long, default_value = "seccomp-strict")]
     kind: SandboxKind,
@@ -218,10 +217,9 @@ pub async fn statement(args: StatementArgs, config: &Path, out: Output) -> anyho
 }
 
 pub async fn buy(args: BuyArgs, config: &Path, out: Output) -> anyhow::Result<()> {
-    let max_price = u64::try_from(amount(&args.max_price).context("--max-price")?).unwrap_or(0);
     let request = pb::PlaceBuyRequest {
         cpus: args.cpus,
-        max_price,
+        max_price: args.max_price,
         requirements: Some(pb::Requirements {
             kind: kind_to(args.kind) as i32,
             min_score: args.min_score,
@@ -252,10 +250,10 @@ pub async fn orders(config: &Path, out: Output) -> anyhow::Result<()> {
                 (_, Some(s)) => format!("{} MFLOPS, {} MiB, {} ms", s.score, s.ram_mib, s.latency_ms),
                 _ => String::new(),
             };
-            vec![json!(o.id), json!(o.side), json!(euros(o.price as i64)), json!(o.open), json!(o.leased), json!(what)]
+            vec![json!(o.id), json!(o.side), json!(o.price), json!(o.open), json!(o.leased), json!(what)]
         })
         .collect();
-    out.table(&["order", "side", "EUR/CPU-h", "open", "leased", "what"], rows);
+    out.table(&["order", "side", "cents/CPU-h", "open", "leased", "what"], rows);
     Ok(())
 }
 
@@ -297,11 +295,11 @@ pub async fn book(args: BookArgs, config: &Path, out: Output) -> anyhow::Result<
         .map_err(status)?
         .into_inner();
     let side = |name: &str, levels: Vec<pb::PriceLevel>| -> Vec<Vec<Value>> {
-        levels.into_iter().map(|l| vec![json!(name), json!(euros(l.price as i64)), json!(l.cpus)]).collect()
+        levels.into_iter().map(|l| vec![json!(name), json!(l.price), json!(l.cpus)]).collect()
     };
     let mut rows = side("bid", r.bids);
     rows.extend(side("ask", r.asks));
-    out.table(&["side", "EUR/CPU-h", "cpus"], rows);
+    out.table(&["side", "cents/CPU-h", "cpus"], rows);
     Ok(())
 }
 
@@ -314,7 +312,7 @@ pub async fn trades(args: TradesArgs, config: &Path, out: Output) -> anyhow::Res
         if out.json {
             println!("{}", json!({"lease": t.lease, "price_cents": t.price, "at": t.at, "kinds": kinds}));
         } else {
-            println!("{}  lease {}  {} EUR/CPU-h  {}", t.at, t.lease, euros(t.price as i64), kinds.join(","));
+            println!("{}  lease {}  {} cents/CPU-h  {}", t.at, t.lease, t.price, kinds.join(","));
         }
         seen += 1;
         if args.count.is_some_and(|c| seen >= c) {
@@ -334,13 +332,13 @@ pub async fn leases(config: &Path, out: Output) -> anyhow::Result<()> {
                 json!(l.id),
                 json!(l.role),
                 json!(l.state),
-                json!(euros(l.price as i64)),
+                json!(l.price),
                 json!(l.delivered_secs),
                 json!(euros(l.charged_cents)),
                 json!(l.seller_node),
             ]
         })
         .collect();
-    out.table(&["lease", "role", "state", "EUR/CPU-h", "delivered s", "charged EUR", "seller node"], rows);
+    out.table(&["lease", "role", "state", "cents/CPU-h", "delivered s", "charged EUR", "seller node"], rows);
     Ok(())
 }

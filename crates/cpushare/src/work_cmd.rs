@@ -1,0 +1,249 @@
+//! `cpushare sell` and `cpushare run`: the two halves of the original CPUShare.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+use cpushare_buyer::{Fragment, Job, Progress, Report};
+use cpushare_exchange::convert::{euros, kind_to};
+use cpushare_exchange::node::NodeConfig;
+use cpushare_market::SandboxKind;
+use cpushare_proto::v1 as pb;
+use cpushare_seller::{Seller, SellerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::node_cmd::{connect, status};
+use crate::table::Output;
+
+#[derive(Args)]
+pub struct SellArgs {
+    /// CPU slots to offer.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Ask, in cents per CPU-hour.
+    #[arg(long, default_value_t = 5)]
+    price: u64,
+    /// RAM per slot in MiB (default: half of this machine's RAM shared among the slots).
+    #[arg(long, value_name = "MIB")]
+    ram_per_slot: Option<u32>,
+    /// Show this seller's slots, leases and earnings instead of selling.
+    #[arg(long)]
+    status: bool,
+}
+
+pub async fn sell(args: SellArgs, config: &Path, out: Output) -> anyhow::Result<()> {
+    if args.status {
+        return sell_status(config, out).await;
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    anyhow::ensure!(args.cpus >= 1, "--cpus must be at least 1");
+    let mut seller_config = SellerConfig::new(config.to_path_buf(), args.cpus, args.price);
+    if let Some(ram) = args.ram_per_slot {
+        anyhow::ensure!(ram >= 16, "--ram-per-slot is in MiB and must be at least 16");
+        seller_config.ram_per_slot_mib = ram;
+    }
+    let seller = Seller::start(seller_config.clone()).await?;
+    let p = seller.probe();
+    println!(
+        "selling {} slot(s) of {} MiB at {} cents per CPU-hour: {} MFLOPS per CPU, kernel {}, seccomp strict works, {} ms to the exchange",
+        args.cpus, seller_config.ram_per_slot_mib, args.price, p.score, p.kernel, p.latency_ms
+    );
+    println!("(Ctrl-C stops; `cpushare sell --status` shows slots, leases and earnings)");
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn({
+        let seller = seller.clone();
+        async move { seller.run(stopped).await }
+    });
+    tokio::signal::ctrl_c().await?;
+    let _ = stop.send(true);
+    let _ = task.await;
+    Ok(())
+}
+
+async fn sell_status(config: &Path, out: Output) -> anyhow::Result<()> {
+    let mut conn = connect(config).await?;
+    let orders = conn.exchange.list_orders(pb::ListOrdersRequest {}).await.map_err(status)?.into_inner().orders;
+    let leases = conn.exchange.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+    let balance = conn.exchange.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
+    let statement = conn.exchange.statement(pb::StatementRequest { limit: 10_000, before_seq: 0 }).await.map_err(status)?.into_inner();
+    let earned: i64 = statement.entries.iter().filter(|e| e.reason.contains("metered") && e.amount_cents > 0).map(|e| e.amount_cents).sum();
+    let slots: Vec<_> = orders.iter().filter(|o| o.side == "sell").collect();
+    let selling: Vec<_> = leases.iter().filter(|l| l.role == "seller").collect();
+    if out.json {
+        println!(
+            "{}",
+            json!({
+                "slots": slots.len(),
+                "leased": slots.iter().filter(|o| o.leased > 0).count(),
+                "leases": selling.iter().map(|l| json!({"lease": l.id, "state": l.state, "price_cents": l.price, "delivered_secs": l.delivered_secs, "charged_cents": l.charged_cents})).collect::<Vec<_>>(),
+                "earned_cents": earned,
+                "available_cents": balance.available_cents,
+            })
+        );
+        return Ok(());
+    }
+    println!("slots: {} ({} leased)", slots.len(), slots.iter().filter(|o| o.leased > 0).count());
+    out.table(
+        &["lease", "state", "cents/CPU-h", "delivered s", "charged EUR"],
+        selling.iter().map(|l| vec![json!(l.id), json!(l.state), json!(l.price), json!(l.delivered_secs), json!(euros(l.charged_cents))]).collect(),
+    );
+    println!("earned so far: {} EUR (available: {} EUR)", euros(earned), euros(balance.available_cents));
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The program: a static x86-64 executable (see guest/ for the SDK).
+    program: PathBuf,
+    /// Arguments passed to the program (after --).
+    #[arg(last = true)]
+    args: Vec<String>,
+    /// A directory of inputs: each file is one fragment.
+    #[arg(long, value_name = "DIR")]
+    inputs: PathBuf,
+    /// Where each fragment's output goes (same file names; NAME.error for failures).
+    #[arg(long, value_name = "DIR")]
+    outputs: PathBuf,
+    /// CPUs to rent.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// The most you pay, in cents per CPU-hour.
+    #[arg(long, default_value_t = 5)]
+    max_price: u64,
+    /// Run each fragment on this many sellers of different accounts and compare outputs.
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Minimum RAM per CPU in MiB.
+    #[arg(long, default_value_t = 0)]
+    min_ram: u32,
+    /// Run here, in the same jail, with no exchange and no money (gdb and strace work).
+    #[arg(long)]
+    local: bool,
+}
+
+/// A progress bar for the buyer library.
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn done(&self, done: usize, total: usize) {
+        self.0.set_length(total as u64);
+        self.0.set_position(done as u64);
+    }
+    fn note(&self, message: &str) {
+        self.0.println(message);
+    }
+}
+
+pub fn bar(total: usize) -> ProgressBar {
+    let pb = ProgressBar::new(total as u64);
+    pb.set_style(ProgressStyle::with_template("{bar:40} {pos}/{len} fragments  {elapsed}").unwrap());
+    pb
+}
+
+/// Reads a directory of inputs, sorted by name.
+pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
+    let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read the inputs directory {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    names.sort();
+    anyhow::ensure!(!names.is_empty(), "{} holds no input files: each file is one fragment", dir.display());
+    names
+        .into_iter()
+        .map(|p| {
+            Ok(Fragment {
+                name: p.file_name().unwrap().to_string_lossy().into_owned(),
+                input: std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+            })
+        })
+        .collect()
+}
+
+pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()> {
+    let program = std::fs::read(&args.program).with_context(|| format!("cannot read the program {}", args.program.display()))?;
+    anyhow::ensure!(program.starts_with(b"\x7fELF"), "{} is not an ELF executable", args.program.display());
+    let fragments = read_inputs(&args.inputs)?;
+    std::fs::create_dir_all(&args.outputs).with_context(|| format!("cannot create {}", args.outputs.display()))?;
+    let argv0 = args.program.file_name().map_or("program".into(), |n| n.to_string_lossy().into_owned());
+    let job = Job {
+        program,
+        args: std::iter::once(argv0).chain(args.args).collect(),
+        fragments,
+        cpus: args.cpus,
+        max_price: args.max_price,
+        requirements: pb::Requirements {
+            kind: kind_to(SandboxKind::SeccompStrict) as i32,
+            min_ram_mib: args.min_ram,
+            ..Default::default()
+        },
+        replicas: args.replicas,
+    };
+    let total = job.fragments.len();
+    let pb = if out.json { ProgressBar::hidden() } else { bar(total) };
+    let progress = Arc::new(Bar(pb.clone()));
+    let report = if args.local {
+        let limits = cpushare_sandbox::Limits::default();
+        cpushare_buyer::run_local(job, args.cpus as usize, limits, true, progress).await?
+    } else {
+        let node = NodeConfig::load(config)?;
+        cpushare_buyer::run(node.connect().await?, job, progress).await?
+    };
+    pb.finish_and_clear();
+    let failed = write_outputs(&report, &args.outputs)?;
+    summarize(&report, out, args.local);
+    anyhow::ensure!(failed == 0, "{failed} fragment(s) failed: see the .error files in {}", args.outputs.display());
+    Ok(())
+}
+
+/// Writes each fragment's output (or NAME.error); returns how many failed.
+pub fn write_outputs(report: &Report, dir: &Path) -> anyhow::Result<usize> {
+    let mut failed = 0;
+    for r in &report.results {
+        if r.success {
+            std::fs::write(dir.join(&r.name), &r.output)?;
+        } else {
+            failed += 1;
+            let text = format!("{}\n--- log ---\n{}", r.ending, String::from_utf8_lossy(&r.log));
+            std::fs::write(dir.join(format!("{}.error", r.name)), text)?;
+        }
+    }
+    Ok(failed)
+}
+
+pub fn summarize(report: &Report, out: Output, local: bool) {
+    let ok = report.results.iter().filter(|r| r.success).count();
+    if out.json {
+        println!(
+            "{}",
+            json!({
+                "fragments": report.results.len(),
+                "succeeded": ok,
+                "reruns": report.reruns,
+                "mismatches": report.mismatches.iter().map(|m| json!({"fragment": m.fragment, "seller_account": m.seller_account, "seller_node": m.seller_node})).collect::<Vec<_>>(),
+                "per_seller_node": report.per_seller,
+                "leases": report.leases,
+                "cost_cents": report.cost_cents,
+            })
+        );
+        return;
+    }
+    println!("fragments   {} ({} succeeded)", report.results.len(), ok);
+    println!("reruns      {}", report.reruns);
+    for m in &report.mismatches {
+        println!("mismatch    {}: seller node {} (account {}) disagreed with the others", m.fragment, m.seller_node, m.seller_account);
+    }
+    if local {
+        println!("ran locally; no money moved");
+        return;
+    }
+    let per: Vec<String> = report.per_seller.iter().map(|(n, c)| format!("node {n}: {c}")).collect();
+    println!("per seller  {}", per.join(", "));
+    println!("leases      {}", report.leases);
+    println!("cost        {} cents ({} EUR)", report.cost_cents, euros(report.cost_cents));
+}
