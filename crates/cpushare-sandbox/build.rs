@@ -65,6 +65,8 @@ fn main() {
     for example in ["mandelbrot", "crack"] {
         guest(&manifest.join(format!("../../guest/examples/{example}.c")), example);
     }
+    rust_guest(&rustc, &manifest.join("../../guest/rust"), &out);
+
     let guests = manifest.join("tests/guests");
     println!("cargo:rerun-if-changed={}", guests.display());
     for entry in std::fs::read_dir(&guests).unwrap() {
@@ -74,4 +76,37 @@ fn main() {
             guest(&path, &name);
         }
     }
+}
+
+/// The Rust SDK's example, built the way `guest/rust/.cargo/config.toml` builds
+/// it but with rustc alone (a build script cannot run cargo on another
+/// workspace cheaply): the SDK as an rlib, then the example against it.
+fn rust_guest(rustc: &str, sdk: &Path, out: &Path) {
+    let common = ["--edition=2021", "-Cpanic=abort", "-Copt-level=3", "-Cdebuginfo=0", "--target=x86_64-unknown-linux-gnu"];
+    let lib = sdk.join("src/lib.rs");
+    let example = sdk.join("examples/mandelbrot.rs");
+    println!("cargo:rerun-if-changed={}", lib.display());
+    println!("cargo:rerun-if-changed={}", example.display());
+    run(
+        Command::new(rustc).args(common).args(["--crate-type=rlib", "--crate-name=cpushare_guest"]).arg(&lib).arg("--out-dir").arg(out),
+        "the Rust guest SDK",
+    );
+    run(
+        Command::new(rustc)
+            .args(common)
+            .args([
+                "--crate-type=bin",
+                "-Crelocation-model=static",
+                "-Clink-arg=-nostartfiles",
+                "-Clink-arg=-nostdlib",
+                "-Clink-arg=-static",
+                "-Clink-arg=-no-pie",
+                "-Clink-arg=-Wl,--build-id=none",
+            ])
+            .arg(format!("--extern=cpushare_guest={}", out.join("libcpushare_guest.rlib").display()))
+            .arg(&example)
+            .arg("-o")
+            .arg(out.join("rust-mandelbrot")),
+        "the Rust mandelbrot example",
+    );
 }

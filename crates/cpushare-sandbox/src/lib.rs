@@ -21,6 +21,8 @@ pub mod examples {
     /// Searches a key range for a password with a given SHA-256: input
     /// "SHA256HEX CHARSET LENGTH START COUNT", output "found PASSWORD" or "none".
     pub static CRACK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/crack"));
+    /// The Rust SDK's mandelbrot (`guest/rust/examples`): the same output as [`MANDELBROT`].
+    pub static RUST_MANDELBROT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rust-mandelbrot"));
 }
 
 /// Guests for the jail's own tests (honest and hostile); see `tests/guests`.

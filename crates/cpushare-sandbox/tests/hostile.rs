@@ -115,3 +115,68 @@ async fn the_examples_compute_what_they_should() {
     assert_eq!(bad.ending, Ending::Exited(2));
     assert!(String::from_utf8_lossy(&bad.log).contains("expected"));
 }
+
+/// The escape-time formula of `guest/examples/mandelbrot.c`, computed here.
+fn mandelbrot_reference(x0: f64, y0: f64, step: f64, w: usize, h: usize, max: i64) -> Vec<u8> {
+    let mut out = format!("P5\n{w} {h}\n255\n").into_bytes();
+    for j in 0..h {
+        let ci = y0 + j as f64 * step;
+        for i in 0..w {
+            let cr = x0 + i as f64 * step;
+            let (mut zr, mut zi, mut k) = (0.0f64, 0.0f64, 0i64);
+            while k < max && zr * zr + zi * zi < 4.0 {
+                let t = zr * zr - zi * zi + cr;
+                zi = 2.0 * zr * zi + ci;
+                zr = t;
+                k += 1;
+            }
+            out.push(if k == max { 0 } else { (1 + 254 * k / (k + 24)) as u8 });
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn mandelbrot_in_c_and_in_rust_render_the_true_image() {
+    // Numbers that parse exactly, so the reference needs no parser of its own.
+    let input = b"-2.5 -1.25 0.0625 64 40 400";
+    let expected = mandelbrot_reference(-2.5, -1.25, 0.0625, 64, 40, 400);
+    assert!(expected[11..].contains(&0) && expected[11..].iter().any(|&v| v > 100), "the tile holds both the set and its edge");
+    for (language, elf) in [("C", examples::MANDELBROT), ("Rust", examples::RUST_MANDELBROT)] {
+        let r = jail(elf, input, &limits()).await;
+        assert_eq!(r.ending, Ending::Exited(0), "{language}: {}", String::from_utf8_lossy(&r.log));
+        assert!(r.output == expected, "{language} mandelbrot differs from the reference");
+    }
+    // The same numbers in a form whose parse rounds: C and Rust still agree to the byte.
+    let input = b"-0.7453 0.1127 0.0000013 96 64 3000";
+    let c = jail(examples::MANDELBROT, input, &limits()).await;
+    let rust = jail(examples::RUST_MANDELBROT, input, &limits()).await;
+    assert_eq!(c.ending, Ending::Exited(0));
+    assert!(c.output == rust.output, "C and Rust mandelbrot disagree");
+    let bad = jail(examples::RUST_MANDELBROT, b"1 2 three", &limits()).await;
+    assert_eq!(bad.ending, Ending::Exited(2));
+    assert_eq!(bad.log, b"mandelbrot: expected six numbers: X0 Y0 STEP WIDTH HEIGHT MAXITER\n");
+}
+
+/// What a buyer does with the Rust SDK: `cargo build` in `guest/rust`, using
+/// its `.cargo/config.toml`, gives a program the jail runs.
+#[tokio::test]
+async fn the_rust_sdk_builds_with_cargo() {
+    let sdk = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest/rust");
+    let target = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO"))
+        .current_dir(&sdk)
+        .args(["build", "--offline", "--release", "--example", "mandelbrot", "--target-dir"])
+        .arg(target.path())
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let elf = std::fs::read(target.path().join("x86_64-unknown-linux-gnu/release/examples/mandelbrot")).unwrap();
+    let input = b"-2.0 -1.2 0.01 120 80 300";
+    let built = jail(&elf, input, &limits()).await;
+    assert_eq!(built.ending, Ending::Exited(0), "{}", String::from_utf8_lossy(&built.log));
+    assert!(built.output == jail(examples::MANDELBROT, input, &limits()).await.output);
+}

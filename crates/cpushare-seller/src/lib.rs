@@ -166,6 +166,8 @@ pub struct Seller {
     probe: Probe,
     cache: Mutex<ProgramCache>,
     leases: Mutex<HashMap<u64, JoinHandle<()>>>,
+    /// This node's sell orders, as the exchange last registered them.
+    orders: Mutex<Vec<u64>>,
 }
 
 impl Seller {
@@ -181,7 +183,7 @@ impl Seller {
             );
         }
         tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, "measured");
-        Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default() }))
+        Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default() }))
     }
 
     pub fn probe(&self) -> &Probe {
@@ -221,8 +223,35 @@ impl Seller {
             }
             backoff = (backoff * 2).min(Duration::from_secs(30));
         }
+        self.stop_leases();
+        self.withdraw().await;
+    }
+
+    /// Stops every lease worker, and with it its jail and relay.
+    pub fn stop_leases(&self) {
         for (_, task) in self.leases.lock().unwrap().drain() {
             task.abort();
+        }
+    }
+
+    /// A seller that stops on purpose takes its slots off the book at once,
+    /// rather than leaving buyers to wait for the heartbeat timeout. Best
+    /// effort: if the exchange is unreachable, the timeout does the same.
+    async fn withdraw(&self) {
+        let orders = std::mem::take(&mut *self.orders.lock().unwrap());
+        let cancel_all = async {
+            let mut conn = self.node.connect().await?;
+            for order in orders {
+                if let Err(e) = conn.exchange.cancel_order(pb::CancelOrderRequest { order }).await {
+                    tracing::warn!(order, "could not withdraw the slot: {}", e.message());
+                }
+            }
+            anyhow::Ok(())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), cancel_all).await {
+            Ok(Ok(())) => tracing::info!("slots withdrawn"),
+            Ok(Err(e)) => tracing::warn!("could not withdraw the slots: {e:#}"),
+            Err(_) => tracing::warn!("could not withdraw the slots in time"),
         }
     }
 
@@ -255,6 +284,7 @@ impl Seller {
                 match message?.body {
                     Some(Heard::Registered(r)) => {
                         tracing::info!(slots = r.orders.len(), leases = r.leases.len(), "registered");
+                        *self.orders.lock().unwrap() = r.orders.clone();
                         let live: Vec<u64> = r.leases.iter().map(|l| l.lease).collect();
                         self.leases.lock().unwrap().retain(|lease, task| {
                             let keep = live.contains(lease);

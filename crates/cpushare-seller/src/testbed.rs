@@ -28,7 +28,8 @@ pub struct SellerHandle {
     pub account: u64,
     pub node: NodeConfig,
     pub seller: Arc<Seller>,
-    stop: watch::Sender<bool>,
+    /// Held so the seller runs until killed (a dropped sender reads as "stop").
+    _stop: watch::Sender<bool>,
     task: JoinHandle<()>,
 }
 
@@ -36,9 +37,9 @@ impl SellerHandle {
     /// The seller vanishes: its session and relays drop and its jails die, without
     /// a word to the exchange (as when its machine loses power).
     pub fn kill(self) {
-        // `run` stops its lease workers (and so their jails) when told to stop.
-        let _ = self.stop.send(true);
-        drop(self.task);
+        // Not `stop`: a seller that stops on purpose withdraws its slots first.
+        self.task.abort();
+        self.seller.stop_leases();
     }
 }
 
@@ -93,7 +94,7 @@ impl Testbed {
             async move { seller.run(stopped).await }
         });
         let account = node.account;
-        self.sellers.push(SellerHandle { name: name.into(), account, node, seller, stop, task });
+        self.sellers.push(SellerHandle { name: name.into(), account, node, seller, _stop: stop, task });
         // Ready once its slots are on the market.
         let mut conn = self.sellers.last().unwrap().node.connect().await?;
         for _ in 0..200 {

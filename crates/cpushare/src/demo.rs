@@ -49,12 +49,16 @@ struct Chaos {
     bar: ProgressBar,
     victim: Mutex<Option<SellerHandle>>,
     killed: AtomicBool,
+    /// Stdout carries the JSON report: the story goes to stderr.
+    json: bool,
 }
 
 impl Chaos {
     fn say(&self, line: String) {
         // Above the bar on a terminal; plainly otherwise (the bar is then hidden).
-        if self.bar.is_hidden() {
+        if self.json {
+            eprintln!("{line}");
+        } else if self.bar.is_hidden() {
             println!("{line}");
         } else {
             self.bar.println(line);
@@ -83,14 +87,16 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<()> {
     let started = Instant::now();
     let tmp = std::env::temp_dir().join(format!("cpushare-demo-{}", std::process::id()));
     let _cleanup = Cleanup(tmp.clone());
-    println!("starting an exchange, three sellers and a buyer on localhost (in {})", tmp.display());
+    // The story of the run; with --json, stdout carries only the report.
+    let say = |line: String| if out.json { eprintln!("{line}") } else { println!("{line}") };
+    say(format!("starting an exchange, three sellers and a buyer on localhost (in {})", tmp.display()));
     let mut tb = Testbed::start(&tmp, 3).await.context("starting the exchange")?;
     for (name, price) in SELLERS {
         let s = tb.seller(name, 1, price, |_| {}).await.with_context(|| format!("starting seller {name}"))?;
-        println!("   seller {name}: 1 slot at {price} cents per CPU-hour, {} MFLOPS", s.seller.probe().score);
+        say(format!("   seller {name}: 1 slot at {price} cents per CPU-hour, {} MFLOPS", s.seller.probe().score));
     }
     let buyer = tb.member("buyer", 20_000).await?;
-    println!("   buyer: 200.00 EUR deposited (an hour's escrow for three CPUs is held while it runs)");
+    say("   buyer: 200.00 EUR deposited (an hour's escrow for three CPUs is held while it runs)".into());
 
     // Tiles, row by row.
     let (cols, rows) = (args.width / TILE_W, args.height / TILE_H);
@@ -109,7 +115,7 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<()> {
         })
         .collect();
     let total = fragments.len();
-    println!("rendering a {}x{} Mandelbrot image in {total} tiles across the sellers", cols * TILE_W, rows * TILE_H);
+    say(format!("rendering a {}x{} Mandelbrot image in {total} tiles across the sellers", cols * TILE_W, rows * TILE_H));
     let job = Job {
         program: examples::MANDELBROT.to_vec(),
         args: vec!["mandelbrot".into()],
@@ -119,9 +125,9 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<()> {
         requirements: pb::Requirements { kind: kind_to(SandboxKind::SeccompStrict) as i32, ..Default::default() },
         replicas: 1,
     };
-    let bar = bar(total);
+    let bar = if out.json { ProgressBar::hidden() } else { bar(total) };
     let victim = if args.no_faults { None } else { Some(tb.sellers.remove(1)) };
-    let chaos = Arc::new(Chaos { bar: bar.clone(), victim: Mutex::new(victim), killed: AtomicBool::new(false) });
+    let chaos = Arc::new(Chaos { bar: bar.clone(), victim: Mutex::new(victim), killed: AtomicBool::new(false), json: out.json });
     let report = cpushare_buyer::run(buyer.connect().await?, job, chaos.clone()).await?;
     bar.finish_and_clear();
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod examples_cmd;
 mod exchange_cmd;
 mod node_cmd;
 mod sim;
@@ -43,6 +44,9 @@ enum Command {
     Sell(work_cmd::SellArgs),
     /// Run a program over a directory of inputs on rented CPUs (or --local).
     Run(work_cmd::RunArgs),
+    /// Write the SDK's example programs (mandelbrot, crack) and inputs for
+    /// them, ready for `cpushare run`.
+    Examples(examples_cmd::ExamplesArgs),
     /// Simulate a whole market (sellers, buyers, churn) to size the exchange.
     ///
     /// Deterministic: the same seed and sizes always give the same trades.
@@ -90,11 +94,12 @@ fn main() -> anyhow::Result<()> {
     let out = table::Output { json: cli.json };
     match cli.command {
         Command::Sim(args) => sim::run(args),
+        Command::Examples(args) => examples_cmd::run(args),
         command => {
             let runtime = tokio::runtime::Runtime::new()?;
             runtime.block_on(async move {
                 match command {
-                    Command::Sim(_) => unreachable!(),
+                    Command::Sim(_) | Command::Examples(_) => unreachable!(),
                     Command::Demo(args) => demo::run(args, out).await,
                     Command::Sell(args) => work_cmd::sell(args, &config, out).await,
                     Command::Run(args) => work_cmd::run(args, &config, out).await,

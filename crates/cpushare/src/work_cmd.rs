@@ -53,13 +53,17 @@ pub async fn sell(args: SellArgs, config: &Path, out: Output) -> anyhow::Result<
         "selling {} slot(s) of {} MiB at {} cents per CPU-hour: {} MFLOPS per CPU, kernel {}, seccomp strict works, {} ms to the exchange",
         args.cpus, seller_config.ram_per_slot_mib, args.price, p.score, p.kernel, p.latency_ms
     );
-    println!("(Ctrl-C stops; `cpushare sell --status` shows slots, leases and earnings)");
+    println!("(Ctrl-C or SIGTERM stops; `cpushare sell --status` shows slots, leases and earnings)");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn({
         let seller = seller.clone();
         async move { seller.run(stopped).await }
     });
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     let _ = stop.send(true);
     let _ = task.await;
     Ok(())
