@@ -6,6 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = format!("{root}/cpushare/v1/exchange.proto");
     println!("cargo:rerun-if-changed={file}");
     let fds = protox::compile([&file], [root])?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Bulk data as `Bytes`: decoding slices the received buffer instead of copying it.
+    tonic_prost_build::configure()
+        .bytes(".cpushare.v1.RelayFrame.data")
+        .bytes(".cpushare.v1.Chunk.data")
+        .bytes(".cpushare.v1.Outcome.output")
+        .compile_fds(fds)?;
     Ok(())
 }

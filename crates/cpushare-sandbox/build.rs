@@ -7,9 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn run(cmd: &mut Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("cannot run the compiler for {what}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the compiler for {what}: {e}"));
     if !out.status.success() {
-        panic!("building {what} failed:\n{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        panic!(
+            "building {what} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -21,23 +27,24 @@ fn main() {
     let loader_src = manifest.join("loader/main.rs");
     println!("cargo:rerun-if-changed={}", loader_src.display());
     run(
-        Command::new(&rustc).args([
-            "--edition=2021",
-            "--crate-type=bin",
-            "-Cpanic=abort",
-            "-Copt-level=2",
-            "-Cdebuginfo=0",
-            "-Cstrip=symbols",
-            "-Crelocation-model=pic",
-            "-Clink-arg=-nostartfiles",
-            "-Clink-arg=-static",
-            "-Clink-arg=-no-pie",
-            "-Clink-arg=-Wl,--image-base=0x7e0000000000",
-            "-Clink-arg=-Wl,--build-id=none",
-        ])
-        .arg(&loader_src)
-        .arg("-o")
-        .arg(out.join("cpushare-loader")),
+        Command::new(&rustc)
+            .args([
+                "--edition=2021",
+                "--crate-type=bin",
+                "-Cpanic=abort",
+                "-Copt-level=2",
+                "-Cdebuginfo=0",
+                "-Cstrip=symbols",
+                "-Crelocation-model=pic",
+                "-Clink-arg=-nostartfiles",
+                "-Clink-arg=-static",
+                "-Clink-arg=-no-pie",
+                "-Clink-arg=-Wl,--image-base=0x7e0000000000",
+                "-Clink-arg=-Wl,--build-id=none",
+            ])
+            .arg(&loader_src)
+            .arg("-o")
+            .arg(out.join("cpushare-loader")),
         "the jail's loader",
     );
 
@@ -47,7 +54,16 @@ fn main() {
         println!("cargo:rerun-if-changed={}", src.display());
         run(
             Command::new(&cc)
-                .args(["-O2", "-static", "-nostdlib", "-ffreestanding", "-fno-pie", "-no-pie", "-fno-stack-protector", "-fcf-protection=none"])
+                .args([
+                    "-O2",
+                    "-static",
+                    "-nostdlib",
+                    "-ffreestanding",
+                    "-fno-pie",
+                    "-no-pie",
+                    "-fno-stack-protector",
+                    "-fcf-protection=none",
+                ])
                 .arg(format!("-I{}", sdk.display()))
                 .arg("-T")
                 .arg(sdk.join("cpushare.ld"))
@@ -63,7 +79,10 @@ fn main() {
         println!("cargo:rerun-if-changed={}", sdk.join(f).display());
     }
     for example in ["mandelbrot", "crack"] {
-        guest(&manifest.join(format!("../../guest/examples/{example}.c")), example);
+        guest(
+            &manifest.join(format!("../../guest/examples/{example}.c")),
+            example,
+        );
     }
     rust_guest(&rustc, &manifest.join("../../guest/rust"), &out);
 
@@ -82,31 +101,47 @@ fn main() {
 /// it but with rustc alone (a build script cannot run cargo on another
 /// workspace cheaply): the SDK as an rlib, then the example against it.
 fn rust_guest(rustc: &str, sdk: &Path, out: &Path) {
-    let common = ["--edition=2021", "-Cpanic=abort", "-Copt-level=3", "-Cdebuginfo=0", "--target=x86_64-unknown-linux-gnu"];
+    let common = [
+        "--edition=2021",
+        "-Cpanic=abort",
+        "-Copt-level=3",
+        "-Cdebuginfo=0",
+        "--target=x86_64-unknown-linux-gnu",
+    ];
     let lib = sdk.join("src/lib.rs");
-    let example = sdk.join("examples/mandelbrot.rs");
     println!("cargo:rerun-if-changed={}", lib.display());
-    println!("cargo:rerun-if-changed={}", example.display());
-    run(
-        Command::new(rustc).args(common).args(["--crate-type=rlib", "--crate-name=cpushare_guest"]).arg(&lib).arg("--out-dir").arg(out),
-        "the Rust guest SDK",
-    );
     run(
         Command::new(rustc)
             .args(common)
-            .args([
-                "--crate-type=bin",
-                "-Crelocation-model=static",
-                "-Clink-arg=-nostartfiles",
-                "-Clink-arg=-nostdlib",
-                "-Clink-arg=-static",
-                "-Clink-arg=-no-pie",
-                "-Clink-arg=-Wl,--build-id=none",
-            ])
-            .arg(format!("--extern=cpushare_guest={}", out.join("libcpushare_guest.rlib").display()))
-            .arg(&example)
-            .arg("-o")
-            .arg(out.join("rust-mandelbrot")),
-        "the Rust mandelbrot example",
+            .args(["--crate-type=rlib", "--crate-name=cpushare_guest"])
+            .arg(&lib)
+            .arg("--out-dir")
+            .arg(out),
+        "the Rust guest SDK",
     );
+    for name in ["mandelbrot", "wordcount"] {
+        let example = sdk.join(format!("examples/{name}.rs"));
+        println!("cargo:rerun-if-changed={}", example.display());
+        run(
+            Command::new(rustc)
+                .args(common)
+                .args([
+                    "--crate-type=bin",
+                    "-Crelocation-model=static",
+                    "-Clink-arg=-nostartfiles",
+                    "-Clink-arg=-nostdlib",
+                    "-Clink-arg=-static",
+                    "-Clink-arg=-no-pie",
+                    "-Clink-arg=-Wl,--build-id=none",
+                ])
+                .arg(format!(
+                    "--extern=cpushare_guest={}",
+                    out.join("libcpushare_guest.rlib").display()
+                ))
+                .arg(&example)
+                .arg("-o")
+                .arg(out.join(format!("rust-{name}"))),
+            "a Rust SDK example",
+        );
+    }
 }

@@ -78,6 +78,80 @@ static inline size_t cs_utoa(unsigned long v, char *buf) {
     return n;
 }
 
+/*
+ * Stream mode (run with `cpushare run --stream`): one jail serves many
+ * fragments, which matters when fragments are small (starting a jail costs
+ * about half a millisecond). The program loops:
+ *
+ *   long n;
+ *   while ((n = cs_stream_next(buf, sizeof buf)) != CS_STREAM_END) {
+ *       if (n == CS_STREAM_TOO_LARGE) { cs_log("too large"); cs_stream_end(2); continue; }
+ *       ... cs_stream_write(result, len); ...
+ *       cs_stream_end(0);
+ *   }
+ *   return 0;
+ *
+ * Each fragment's log is what the program writes to fd 2 while it runs.
+ * Inputs arrive on fd 0 as an 8-byte little-endian length and the bytes;
+ * output goes to fd 1 as records (1, u32 length, bytes) and the end of a
+ * fragment as (2, i32 status).
+ */
+#define CS_STREAM_END (-1L)
+#define CS_STREAM_TOO_LARGE (-2L)
+
+/* Reads exactly n bytes; 0 on success, -1 at end of input or on error. */
+static inline int cs_read_exact(int fd, void *buf, size_t n) {
+    while (n > 0) {
+        long r = cs_read(fd, buf, n);
+        if (r <= 0) return -1;
+        buf = (char *)buf + r;
+        n -= (size_t)r;
+    }
+    return 0;
+}
+
+/* The next fragment's input into buf: its length, CS_STREAM_END when there is
+ * no more work, or CS_STREAM_TOO_LARGE (the input was skipped; end the
+ * fragment with a failure status). */
+static inline long cs_stream_next(void *buf, size_t cap) {
+    unsigned char head[8];
+    if (cs_read_exact(0, head, 8)) return CS_STREAM_END;
+    uint64_t n = 0;
+    for (int i = 7; i >= 0; i--) n = (n << 8) | head[i];
+    if (n > cap) {
+        char skip[4096];
+        while (n > 0) {
+            size_t step = n < sizeof skip ? (size_t)n : sizeof skip;
+            if (cs_read_exact(0, skip, step)) return CS_STREAM_END;
+            n -= step;
+        }
+        return CS_STREAM_TOO_LARGE;
+    }
+    if (cs_read_exact(0, buf, (size_t)n)) return CS_STREAM_END;
+    return (long)n;
+}
+
+static inline void cs_stream_record(unsigned char kind, uint32_t v) {
+    unsigned char head[5] = {kind, (unsigned char)v, (unsigned char)(v >> 8), (unsigned char)(v >> 16), (unsigned char)(v >> 24)};
+    cs_write_all(1, head, 5);
+}
+
+/* Part of the current fragment's output. */
+static inline long cs_stream_write(const void *buf, size_t n) {
+    while (n > 0) {
+        uint32_t step = n > 0x40000000u ? 0x40000000u : (uint32_t)n;
+        cs_stream_record(1, step);
+        long r = cs_write_all(1, buf, step);
+        if (r) return r;
+        buf = (const char *)buf + step;
+        n -= step;
+    }
+    return 0;
+}
+
+/* The current fragment is done: 0 for success, anything else fails it. */
+static inline void cs_stream_end(int status) { cs_stream_record(2, (uint32_t)status); }
+
 int main(void);
 
 #endif

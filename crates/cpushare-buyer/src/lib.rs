@@ -2,8 +2,8 @@
 //! result back even when sellers vanish.
 //!
 //! A job is a static program and a list of fragments (inputs). [`run`] places
-//! a buy order, serves each lease it gets with one fragment at a time (two in
-//! flight, so the seller never waits), reruns elsewhere whatever a lost lease
+//! a buy order, serves each lease it gets with fragments sent ahead (so the
+//! seller never waits, up to a few megabytes), reruns elsewhere whatever a lost lease
 //! had in flight, and cancels the order when every fragment has its result.
 //! With `replicas: 2` each fragment runs on two sellers of different accounts;
 //! outputs are compared and a third run settles a mismatch, naming the seller
@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use cpushare_exchange::client::Connection;
 use cpushare_proto::v1::{self as pb, job_message::Body as Say};
-use cpushare_sandbox::{jail, Ending, Limits, Options, Program};
+use cpushare_sandbox::{jail, Ending, Limits, Options, Program, Session};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
@@ -24,9 +24,17 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 /// Bytes per relay frame.
-const CHUNK: usize = 256 << 10;
-/// Fragments sent ahead to one lease.
-const WINDOW: usize = 2;
+const CHUNK: usize = 1 << 20;
+/// Room made ahead for one output, whatever size a seller announces.
+const MAX_OUTPUT: u64 = 256 << 20;
+/// Fragments sent ahead to one lease: at most this many...
+const WINDOW: usize = 32;
+/// A fragment answered this soon after the one before is quick: see `work`.
+const QUICK: std::time::Duration = std::time::Duration::from_millis(5);
+/// ...and, beyond two (one running, one on its way), at most this many bytes
+/// of input. Small fragments keep the seller busy; big ones do not pile up in
+/// memory.
+const WINDOW_BYTES: usize = 4 << 20;
 
 /// One piece of work: a name (for output files) and its input.
 #[derive(Debug, Clone)]
@@ -48,6 +56,8 @@ pub struct Job {
     pub requirements: pb::Requirements,
     /// Runs per fragment on sellers of different accounts (1 or 2).
     pub replicas: u32,
+    /// The program serves many fragments in one jail (the SDK's stream mode).
+    pub stream: bool,
 }
 
 /// What became of one fragment.
@@ -139,6 +149,11 @@ impl Farm {
     }
 
     /// A fragment this seller account may run: one it has not run, and not now.
+    /// Runs waiting to be handed out.
+    fn waiting(&self) -> usize {
+        self.queue.len()
+    }
+
     fn take(&mut self, account: u64) -> Option<usize> {
         let pos = self.queue.iter().position(|&i| {
             let s = &self.slots[i];
@@ -151,12 +166,18 @@ impl Farm {
 
     /// A fragment in flight on a lease that ended goes back in the queue.
     fn lost(&mut self, i: usize, account: u64) {
+        self.give_back(i, account, true);
+    }
+
+    /// A fragment handed to a lease goes back in the queue; `ran` if the
+    /// seller had it (a rerun), not if it was still waiting to be sent.
+    fn give_back(&mut self, i: usize, account: u64, ran: bool) {
         let s = &mut self.slots[i];
         if let Some(p) = s.in_flight.iter().position(|a| *a == account) {
             s.in_flight.remove(p);
             if s.result.is_none() {
                 self.queue.push_front(i);
-                self.reruns += 1;
+                self.reruns += ran as u32;
             }
         }
     }
@@ -209,7 +230,22 @@ impl Farm {
 }
 
 fn job_frame(body: Say) -> pb::RelayFrame {
-    pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec() }
+    pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() }
+}
+
+/// A program as chunks for the relay; the first carries the whole size, and
+/// there is always at least one.
+fn chunks(fragment: u64, data: &[u8]) -> impl Iterator<Item = pb::Chunk> + '_ {
+    let count = data.len().div_ceil(CHUNK).max(1);
+    (0..count).map(move |k| {
+        let part = &data[(k * CHUNK).min(data.len())..((k + 1) * CHUNK).min(data.len())];
+        pb::Chunk {
+            fragment,
+            data: prost::bytes::Bytes::copy_from_slice(part),
+            last: k + 1 == count,
+            size: if k == 0 { data.len() as u64 } else { 0 },
+        }
+    })
 }
 
 fn status(s: tonic::Status) -> anyhow::Error {
@@ -288,8 +324,12 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
         }
     }
     let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
-    for (_, w) in workers {
+    for w in workers.values() {
         w.abort();
+    }
+    // Aborting only asks; each must be gone before the farm is ours alone.
+    for (_, w) in workers {
+        let _ = w.await;
     }
     let after = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
     let farm = Arc::try_unwrap(farm).ok().map(|m| m.into_inner().unwrap()).context("workers still hold the farm")?;
@@ -316,24 +356,25 @@ async fn work(
     lease: u64,
     account: u64,
     node: u64,
-    mut conn: Connection,
+    conn: Connection,
     farm: &Mutex<Farm>,
     changed: &Notify,
     job: &Job,
     sha: [u8; 32],
     progress: &dyn Progress,
 ) -> anyhow::Result<()> {
+    // A connection of its own, so relays to several sellers run on several cores.
+    let mut conn = conn.another().await?;
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
-    out.send(pb::RelayFrame { lease, data: Vec::new() }).await?;
+    out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
     let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
-    out.send(job_frame(Say::Offer(pb::ProgramOffer { sha256: sha.to_vec(), size: job.program.len() as u64, args: job.args.clone() })))
-        .await?;
+    let offer = pb::ProgramOffer { sha256: sha.to_vec(), size: job.program.len() as u64, args: job.args.clone(), stream: job.stream };
+    out.send(job_frame(Say::Offer(offer))).await?;
     match next(&mut inbound).await? {
         Some(Say::Ready(_)) => {}
         Some(Say::Wanted(_)) => {
-            let mut chunks = job.program.chunks(CHUNK).peekable();
-            while let Some(c) = chunks.next() {
-                out.send(job_frame(Say::Program(pb::Chunk { fragment: 0, data: c.to_vec(), last: chunks.peek().is_none() }))).await?;
+            for c in chunks(0, &job.program) {
+                out.send(job_frame(Say::Program(c))).await?;
             }
             match next(&mut inbound).await? {
                 Some(Say::Ready(_)) => {}
@@ -344,21 +385,36 @@ async fn work(
     }
     progress.note(&format!("lease {lease}: seller ready"));
 
+    // Fragments sent (or being sent) whose results have not come back, oldest first.
     let mut in_flight: VecDeque<usize> = VecDeque::new();
+    let mut in_flight_bytes = 0;
+    // The part of `in_flight` still to upload, and how far into its first one.
+    let mut to_send: VecDeque<usize> = VecDeque::new();
+    let mut sent_of_first = 0;
+    let mut output = Vec::new();
+    // Two in flight (one running, one on its way) unless fragments turn out to
+    // be quick, when the window doubles so the seller does not wait on the
+    // round trip; slow ones bring it back to two.
+    let mut window = 2;
+    let mut last_answer = std::time::Instant::now();
     let result = async {
         loop {
             // Fill the window.
-            while in_flight.len() < WINDOW {
-                let Some(i) = farm.lock().unwrap().take(account) else { break };
-                let input = &job.fragments[i].input;
-                let mut chunks = input.chunks(CHUNK).peekable();
-                if chunks.peek().is_none() {
-                    out.send(job_frame(Say::Input(pb::Chunk { fragment: i as u64, data: Vec::new(), last: true }))).await?;
-                }
-                while let Some(c) = chunks.next() {
-                    out.send(job_frame(Say::Input(pb::Chunk { fragment: i as u64, data: c.to_vec(), last: chunks.peek().is_none() }))).await?;
-                }
+            while in_flight.len() < window && (in_flight.len() < 2 || in_flight_bytes < WINDOW_BYTES) {
+                let taken = {
+                    let mut f = farm.lock().unwrap();
+                    // Beyond two, no more than this lease's share of what waits, so a
+                    // lease that came first does not hoard the work of a short job.
+                    if in_flight.len() >= 2 && in_flight.len() >= f.waiting() / job.cpus.max(1) as usize {
+                        None
+                    } else {
+                        f.take(account)
+                    }
+                };
+                let Some(i) = taken else { break };
                 in_flight.push_back(i);
+                to_send.push_back(i);
+                in_flight_bytes += job.fragments[i].input.len();
             }
             let Some(&i) = in_flight.front() else {
                 // Nothing for this seller now: wait for news, stop when all is settled.
@@ -368,17 +424,48 @@ async fn work(
                 changed.notified().await;
                 continue;
             };
+            // Upload and download at once: a seller sending back one big output
+            // must not wait for the next input to finish arriving.
+            let message = match to_send.front() {
+                Some(&up) => tokio::select! {
+                    permit = out.reserve() => {
+                        let input = &job.fragments[up].input;
+                        let end = (sent_of_first + CHUNK).min(input.len());
+                        permit?.send(job_frame(Say::Input(pb::Chunk {
+                            fragment: up as u64,
+                            data: prost::bytes::Bytes::copy_from_slice(&input[sent_of_first..end]),
+                            last: end == input.len(),
+                            size: if sent_of_first == 0 { input.len() as u64 } else { 0 },
+                        })));
+                        sent_of_first = end;
+                        if end == input.len() {
+                            to_send.pop_front();
+                            sent_of_first = 0;
+                        }
+                        continue;
+                    }
+                    message = next(&mut inbound) => message?,
+                },
+                None => next(&mut inbound).await?,
+            };
             // The oldest fragment's output, then its outcome.
-            let mut output = Vec::new();
-            let outcome = loop {
-                match next(&mut inbound).await? {
-                    Some(Say::Output(c)) if c.fragment == i as u64 => output.extend_from_slice(&c.data),
-                    Some(Say::Outcome(o)) if o.fragment == i as u64 => break o,
-                    None => anyhow::bail!("the relay closed"),
-                    other => anyhow::bail!("unexpected message from the seller: {other:?}"),
+            let outcome = match message {
+                Some(Say::Output(c)) if c.fragment == i as u64 => {
+                    if output.is_empty() {
+                        output.reserve(c.size.min(MAX_OUTPUT) as usize);
+                    }
+                    output.extend_from_slice(&c.data);
+                    continue;
                 }
+                Some(Say::Outcome(o)) if o.fragment == i as u64 => {
+                    output.extend_from_slice(&o.output);
+                    o
+                }
+                None => anyhow::bail!("the relay closed"),
+                other => anyhow::bail!("unexpected message from the seller: {other:?}"),
             };
             in_flight.pop_front();
+            in_flight_bytes -= job.fragments[i].input.len();
             let mut f = farm.lock().unwrap();
             if outcome.seller_fault {
                 f.lost(i, account);
@@ -386,17 +473,25 @@ async fn work(
                 anyhow::bail!("the seller failed: {}", outcome.killed);
             }
             let ending = if outcome.killed.is_empty() { format!("exited with status {}", outcome.exit_code) } else { outcome.killed };
-            let answer = Answer { output, success: outcome.success, ending, log: outcome.log };
+            let answer = Answer { output: std::mem::take(&mut output), success: outcome.success, ending, log: outcome.log };
             f.answer(i, account, node, answer);
             drop(f);
             changed.notify_waiters();
+            let gap = std::mem::replace(&mut last_answer, std::time::Instant::now()).elapsed();
+            if gap < QUICK {
+                window = (window * 2).min(WINDOW);
+            } else if gap > 10 * QUICK {
+                window = 2;
+            }
         }
     }
     .await;
     // Whatever is still in flight runs elsewhere.
     let mut f = farm.lock().unwrap();
-    for i in in_flight {
-        f.lost(i, account);
+    let unsent = to_send.len() - (sent_of_first > 0) as usize;
+    let sent = in_flight.len() - unsent;
+    for (k, i) in in_flight.into_iter().enumerate() {
+        f.give_back(i, account, k < sent);
     }
     drop(f);
     changed.notify_waiters();
@@ -409,7 +504,7 @@ async fn next(inbound: &mut tonic::Streaming<pb::RelayFrame>) -> anyhow::Result<
         if frame.data.is_empty() {
             continue;
         }
-        if let Some(body) = pb::JobMessage::decode(frame.data.as_slice()).context("a malformed job message")?.body {
+        if let Some(body) = pb::JobMessage::decode(frame.data).context("a malformed job message")?.body {
             return Ok(Some(body));
         }
     }
@@ -430,10 +525,14 @@ pub async fn run_local(job: Job, parallel: usize, limits: Limits, debuggable: bo
         tasks.push(tokio::spawn(async move {
             let args: Vec<&str> = job.args.iter().map(|s| s.as_str()).collect();
             let options = Options { debuggable, ..Options::default() };
+            let mut session = job.stream.then(|| Session::new(program.clone(), &args, limits.clone(), options.clone()));
             loop {
                 let Some(i) = queue.lock().unwrap().pop_front() else { return Ok::<_, anyhow::Error>(()) };
                 let f = &job.fragments[i];
-                let r = jail::run(&program, &args, f.input.clone(), &limits, &options).await?;
+                let r = match &mut session {
+                    Some(session) => session.run(&f.input).await?,
+                    None => jail::run(&program, &args, f.input.clone(), &limits, &options).await?,
+                };
                 let mut all = results.lock().unwrap();
                 all[i] = Some(FragmentResult {
                     name: f.name.clone(),
@@ -479,6 +578,7 @@ mod tests {
             max_price: 1,
             requirements: pb::Requirements::default(),
             replicas,
+            stream: false,
         }
     }
 

@@ -35,6 +35,7 @@ async fn fragments_run_across_sellers_and_come_back_in_order() {
         max_price: 4000,
         requirements: requirements(),
         replicas: 1,
+        stream: false,
     };
     let report = run(buyer.connect().await.unwrap(), job, Arc::new(())).await.unwrap();
     assert_eq!(report.results.len(), 15);
@@ -76,6 +77,7 @@ async fn a_seller_killed_mid_fragment_loses_only_that_fragment() {
         max_price: 4000,
         requirements: requirements(),
         replicas: 1,
+        stream: false,
     };
     let conn = buyer.connect().await.unwrap();
     let running = tokio::spawn(run(conn, job, Arc::new(())));
@@ -109,6 +111,7 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
         max_price: 4000,
         requirements: requirements(),
         replicas: 2,
+        stream: false,
     };
     let report = run(buyer.connect().await.unwrap(), job, Arc::new(())).await.unwrap();
     // Every kept output is the honest one (checked against a local run).
@@ -121,6 +124,7 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
             max_price: 0,
             requirements: requirements(),
             replicas: 1,
+            stream: false,
         },
         2,
         cpushare_sandbox::Limits::default(),
@@ -134,4 +138,40 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
     }
     assert!(!report.mismatches.is_empty(), "the liar was caught");
     assert!(report.mismatches.iter().all(|m| m.seller_account == liar), "{:?}", report.mismatches);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stream_job_runs_many_small_fragments_and_reports_each_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 5).await.unwrap();
+    for name in ["s1", "s2", "s3"] {
+        tb.seller(name, 1, 3600, |_| {}).await.unwrap();
+    }
+    let buyer = tb.member("buyer", 100_000).await.unwrap();
+    let mut fragments: Vec<Fragment> = (0..600).map(|i| Fragment { name: format!("f{i}"), input: format!("word {i}").into_bytes() }).collect();
+    fragments[100].input = b"crash".to_vec();
+    fragments[200].input = b"log".to_vec();
+    fragments[300].input = b"fail".to_vec();
+    let job = Job {
+        program: cpushare_sandbox::test_guests::STREAM.to_vec(),
+        args: vec!["stream".into()],
+        fragments,
+        cpus: 3,
+        max_price: 4000,
+        requirements: requirements(),
+        replicas: 1,
+        stream: true,
+    };
+    let report = run(buyer.connect().await.unwrap(), job, Arc::new(())).await.unwrap();
+    assert_eq!(report.results.len(), 600);
+    for (i, r) in report.results.iter().enumerate() {
+        match i {
+            100 => assert!(!r.success && r.ending.starts_with("killed: segmentation fault at 0x8"), "{}", r.ending),
+            200 => assert_eq!((r.success, r.log.as_slice(), r.output.as_slice()), (true, &b"stream: a line for this fragment\n"[..], &b"LOG"[..])),
+            300 => assert_eq!((r.success, r.ending.as_str()), (false, "exited with status 3")),
+            _ => assert_eq!((r.success, String::from_utf8_lossy(&r.output).into_owned()), (true, format!("WORD {i}"))),
+        }
+    }
+    assert_eq!(report.reruns, 0);
+    assert!(report.per_seller.len() >= 2, "the work spread: {:?}", report.per_seller);
 }

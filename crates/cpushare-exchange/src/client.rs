@@ -49,6 +49,60 @@ pub struct Connection {
     pub seen_ca: SeenCa,
     /// The underlying channel, for clients of other shapes.
     pub channel: Channel,
+    dialer: Dialer,
+}
+
+impl Connection {
+    /// A second connection with the same identity and trust. One HTTP/2
+    /// connection is one TLS stream, handled on one core at each end: bulk
+    /// transfers in parallel (a buyer's relays to several sellers) each want
+    /// their own.
+    pub async fn another(&self) -> anyhow::Result<Connection> {
+        self.dialer.dial(self.seen_ca.clone()).await
+    }
+}
+
+/// What it takes to open a connection: TLS settings and the address.
+#[derive(Clone)]
+struct Dialer {
+    url: String,
+    host: String,
+    port: u16,
+    tls: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Dialer {
+    async fn dial(&self, seen_ca: SeenCa) -> anyhow::Result<Connection> {
+        let (tls, server_name, host, port) = (self.tls.clone(), self.server_name.clone(), self.host.clone(), self.port);
+        let connector = tower::service_fn(move |_: Uri| {
+            let (tls, server_name, host) = (tls.clone(), server_name.clone(), host.clone());
+            async move {
+                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        // The scheme only tells tonic not to add TLS of its own: the connector does it.
+        let channel = Endpoint::from_shared(format!("http://{}:{port}", "exchange"))?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .http2_keep_alive_interval(std::time::Duration::from_secs(20))
+            .tcp_nodelay(true)
+            .initial_stream_window_size(crate::STREAM_WINDOW)
+            .initial_connection_window_size(crate::CONNECTION_WINDOW)
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the exchange at {}: {}", self.url, error_chain(&e)))?;
+        let f: fn(Request<()>) -> Result<Request<()>, Status> = add_version;
+        Ok(Connection {
+            exchange: ExchangeClient::with_interceptor(channel.clone(), f).max_decoding_message_size(16 << 20),
+            admin: AdminClient::with_interceptor(channel.clone(), f),
+            seen_ca,
+            channel,
+            dialer: self.clone(),
+        })
+    }
 }
 
 /// Splits `https://host[:port]` (or `host[:port]`).
@@ -95,30 +149,7 @@ pub async fn connect(url: &str, trust: Trust, identity: Option<&Identity>) -> an
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     let server_name = ServerName::try_from(host.clone())?;
-    let connector = tower::service_fn(move |_: Uri| {
-        let (tls, server_name, host) = (tls.clone(), server_name.clone(), host.clone());
-        async move {
-            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let stream = tls.connect(server_name, tcp).await?;
-            Ok::<_, std::io::Error>(TokioIo::new(stream))
-        }
-    });
-    // The scheme only tells tonic not to add TLS of its own: the connector does it.
-    let channel = Endpoint::from_shared(format!("http://{}:{port}", "exchange"))?
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .http2_keep_alive_interval(std::time::Duration::from_secs(20))
-        .tcp_nodelay(true)
-        .connect_with_connector(connector)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the exchange at {url}: {}", error_chain(&e)))?;
-    let f: fn(Request<()>) -> Result<Request<()>, Status> = add_version;
-    Ok(Connection {
-        exchange: ExchangeClient::with_interceptor(channel.clone(), f).max_decoding_message_size(16 << 20),
-        admin: AdminClient::with_interceptor(channel.clone(), f),
-        seen_ca,
-        channel,
-    })
+    Dialer { url: url.to_string(), host, port, tls, server_name }.dial(seen_ca).await
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -14,3 +14,10 @@ pub mod store;
 
 /// The oldest protocol version this exchange still serves.
 pub const PROTOCOL_MIN: u32 = 1;
+
+/// HTTP/2 flow-control windows and frame size, on both ends of every
+/// connection: large enough that a relay moving a big fragment is not throttled
+/// by round trips, small enough that a slow reader holds little memory.
+pub const STREAM_WINDOW: u32 = 4 << 20;
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
+pub const MAX_FRAME: u32 = 1 << 20;

@@ -33,7 +33,7 @@ pub enum Side {
 struct Waiting {
     side: Side,
     inbound: Streaming<RelayFrame>,
-    first: Vec<u8>,
+    first: prost::bytes::Bytes,
     out: mpsc::Sender<Result<RelayFrame, Status>>,
     fingerprint: String,
 }
@@ -51,7 +51,7 @@ impl Relays {
         &self,
         lease: LeaseId,
         side: Side,
-        first: Vec<u8>,
+        first: prost::bytes::Bytes,
         inbound: Streaming<RelayFrame>,
         shared: Arc<Shared>,
         fingerprint: String,
@@ -80,7 +80,7 @@ impl Relays {
 async fn pump(
     lease: LeaseId,
     mut from: Streaming<RelayFrame>,
-    first: Vec<u8>,
+    first: prost::bytes::Bytes,
     to: mpsc::Sender<Result<RelayFrame, Status>>,
     shared: Arc<Shared>,
     fingerprint: String,

@@ -78,6 +78,11 @@ pub async fn serve(
         .tls_config(tls)?
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        // HTTP/2's default 64 KiB windows cap a relay at one window per round
+        // trip; these let a bulk transfer keep the pipe full.
+        .initial_stream_window_size(Some(crate::STREAM_WINDOW))
+        .initial_connection_window_size(Some(crate::CONNECTION_WINDOW))
+        .max_frame_size(Some(crate::MAX_FRAME))
         .add_service(InterceptedService::new(exchange, check_version))
         .add_service(InterceptedService::new(admin, check_version));
     let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {

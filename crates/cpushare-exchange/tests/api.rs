@@ -267,7 +267,7 @@ async fn the_relay_joins_a_leases_buyer_and_seller_only() {
     b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10 }).await.unwrap();
     let lease = a.exchange.place_buy(buy(1, 10)).await.unwrap().into_inner().leases[0];
 
-    let frame = |data: &[u8]| pb::RelayFrame { lease, data: data.to_vec() };
+    let frame = |data: &[u8]| pb::RelayFrame { lease, data: data.to_vec().into() };
     let err = c.exchange.relay(tokio_stream::iter(vec![frame(b"hi")])).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "carol is not a party");
 
@@ -277,16 +277,16 @@ async fn the_relay_joins_a_leases_buyer_and_seller_only() {
     let (to_buyer, rx) = tokio::sync::mpsc::channel(8);
     to_buyer.send(frame(b"")).await.unwrap();
     let mut seller_in = b.exchange.relay(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
-    assert_eq!(seller_in.next().await.unwrap().unwrap().data, b"work");
-    to_buyer.send(pb::RelayFrame { lease: 0, data: b"result".to_vec() }).await.unwrap();
-    assert_eq!(buyer_in.next().await.unwrap().unwrap().data, b"result");
+    assert_eq!(seller_in.next().await.unwrap().unwrap().data, &b"work"[..]);
+    to_buyer.send(pb::RelayFrame { lease: 0, data: b"result".to_vec().into() }).await.unwrap();
+    assert_eq!(buyer_in.next().await.unwrap().unwrap().data, &b"result"[..]);
     // A large transfer arrives whole and in order.
     let chunks: Vec<Vec<u8>> = (0..200u32).map(|i| i.to_le_bytes().repeat(4096)).collect();
     let sender = tokio::spawn({
         let chunks = chunks.clone();
         async move {
             for c in chunks {
-                to_seller.send(pb::RelayFrame { lease: 0, data: c }).await.unwrap();
+                to_seller.send(pb::RelayFrame { lease: 0, data: c.into() }).await.unwrap();
             }
         }
     });

@@ -205,7 +205,7 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// The status page the loader writes when it ends a program.
-struct StatusPage {
+pub(crate) struct StatusPage {
     fd: OwnedFd,
 }
 
@@ -257,14 +257,29 @@ fn kill_from(reason: u32, detail: u64, rip: u64, addr: u64, limits: &Limits) -> 
     }
 }
 
-/// Runs `program` with `args` (its argv[0] first) on `input`, in a new jail.
-pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limits, options: &Options) -> io::Result<Run> {
-    let started = Instant::now();
+/// A jail just started: its process and the supervisor's ends of its pipes.
+pub(crate) struct Started {
+    pub pid: libc::pid_t,
+    /// Kills the jail if it is dropped before being reaped.
+    pub guard: KillOnDrop,
+    pub stdin: tokio::net::unix::pipe::Sender,
+    pub stdout: tokio::net::unix::pipe::Receiver,
+    pub stderr: tokio::net::unix::pipe::Receiver,
+    pub status: StatusPage,
+}
+
+/// Starts `program` in a new jail with `cpu_seconds` of CPU time (RLIMIT_CPU).
+pub(crate) fn start(program: &Program, args: &[&str], limits: &Limits, cpu_seconds: u64, options: &Options) -> io::Result<Started> {
     let loader = loader()?;
     let status = StatusPage::new()?;
     let (in_r, in_w) = pipe()?;
     let (out_r, out_w) = pipe()?;
     let (log_r, log_w) = pipe()?;
+    // Bigger pipes move large fragments with fewer wake-ups (best effort: the
+    // unprivileged maximum is /proc/sys/fs/pipe-max-size).
+    for fd in [&in_w, &out_r] {
+        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETPIPE_SZ, 1 << 20) };
+    }
     let (uid, gid) = options.run_as.unwrap_or((65534, 65534));
     let children = [high(in_r.as_raw_fd())?, high(out_w.as_raw_fd())?, high(log_w.as_raw_fd())?, high(program.fd.as_raw_fd())?, high(status.fd.as_raw_fd())?];
     drop((in_r, out_w, log_w));
@@ -272,7 +287,7 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
     let mut argv: Vec<CString> = vec![
         CString::new("cpushare-loader").unwrap(),
         CString::new(limits.ram_bytes.to_string()).unwrap(),
-        CString::new(limits.cpu_seconds.to_string()).unwrap(),
+        CString::new(cpu_seconds.to_string()).unwrap(),
         CString::new(uid.to_string()).unwrap(),
         CString::new(gid.to_string()).unwrap(),
         CString::new(if options.debuggable { "1" } else { "0" }).unwrap(),
@@ -282,12 +297,34 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
     }
     let pid = spawn(loader.as_raw_fd(), &children, &argv)?;
     drop(children);
-    // If this future is dropped (the lease ended), the jail dies with it.
-    let mut guard = KillOnDrop(Some(pid));
+    let guard = KillOnDrop(Some(pid));
+    Ok(Started {
+        pid,
+        guard,
+        stdin: tokio::net::unix::pipe::Sender::from_owned_fd(in_w)?,
+        stdout: tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?,
+        stderr: tokio::net::unix::pipe::Receiver::from_owned_fd(log_r)?,
+        status,
+    })
+}
 
-    let mut stdin = tokio::net::unix::pipe::Sender::from_owned_fd(in_w)?;
-    let mut stdout = tokio::net::unix::pipe::Receiver::from_owned_fd(out_r)?;
-    let mut stderr = tokio::net::unix::pipe::Receiver::from_owned_fd(log_r)?;
+/// Appends what `from` holds to `log`, up to `cap` bytes in all (the rest is
+/// read and dropped, so the program never blocks on its log).
+pub(crate) fn keep_log(log: &mut Vec<u8>, from: &[u8], cap: usize) {
+    let room = cap.saturating_sub(log.len());
+    log.extend_from_slice(&from[..from.len().min(room)]);
+}
+
+/// The wall-clock limit for `cpu_seconds` of work: generous, for a busy machine.
+pub(crate) fn wall_limit(cpu_seconds: u64) -> Duration {
+    Duration::from_secs(cpu_seconds.saturating_mul(4).saturating_add(10))
+}
+
+/// Runs `program` with `args` (its argv[0] first) on `input`, in a new jail.
+pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limits, options: &Options) -> io::Result<Run> {
+    let started = Instant::now();
+    let Started { pid, mut guard, mut stdin, mut stdout, mut stderr, status } = start(program, args, limits, limits.cpu_seconds, options)?;
+    let input_len = input.len();
     let feeder = tokio::spawn(async move {
         // A program that does not read all its input just ends the pipe: not an error.
         let _ = stdin.write_all(&input).await;
@@ -299,33 +336,35 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
         loop {
             match stderr.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    let room = log_cap.saturating_sub(log.len());
-                    log.extend_from_slice(&buf[..n.min(room)]);
-                }
+                Ok(n) => keep_log(&mut log, &buf[..n], log_cap),
             }
         }
         log
     });
     let waiter = tokio::task::spawn_blocking(move || wait(pid));
 
-    let wall_limit = Duration::from_secs(limits.cpu_seconds.saturating_mul(4).saturating_add(10));
-    let mut output = Vec::new();
-    let mut buf = vec![0u8; 64 << 10];
+    let wall_limit = wall_limit(limits.cpu_seconds);
+    // Room for an output as large as the input (many programs transform their
+    // input), read straight into it: untouched room costs no memory, and a
+    // large output is not copied again as the vector grows.
+    let mut output = Vec::with_capacity(input_len.min(limits.output_bytes));
     let mut killed = None;
     let deadline = tokio::time::sleep(wall_limit);
     tokio::pin!(deadline);
     loop {
+        if output.capacity() - output.len() < 64 << 10 {
+            output.reserve(output.len().max(64 << 10));
+        }
         tokio::select! {
-            r = stdout.read(&mut buf) => match r {
+            r = stdout.read_buf(&mut output) => match r {
                 Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    if output.len() + n > limits.output_bytes {
+                Ok(_) => {
+                    if output.len() > limits.output_bytes {
+                        output.truncate(limits.output_bytes);
                         killed = Some(Kill::OutputLimit { bytes: limits.output_bytes });
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                         break;
                     }
-                    output.extend_from_slice(&buf[..n]);
                 }
             },
             _ = &mut deadline => {
@@ -339,8 +378,14 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
     guard.0 = None;
     feeder.abort();
     let log = logger.await.unwrap_or_default();
+    let ending = ending(killed, &status, wstatus, cpu, limits);
+    Ok(Run { ending, output, log, cpu, wall: started.elapsed() })
+}
 
-    let ending = if let Some(kill) = killed {
+/// How a reaped jail ended: the supervisor's own kill first, then the loader's
+/// report, then the kernel's wait status.
+pub(crate) fn ending(killed: Option<Kill>, status: &StatusPage, wstatus: libc::c_int, cpu: Duration, limits: &Limits) -> Ending {
+    if let Some(kill) = killed {
         Ending::Killed(kill)
     } else if let Some((reason, detail, rip, addr)) = status.read() {
         Ending::Killed(kill_from(reason, detail, rip, addr, limits))
@@ -351,7 +396,7 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
         }
     } else {
         let sig = libc::WTERMSIG(wstatus);
-        if sig == libc::SIGKILL && cpu.as_secs() >= limits.cpu_seconds {
+        if sig == libc::SIGXCPU || (sig == libc::SIGKILL && cpu.as_secs() >= limits.cpu_seconds) {
             Ending::Killed(Kill::CpuLimit { seconds: limits.cpu_seconds })
         } else if sig == libc::SIGKILL {
             // Strict mode's own kill: the program reached the kernel with dispatch off.
@@ -359,12 +404,11 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
         } else {
             Ending::Killed(Kill::Signal(sig))
         }
-    };
-    Ok(Run { ending, output, log, cpu, wall: started.elapsed() })
+    }
 }
 
 /// Kills the jail unless it has been reaped.
-struct KillOnDrop(Option<libc::pid_t>);
+pub(crate) struct KillOnDrop(pub Option<libc::pid_t>);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -408,7 +452,7 @@ fn spawn(loader: RawFd, fds: &[OwnedFd; 5], argv: &[CString]) -> io::Result<libc
 }
 
 /// Waits for the jail; its wait status and the CPU time it used.
-fn wait(pid: libc::pid_t) -> io::Result<(libc::c_int, Duration)> {
+pub(crate) fn wait(pid: libc::pid_t) -> io::Result<(libc::c_int, Duration)> {
     let mut status = 0;
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     loop {

@@ -7,9 +7,11 @@
 //! one input and says how it ended, in words a buyer can act on.
 
 pub mod jail;
+pub mod session;
 pub mod syscalls;
 
 pub use jail::{run, Ending, Kill, Limits, Options, Program, Run};
+pub use session::Session;
 
 /// The loader binary (see `loader/main.rs`), built by this crate's build script.
 pub static LOADER: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cpushare-loader"));
@@ -23,6 +25,8 @@ pub mod examples {
     pub static CRACK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/crack"));
     /// The Rust SDK's mandelbrot (`guest/rust/examples`): the same output as [`MANDELBROT`].
     pub static RUST_MANDELBROT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rust-mandelbrot"));
+    /// The Rust SDK's stream-mode example: "LINES WORDS BYTES" for each fragment of text.
+    pub static RUST_WORDCOUNT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/rust-wordcount"));
 }
 
 /// Guests for the jail's own tests (honest and hostile); see `tests/guests`.
@@ -44,4 +48,6 @@ pub mod test_guests {
     guest!(CRASH, "crash");
     guest!(SNEAKY, "sneaky");
     guest!(EXITCODE, "exitcode");
+    guest!(CAT, "cat");
+    guest!(STREAM, "stream");
 }

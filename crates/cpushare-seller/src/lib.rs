@@ -16,7 +16,7 @@ use anyhow::Context;
 use cpushare_exchange::client::Connection;
 use cpushare_exchange::node::NodeConfig;
 use cpushare_proto::v1::{self as pb, job_message::Body as Job, seller_message::Body as Say, session_message::Body as Heard};
-use cpushare_sandbox::{examples, jail, Ending, Limits, Options, Program};
+use cpushare_sandbox::{examples, jail, Ending, Limits, Options, Program, Session};
 use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -29,7 +29,7 @@ const MAX_PROGRAM: u64 = 64 << 20;
 /// Largest fragment input a seller accepts.
 const MAX_INPUT: usize = 256 << 20;
 /// Bytes per relay frame (well under the exchange's message bound).
-pub const CHUNK: usize = 256 << 10;
+pub const CHUNK: usize = 1 << 20;
 
 #[derive(Debug, Clone)]
 pub struct SellerConfig {
@@ -337,16 +337,18 @@ impl Seller {
 
     /// One lease: receive the program (or find it cached), report ready, then run
     /// fragments in order, each in a fresh jail, and send back what they wrote.
-    async fn serve_lease(&self, lease: u64, mut conn: Connection, session: mpsc::Sender<pb::SellerMessage>) -> anyhow::Result<()> {
+    async fn serve_lease(&self, lease: u64, conn: Connection, session: mpsc::Sender<pb::SellerMessage>) -> anyhow::Result<()> {
+        // A connection of its own, so that the slots' relays run on several cores.
+        let mut conn = conn.another().await?;
         let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
-        out.send(pb::RelayFrame { lease, data: Vec::new() }).await?;
+        out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
         let mut inbound = conn
             .exchange
             .relay(ReceiverStream::new(rx))
             .await
             .map_err(|s| anyhow::anyhow!("the relay refused: {}", s.message()))?
             .into_inner();
-        let send = |body: Job| pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec() };
+        let send = |body: Job| pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() };
 
         // The program.
         let offer = match next(&mut inbound).await? {
@@ -389,12 +391,16 @@ impl Seller {
 
         // Fragments: a reader collects whole inputs while the runner runs the previous one.
         let args = if offer.args.is_empty() { vec!["program".to_string()] } else { offer.args };
-        let (inputs_tx, mut inputs) = mpsc::channel::<(u64, Vec<u8>)>(2);
+        let (inputs_tx, mut inputs) = mpsc::channel::<(u64, Vec<u8>)>(4);
         let reader = tokio::spawn(async move {
             let mut current: Option<(u64, Vec<u8>)> = None;
             while let Ok(Some(body)) = next(&mut inbound).await {
                 let Job::Input(c) = body else { continue };
-                let (id, mut data) = current.take().filter(|(id, _)| *id == c.fragment).unwrap_or((c.fragment, Vec::new()));
+                let (id, mut data) = match current.take() {
+                    Some((id, data)) if id == c.fragment => (id, data),
+                    // A new fragment: room for all of it at once, within what a seller takes.
+                    _ => (c.fragment, Vec::with_capacity((c.size as usize).min(MAX_INPUT))),
+                };
                 data.extend_from_slice(&c.data);
                 if data.len() > MAX_INPUT {
                     break;
@@ -415,9 +421,14 @@ impl Seller {
             log_bytes: 16 << 10,
         };
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        // Stream-mode programs keep one jail for the whole lease.
+        let mut session = offer.stream.then(|| Session::new(program.clone(), &argv, limits.clone(), Options::default()));
         while let Some((fragment, input)) = inputs.recv().await {
-            let run = jail::run(&program, &argv, input, &limits, &Options::default()).await;
-            let (mut output, outcome) = match run {
+            let run = match &mut session {
+                Some(session) => session.run(&input).await,
+                None => jail::run(&program, &argv, input, &limits, &Options::default()).await,
+            };
+            let (mut output, mut outcome) = match run {
                 Ok(r) => {
                     let (exit_code, killed, seller_fault) = match &r.ending {
                         Ending::Exited(c) => (*c, String::new(), false),
@@ -431,6 +442,7 @@ impl Seller {
                         log: r.log,
                         cpu_ms: r.cpu.as_millis() as u64,
                         seller_fault,
+                        output: Default::default(),
                     };
                     (r.output, outcome)
                 }
@@ -440,12 +452,17 @@ impl Seller {
                 let last = output.len() - 1;
                 output[last] ^= 0xff;
             }
-            let mut chunks = output.chunks(CHUNK).peekable();
-            if chunks.peek().is_none() {
-                out.send(send(Job::Output(pb::Chunk { fragment, data: Vec::new(), last: true }))).await?;
-            }
-            while let Some(c) = chunks.next() {
-                out.send(send(Job::Output(pb::Chunk { fragment, data: c.to_vec(), last: chunks.peek().is_none() }))).await?;
+            // A small output rides in the outcome; a large one goes ahead in chunks.
+            if output.len() <= CHUNK {
+                outcome.output = output.into();
+            } else {
+                let output = prost::bytes::Bytes::from(output);
+                let count = output.len().div_ceil(CHUNK);
+                for k in 0..count {
+                    let data = output.slice(k * CHUNK..((k + 1) * CHUNK).min(output.len()));
+                    let size = if k == 0 { output.len() as u64 } else { 0 };
+                    out.send(send(Job::Output(pb::Chunk { fragment, data, last: k + 1 == count, size }))).await?;
+                }
             }
             out.send(send(Job::Outcome(outcome))).await?;
         }
@@ -461,7 +478,7 @@ async fn next(inbound: &mut tonic::Streaming<pb::RelayFrame>) -> anyhow::Result<
         if frame.data.is_empty() {
             continue;
         }
-        let message = pb::JobMessage::decode(frame.data.as_slice()).context("a malformed job message")?;
+        let message = pb::JobMessage::decode(frame.data).context("a malformed job message")?;
         if let Some(body) = message.body {
             return Ok(Some(body));
         }

@@ -124,6 +124,7 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<()> {
         max_price: 6000,
         requirements: pb::Requirements { kind: kind_to(SandboxKind::SeccompStrict) as i32, ..Default::default() },
         replicas: 1,
+        stream: false,
     };
     let bar = if out.json { ProgressBar::hidden() } else { bar(total) };
     let victim = if args.no_faults { None } else { Some(tb.sellers.remove(1)) };

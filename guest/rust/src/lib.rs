@@ -120,6 +120,108 @@ impl core::fmt::Write for Fd {
     }
 }
 
+/// Stream mode (`cpushare run --stream`): one jail serves many fragments, which
+/// matters when fragments are small (starting a jail costs about half a
+/// millisecond).
+///
+/// ```ignore
+/// fn main() -> i32 {
+///     static mut BUF: [u8; 65536] = [0; 65536];
+///     cpushare_guest::stream::serve(unsafe { &mut *core::ptr::addr_of_mut!(BUF) }, |input, out| {
+///         out.write(input);
+///         0
+///     })
+/// }
+/// ```
+///
+/// Inputs arrive on fd 0 as an 8-byte little-endian length and the bytes;
+/// output goes to fd 1 as records (1, u32 length, bytes), and the end of a
+/// fragment as (2, i32 status). What the program logs while a fragment runs is
+/// that fragment's log.
+pub mod stream {
+    use super::{log, read, write_all, Errno, InputError, INPUT, OUTPUT};
+
+    fn read_exact(mut buf: &mut [u8]) -> Result<(), ()> {
+        while !buf.is_empty() {
+            match read(INPUT, buf) {
+                Ok(0) | Err(_) => return Err(()),
+                Ok(n) => buf = &mut buf[n..],
+            }
+        }
+        Ok(())
+    }
+
+    /// The next fragment's input, read into `buf`; `None` when there is no
+    /// more work. A fragment larger than `buf` is skipped and reported as
+    /// `InputError::TooLarge` (end it with a failure status).
+    pub fn next(buf: &mut [u8]) -> Option<Result<&[u8], InputError>> {
+        let mut head = [0u8; 8];
+        read_exact(&mut head).ok()?;
+        let n = u64::from_le_bytes(head);
+        if n > buf.len() as u64 {
+            let mut left = n;
+            let mut skip = [0u8; 4096];
+            while left > 0 {
+                let step = left.min(skip.len() as u64) as usize;
+                read_exact(&mut skip[..step]).ok()?;
+                left -= step as u64;
+            }
+            return Some(Err(InputError::TooLarge));
+        }
+        let input = &mut buf[..n as usize];
+        read_exact(input).ok()?;
+        Some(Ok(input))
+    }
+
+    fn record(kind: u8, value: u32) -> Result<(), Errno> {
+        let v = value.to_le_bytes();
+        write_all(OUTPUT, &[kind, v[0], v[1], v[2], v[3]])
+    }
+
+    /// The current fragment's output, written as it comes.
+    pub struct Output(());
+
+    impl Output {
+        /// Part of the current fragment's output.
+        pub fn write(&mut self, mut bytes: &[u8]) -> Result<(), Errno> {
+            while !bytes.is_empty() {
+                let step = bytes.len().min(1 << 30);
+                record(1, step as u32)?;
+                write_all(OUTPUT, &bytes[..step])?;
+                bytes = &bytes[step..];
+            }
+            Ok(())
+        }
+    }
+
+    impl core::fmt::Write for Output {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            self.write(s.as_bytes()).map_err(|_| core::fmt::Error)
+        }
+    }
+
+    /// Ends the current fragment: 0 for success, anything else fails it.
+    pub fn end(status: i32) {
+        let _ = record(2, status as u32);
+    }
+
+    /// Serves every fragment with `work` (input, output) -> status; returns 0
+    /// when the work is done, for `entry!`'s main to return.
+    pub fn serve(buf: &mut [u8], mut work: impl FnMut(&[u8], &mut Output) -> i32) -> i32 {
+        while let Some(input) = next(buf) {
+            let status = match input {
+                Ok(input) => work(input, &mut Output(())),
+                Err(_) => {
+                    log("the fragment is larger than the program's input buffer");
+                    2
+                }
+            };
+            end(status);
+        }
+        0
+    }
+}
+
 /// Makes `fn() -> i32` the program: defines the entry point (`_start`), the
 /// panic handler (the message goes to the log, the exit status is 101) and the
 /// few symbols a `no_std` binary without libc must bring itself.
