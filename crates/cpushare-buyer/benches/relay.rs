@@ -77,4 +77,42 @@ async fn main() {
         bytes / 2.0 / secs / 1e6
     );
     tb.exchange.listening.shutdown().await;
+
+    // The peer: the same bytes, in and back, over one plain loopback TCP
+    // connection echoing them (no TLS, no exchange in the middle, no jail):
+    // the ceiling any relay on this machine works under.
+    let total = count * each;
+    let started = Instant::now();
+    loopback_echo(total).await;
+    let secs = started.elapsed().as_secs_f64();
+    println!("peer, plain loopback TCP echo of the same {} MiB: {:.0} MB/s in and out", total >> 20, (total * 2) as f64 / secs / 1e6);
+}
+
+/// Sends `total` bytes over loopback TCP to an echo task and reads them back.
+async fn loopback_echo(total: usize) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let echo = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let (mut r, mut w) = s.into_split();
+        tokio::io::copy(&mut r, &mut w).await.unwrap();
+    });
+    let (mut r, mut w) = tokio::net::TcpStream::connect(addr).await.unwrap().into_split();
+    let writer = tokio::spawn(async move {
+        let block = vec![7u8; 1 << 20];
+        for _ in 0..total >> 20 {
+            w.write_all(&block).await.unwrap();
+        }
+        w.shutdown().await.unwrap();
+    });
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = 0;
+    while got < total >> 20 << 20 {
+        let n = r.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        got += n;
+    }
+    writer.await.unwrap();
+    echo.await.unwrap();
 }

@@ -24,7 +24,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
 /// Bytes per relay frame.
-const CHUNK: usize = 1 << 20;
+const CHUNK: usize = cpushare_exchange::RELAY_CHUNK;
 /// Room made ahead for one output, whatever size a seller announces.
 const MAX_OUTPUT: u64 = 256 << 20;
 /// Fragments sent ahead to one lease: at most this many...
@@ -278,6 +278,9 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     let job = Arc::new(job);
     let program_sha: [u8; 32] = Sha256::digest(&job.program).into();
     let mut workers: HashMap<u64, tokio::task::JoinHandle<()>> = HashMap::new();
+    // A lease that keeps failing while it stands is cancelled; when it was the
+    // last one working, the run fails rather than wait for nothing.
+    let (fatal, mut fatal_rx) = mpsc::channel::<(u64, anyhow::Error)>(1);
     let mut seen_leases = 0u32;
 
     // New leases of this order come from the reply and from lease events.
@@ -297,11 +300,14 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
                 let (account, node) = (info.seller_account, info.seller_node);
                 workers.insert(
                     id,
-                    tokio::spawn(async move {
-                        if let Err(e) = work(id, account, node, conn, &farm, &changed, &job, program_sha, &*progress).await {
-                            progress.note(&format!("lease {id}: {e:#}"));
+                    tokio::spawn({
+                        let fatal = fatal.clone();
+                        async move {
+                            if let Err(e) = serve_lease(id, account, node, conn, &farm, &changed, &job, program_sha, &*progress).await {
+                                let _ = fatal.send((id, e)).await;
+                            }
+                            changed.notify_waiters();
                         }
-                        changed.notify_waiters();
                     }),
                 );
             }
@@ -317,6 +323,14 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
                 Some(Err(s)) => return Err(status(s)).context("lease events"),
                 None => anyhow::bail!("the exchange closed the lease events"),
             },
+            Some((lease, e)) = fatal_rx.recv() => {
+                if workers.iter().any(|(id, w)| *id != lease && !w.is_finished()) {
+                    progress.note(&format!("{e:#}"));
+                } else {
+                    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+                    return Err(e);
+                }
+            }
             _ = changed.notified() => {
                 let f = farm.lock().unwrap();
                 progress.done(f.done, total);
@@ -347,6 +361,49 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     }
     progress.done(total, total);
     Ok(report)
+}
+
+/// How long a lease whose work keeps breaking off while it stands is tried
+/// again: longer than the exchange's heartbeat timeout (30 s by default), so a
+/// seller that vanished is declared lost, and its lease ended, first.
+const GIVE_UP: std::time::Duration = std::time::Duration::from_secs(90);
+
+/// Serves one lease with [`work`] until the work is done or the lease ends
+/// (a seller lost is not an error: its fragments run elsewhere). Work that
+/// breaks off while the lease stands is tried again; an error is returned only
+/// when that goes on for [`GIVE_UP`], after the lease is cancelled so that it
+/// costs no more.
+#[allow(clippy::too_many_arguments)]
+async fn serve_lease(
+    lease: u64,
+    account: u64,
+    node: u64,
+    conn: Connection,
+    farm: &Mutex<Farm>,
+    changed: &Notify,
+    job: &Job,
+    sha: [u8; 32],
+    progress: &dyn Progress,
+) -> anyhow::Result<()> {
+    let mut ex = conn.exchange.clone();
+    let first_failure = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(200);
+    loop {
+        let Err(e) = work(lease, account, node, conn.clone(), farm, changed, job, sha, progress).await else { return Ok(()) };
+        let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+        let stands = leases.iter().any(|l| l.id == lease && l.state != "ended");
+        if !stands || farm.lock().unwrap().finished() {
+            progress.note(&format!("lease {lease}: {e:#}"));
+            return Ok(());
+        }
+        if first_failure.elapsed() > GIVE_UP {
+            let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease }).await;
+            return Err(e.context(format!("lease {lease} kept failing while it stood; cancelled")));
+        }
+        progress.note(&format!("lease {lease}: {e:#}; trying again in {} ms", pause.as_millis()));
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+    }
 }
 
 /// Serves one lease: sends the program (unless the seller has it), then keeps

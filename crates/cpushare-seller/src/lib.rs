@@ -28,8 +28,8 @@ use tokio_stream::StreamExt;
 const MAX_PROGRAM: u64 = 64 << 20;
 /// Largest fragment input a seller accepts.
 const MAX_INPUT: usize = 256 << 20;
-/// Bytes per relay frame (well under the exchange's message bound).
-pub const CHUNK: usize = 1 << 20;
+/// Bytes per relay frame.
+pub const CHUNK: usize = cpushare_exchange::RELAY_CHUNK;
 
 #[derive(Debug, Clone)]
 pub struct SellerConfig {
@@ -453,7 +453,7 @@ impl Seller {
                 output[last] ^= 0xff;
             }
             // A small output rides in the outcome; a large one goes ahead in chunks.
-            if output.len() <= CHUNK {
+            if output.len() + outcome.log.len() + outcome.killed.len() <= CHUNK {
                 outcome.output = output.into();
             } else {
                 let output = prost::bytes::Bytes::from(output);
