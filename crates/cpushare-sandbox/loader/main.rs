@@ -7,7 +7,8 @@
 //!   3  the program (a static x86-64 ELF, in a memfd)
 //!   4  the status page (a memfd page the supervisor reads after the exit)
 //!
-//! and `argv = [loader, ram_bytes, cpu_seconds, uid, gid, flags, program argv...]`.
+//! and `argv = [loader, ram_bytes, cpu_seconds, uid, gid, flags, envc, env..., program argv...]`
+//! (flags: 1 = debuggable, 2 = emulated).
 //! It maps the program's PT_LOAD segments itself (the program is never
 //! `execve`d), builds its stack, closes every other descriptor, applies the
 //! limits (address space, CPU time, no core dumps, nice 19, no new privileges,
@@ -23,6 +24,19 @@
 //! boundary: code that switches dispatch off can still only read, write and
 //! exit, and anything else is killed by the kernel (then reported without the
 //! number).
+//!
+//! In emulated mode (for unmodified static binaries) the supervisor also passes
+//!
+//!   5  the control page (a shared memfd page: requests and replies)
+//!   6  the write end of a pipe that wakes the supervisor
+//!   7  the read end of a pipe that wakes this process
+//!   8  the memory memfd, sized to the slot's RAM
+//!
+//! and every page of the program (segments, stack, heap arena) is a shared
+//! mapping of the memory memfd, so the supervisor sees all of it. Every system
+//! call but exit and `arch_prctl(ARCH_SET_FS)` (done here with `wrfsbase`) is
+//! forwarded through the control page; see `src/emulate/control.rs` for the
+//! protocol. Strict mode still holds: this stub only reads and writes.
 //!
 //! Built by the sandbox crate's build script with rustc alone: no_std, no libc,
 //! linked at a fixed high address (0x7e00_0000_0000) so that it never collides
@@ -43,6 +57,9 @@ const SYS_MPROTECT: usize = 10;
 const SYS_RT_SIGACTION: usize = 13;
 const SYS_RT_SIGRETURN: usize = 15;
 const SYS_PREAD64: usize = 17;
+const SYS_LSEEK: usize = 8;
+const SYS_ARCH_PRCTL: usize = 158;
+const SYS_DUP3: usize = 292;
 const SYS_EXIT: usize = 60;
 const SYS_GETUID: usize = 102;
 const SYS_SETGROUPS: usize = 116;
@@ -204,6 +221,28 @@ static mut VDSO: usize = 0;
 /// Syscall User Dispatch selector: 1 = block (dispatch to SIGSYS).
 static mut SELECTOR: u8 = 1;
 static mut ALT_STACK: [u8; 65536] = [0; 65536];
+/// Emulated mode: the control page, and whether `wrfsbase` may be used.
+static mut CONTROL: *mut u8 = ptr::null_mut();
+static mut FSGSBASE: bool = false;
+static mut HWCAP: usize = 0;
+static mut HWCAP2: usize = 0;
+
+// ---- emulated mode: the control page (layout shared with src/emulate/control.rs) ----
+const C_REQ_SEQ: usize = 0;
+const C_RESP_SEQ: usize = 4;
+const C_GUEST_SLEEPS: usize = 8;
+const C_SUPER_SLEEPS: usize = 12;
+const C_NR: usize = 16;
+const C_ARGS: usize = 24;
+const C_RET: usize = 72;
+const C_LAYOUT: usize = 128;
+const LAYOUT_MAX: usize = 40;
+/// Where the heap arena (brk and anonymous mmap) starts in an emulated program.
+const ARENA_BASE: usize = 0x1000_0000_0000;
+/// Pauses to spin for a reply before sleeping on the wake pipe (tens of microseconds).
+const SPIN: usize = 4000;
+const WAKE_SUPER: usize = 3;
+const WAKE_GUEST: usize = 4;
 
 unsafe fn cstr_len(p: *const u8) -> usize {
     unsafe { strlen(p) }
@@ -276,24 +315,32 @@ extern "C" fn main(sp: *const usize) -> ! {
         }
         p = p.add(1);
         while *p != 0 {
-            if *p == 33 {
-                VDSO = *p.add(1);
+            match *p {
+                33 => VDSO = *p.add(1),
+                16 => HWCAP = *p.add(1),
+                26 => HWCAP2 = *p.add(1),
+                _ => {}
             }
             p = p.add(2);
         }
-        if argc < 7 {
+        if argc < 8 {
             exit(126);
         }
-        let (Some(ram), Some(cpu), Some(uid), Some(gid), Some(flags)) = (
+        let (Some(ram), Some(cpu), Some(uid), Some(gid), Some(flags), Some(envc)) = (
             parse(*argv.add(1)),
             parse(*argv.add(2)),
             parse(*argv.add(3)),
             parse(*argv.add(4)),
             parse(*argv.add(5)),
+            parse(*argv.add(6)),
         ) else {
             exit(126)
         };
+        if 7 + envc > argc {
+            exit(126);
+        }
         let debuggable = flags & 1 != 0;
+        let emulated = flags & 2 != 0;
 
         // The status page first, so every later failure can be reported.
         let page = syscall6(SYS_MMAP, 0, PAGE, 3, 1, 4, 0); // PROT_READ|WRITE, MAP_SHARED, fd 4
@@ -301,12 +348,56 @@ extern "C" fn main(sp: *const usize) -> ! {
             exit(126);
         }
         STATUS = page as *mut Status;
-
-        load(argc, argv, ram, cpu, uid, gid, debuggable)
+        if emulated {
+            let page = syscall6(SYS_MMAP, 0, PAGE, 3, 1, 5, 0);
+            if page < 0 {
+                report(LOADER_FAILED, 30, 0, 0);
+            }
+            CONTROL = page as *mut u8;
+            FSGSBASE = HWCAP2 & 2 != 0;
+        }
+        let env = core::slice::from_raw_parts(argv.add(7), envc);
+        let args = core::slice::from_raw_parts(argv.add(7 + envc), argc - 7 - envc);
+        load(env, args, ram, cpu, uid, gid, debuggable)
     }
 }
 
-unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid: usize, gid: usize, debuggable: bool) -> ! {
+/// Emulated mode: maps `len` bytes at `addr` from the memory memfd, recording
+/// the piece in the control page's layout table for the supervisor.
+unsafe fn map_memory(addr: usize, len: usize, fixed: bool, next: &mut usize, size: usize, need: usize, ram: usize) -> usize {
+    if *next + len > size {
+        report(ADDRESS_SPACE, (need + len) as u64, ram as u64, 0);
+    }
+    let flags = if fixed { 0x01 | 0x100000 } else { 0x01 }; // MAP_SHARED (| MAP_FIXED_NOREPLACE)
+    let r = unsafe { syscall6(SYS_MMAP, addr, len, 3, flags, 8, *next) };
+    if r < 0 {
+        report(BAD_PROGRAM, 10, addr as u64, (-r) as u64);
+    }
+    unsafe {
+        let c = CONTROL;
+        let count = ptr::read_volatile(c.add(C_LAYOUT) as *const usize);
+        if count >= LAYOUT_MAX {
+            report(BAD_PROGRAM, 4, 0, 0);
+        }
+        let e = c.add(C_LAYOUT + 8 + count * 24) as *mut usize;
+        ptr::write_volatile(e, r as usize);
+        ptr::write_volatile(e.add(1), len);
+        ptr::write_volatile(e.add(2), *next);
+        ptr::write_volatile(c.add(C_LAYOUT) as *mut usize, count + 1);
+    }
+    *next += len;
+    r as usize
+}
+
+unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, uid: usize, gid: usize, debuggable: bool) -> ! {
+    let emulated = unsafe { !CONTROL.is_null() };
+    // Emulated mode: the memory memfd's size, and how much of it is handed out.
+    let mem_size = if emulated { unsafe { syscall3(SYS_LSEEK, 8, 0, 2) } } else { 0 };
+    if mem_size < 0 {
+        report(LOADER_FAILED, 31, 0, 0);
+    }
+    let mem_size = mem_size as usize;
+    let mut mem_next = 0usize;
     // ---- the program's headers ----
     let mut eh = [0u8; 64];
     if !pread_exact(3, eh.as_mut_ptr(), 64, 0) || eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
@@ -331,7 +422,10 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
     }
 
     // ---- limits, before any of the program's memory exists ----
-    set_limit(9, ram, ram); // RLIMIT_AS: the slot's RAM
+    // RLIMIT_AS: the slot's RAM (in emulated mode the memory memfd holds the
+    // program's memory, sized to the RAM; the limit then covers only it and the loader).
+    let address_space = if emulated { ram + (64 << 20) } else { ram };
+    set_limit(9, address_space, address_space);
     set_limit(0, cpu, cpu + 1); // RLIMIT_CPU: SIGXCPU, then SIGKILL
     set_limit(4, 0, 0); // RLIMIT_CORE: no core dumps
     set_limit(1, 0, 0); // RLIMIT_FSIZE
@@ -370,7 +464,11 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
         if start < mapped_end && start + PAGE < mapped_end {
             report(BAD_PROGRAM, 9, start as u64, mapped_end as u64); // overlapping segments
         }
-        if end > map_from {
+        if end > map_from && emulated {
+            need += end - map_from;
+            map_memory(map_from, end - map_from, true, &mut mem_next, mem_size, need, ram);
+            mapped_end = end;
+        } else if end > map_from {
             need += end - map_from;
             let r = syscall6(SYS_MMAP, map_from, end - map_from, 3, 0x22 | 0x100000, usize::MAX, 0); // PRIVATE|ANON|FIXED_NOREPLACE
             if r == -12 {
@@ -404,7 +502,12 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
 
     // ---- the stack: an eighth of the slot's RAM, 64 KiB to 8 MiB, over a guard page ----
     let size = (ram / 8).clamp(64 << 10, 8 << 20) & !(PAGE - 1);
-    let base = syscall6(SYS_MMAP, 0, size + PAGE, 3, 0x22, usize::MAX, 0);
+    let base = if emulated {
+        need += size + PAGE;
+        map_memory(0, size + PAGE, false, &mut mem_next, mem_size, need, ram) as isize
+    } else {
+        syscall6(SYS_MMAP, 0, size + PAGE, 3, 0x22, usize::MAX, 0)
+    };
     if base == -12 {
         report(ADDRESS_SPACE, (need + size) as u64, ram as u64, 0);
     } else if base < 0 {
@@ -415,22 +518,31 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
     GUARD = (base, base + PAGE);
     let top = base + PAGE + size;
 
-    // Strings at the top: the program's argv and 16 random bytes.
+    // Emulated mode: the rest of the memory memfd is the heap arena (the last
+    // piece of the layout), for brk and anonymous mmap.
+    if emulated && mem_size > mem_next {
+        map_memory(ARENA_BASE, (mem_size - mem_next) & !(PAGE - 1), true, &mut mem_next, mem_size, need, ram);
+    }
+
+    // Strings at the top: the program's argv, its environment and 16 random bytes.
     let mut cursor = top;
-    let pargc = argc - 6;
+    let pargc = args.len();
     let mut pointers = [0usize; 64];
-    if pargc > pointers.len() {
+    let mut env_pointers = [0usize; 64];
+    if pargc > pointers.len() || env.len() > env_pointers.len() {
         report(LOADER_FAILED, 14, 0, 0);
     }
-    for i in (0..pargc).rev() {
-        let s = *argv.add(6 + i);
-        let len = cstr_len(s) + 1;
-        if len > size / 4 || cursor - len < base + PAGE + size / 2 {
-            report(LOADER_FAILED, 15, 0, 0);
+    for (strings, out) in [(args, &mut pointers), (env, &mut env_pointers)] {
+        for i in (0..strings.len()).rev() {
+            let s = strings[i];
+            let len = cstr_len(s) + 1;
+            if len > size / 4 || cursor - len < base + PAGE + size / 2 {
+                report(LOADER_FAILED, 15, 0, 0);
+            }
+            cursor -= len;
+            memcpy(cursor as *mut u8, s, len);
+            out[i] = cursor;
         }
-        cursor -= len;
-        memcpy(cursor as *mut u8, s, len);
-        pointers[i] = cursor;
     }
     cursor -= 16;
     let random = cursor;
@@ -438,7 +550,7 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
         report(LOADER_FAILED, 16, 0, 0);
     }
     // argc, argv..., NULL, envp NULL, auxv pairs; rsp 16-aligned at argc.
-    let auxv: [(usize, usize); 9] = [
+    let auxv: [(usize, usize); 16] = [
         (3, phdr_addr),        // AT_PHDR
         (4, 56),               // AT_PHENT
         (5, phnum),            // AT_PHNUM
@@ -447,9 +559,16 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
         (23, 0),               // AT_SECURE
         (25, random),          // AT_RANDOM
         (7, 0),                // AT_BASE
+        (16, HWCAP),           // AT_HWCAP
+        (26, HWCAP2),          // AT_HWCAP2
+        (17, 100),             // AT_CLKTCK
+        (11, 1000),            // AT_UID
+        (12, 1000),            // AT_EUID
+        (13, 1000),            // AT_GID
+        (14, 1000),            // AT_EGID
         (0, 0),                // AT_NULL
     ];
-    let words = 1 + pargc + 1 + 1 + auxv.len() * 2;
+    let words = 1 + pargc + 1 + env.len() + 1 + auxv.len() * 2;
     let mut sp = (cursor - words * 8) & !15;
     let stack = sp as *mut usize;
     let mut w = 0;
@@ -461,7 +580,11 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
     }
     *stack.add(w) = 0; // end of argv
     w += 1;
-    *stack.add(w) = 0; // no environment
+    for p in env_pointers.iter().take(env.len()) {
+        *stack.add(w) = *p;
+        w += 1;
+    }
+    *stack.add(w) = 0; // end of the environment
     w += 1;
     for (k, v) in auxv {
         *stack.add(w) = k;
@@ -470,8 +593,16 @@ unsafe fn load(argc: usize, argv: *const *const u8, ram: usize, cpu: usize, uid:
     }
     sp = stack as usize;
 
-    // ---- close everything but 0, 1, 2 ----
-    if syscall3(SYS_CLOSE_RANGE, 3, u32::MAX as usize, 0) != 0 {
+    // ---- close everything but 0, 1, 2 (and in emulated mode the wake pipes, as 3 and 4) ----
+    let keep = if emulated {
+        if syscall3(SYS_DUP3, 6, WAKE_SUPER, 0) < 0 || syscall3(SYS_DUP3, 7, WAKE_GUEST, 0) < 0 {
+            report(LOADER_FAILED, 32, 0, 0);
+        }
+        5
+    } else {
+        3
+    };
+    if syscall3(SYS_CLOSE_RANGE, keep, u32::MAX as usize, 0) != 0 {
         report(LOADER_FAILED, 17, 0, 0);
     }
 
@@ -532,6 +663,9 @@ unsafe extern "C" fn restorer() -> ! {
 }
 
 // ucontext_t: general registers start at byte 40, 8 bytes each.
+const REG_R8: usize = 0;
+const REG_R9: usize = 1;
+const REG_R10: usize = 2;
 const REG_RDI: usize = 8;
 const REG_RSI: usize = 9;
 const REG_RDX: usize = 12;
@@ -565,6 +699,10 @@ extern "C" fn handler(sig: i32, info: *mut u8, uc: *mut u8) {
                 if code != 2 {
                     report(FORBIDDEN_SYSCALL, nr as u64, rip as u64, 0);
                 }
+                if !CONTROL.is_null() {
+                    *reg(uc, REG_RAX) = emulate(nr, uc) as usize;
+                    return;
+                }
                 let (a, b, c) = (*reg(uc, REG_RDI), *reg(uc, REG_RSI), *reg(uc, REG_RDX));
                 match nr {
                     SYS_READ | SYS_WRITE => *reg(uc, REG_RAX) = syscall3(nr, a, b, c) as usize,
@@ -591,6 +729,59 @@ extern "C" fn handler(sig: i32, info: *mut u8, uc: *mut u8) {
             24 => report(CPU_LIMIT, 0, rip as u64, 0),
             _ => report(LOADER_FAILED, sig as u64, rip as u64, 0),
         }
+    }
+}
+
+/// Emulated mode: one system call of the program's. Exit and the thread
+/// pointer are done here; everything else goes to the supervisor.
+unsafe fn emulate(nr: usize, uc: *mut u8) -> isize {
+    use core::sync::atomic::{fence, AtomicU32, Ordering};
+    unsafe {
+        let arg = |r: usize| *reg(uc, r);
+        let args = [arg(REG_RDI), arg(REG_RSI), arg(REG_RDX), arg(REG_R10), arg(REG_R8), arg(REG_R9)];
+        match nr {
+            SYS_EXIT | SYS_EXIT_GROUP => exit(args[0] & 0xff),
+            SYS_ARCH_PRCTL if args[0] == 0x1002 && FSGSBASE => {
+                // ARCH_SET_FS: the program's thread pointer, set without the kernel.
+                asm!("wrfsbase {}", in(reg) args[1], options(nostack));
+                return 0;
+            }
+            _ => {}
+        }
+        let c = CONTROL;
+        let at = |off: usize| AtomicU32::from_ptr(c.add(off) as *mut u32);
+        ptr::write_volatile(c.add(C_NR) as *mut usize, nr);
+        for (i, a) in args.iter().enumerate() {
+            ptr::write_volatile(c.add(C_ARGS + 8 * i) as *mut usize, *a);
+        }
+        let seq = at(C_REQ_SEQ).load(Ordering::Relaxed).wrapping_add(1);
+        at(C_REQ_SEQ).store(seq, Ordering::Release);
+        fence(Ordering::SeqCst);
+        if at(C_SUPER_SLEEPS).load(Ordering::Relaxed) != 0 {
+            let b = 0u8;
+            syscall3(SYS_WRITE, WAKE_SUPER, &b as *const u8 as usize, 1);
+        }
+        // Spin a little (the supervisor usually answers in microseconds), then sleep.
+        let mut spins = 0;
+        while at(C_RESP_SEQ).load(Ordering::Acquire) != seq {
+            if spins < SPIN {
+                spins += 1;
+                core::hint::spin_loop();
+                continue;
+            }
+            at(C_GUEST_SLEEPS).store(1, Ordering::Relaxed);
+            fence(Ordering::SeqCst);
+            if at(C_RESP_SEQ).load(Ordering::Acquire) == seq {
+                at(C_GUEST_SLEEPS).store(0, Ordering::Relaxed);
+                break;
+            }
+            let mut b = 0u8;
+            if syscall3(SYS_READ, WAKE_GUEST, &mut b as *mut u8 as usize, 1) <= 0 {
+                exit(125); // the supervisor is gone
+            }
+            at(C_GUEST_SLEEPS).store(0, Ordering::Relaxed);
+        }
+        ptr::read_volatile(c.add(C_RET) as *const isize)
     }
 }
 

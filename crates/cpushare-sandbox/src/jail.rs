@@ -49,7 +49,7 @@ pub struct Options {
 
 /// A program ready to run: its bytes in a sealed memfd, and their SHA-256.
 pub struct Program {
-    fd: OwnedFd,
+    pub(crate) fd: OwnedFd,
     sha256: [u8; 32],
     len: usize,
 }
@@ -155,7 +155,7 @@ pub struct Run {
     pub wall: Duration,
 }
 
-fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+pub(crate) fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -181,22 +181,23 @@ fn sealed_memfd(name: &std::ffi::CStr, bytes: &[u8]) -> io::Result<OwnedFd> {
 }
 
 /// The loader, once per process.
-fn loader() -> io::Result<&'static OwnedFd> {
+pub(crate) fn loader() -> io::Result<&'static OwnedFd> {
     static LOADER: OnceLock<OwnedFd> = OnceLock::new();
     if let Some(fd) = LOADER.get() {
         return Ok(fd);
     }
-    let fd = sealed_memfd(c"cpushare-loader", crate::LOADER)?;
+    // Numbered high, so that arranging the jail's descriptors never covers it.
+    let fd = high(sealed_memfd(c"cpushare-loader", crate::LOADER)?.as_raw_fd())?;
     Ok(LOADER.get_or_init(|| fd))
 }
 
 /// A copy of `fd` numbered 10 or above (so that arranging 0..4 in the child never
 /// overwrites a source), close-on-exec.
-fn high(fd: RawFd) -> io::Result<OwnedFd> {
+pub(crate) fn high(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(cvt(libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10))?) })
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
     unsafe {
         cvt(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC))?;
@@ -206,11 +207,11 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// The status page the loader writes when it ends a program.
 pub(crate) struct StatusPage {
-    fd: OwnedFd,
+    pub(crate) fd: OwnedFd,
 }
 
 impl StatusPage {
-    fn new() -> io::Result<StatusPage> {
+    pub(crate) fn new() -> io::Result<StatusPage> {
         unsafe {
             let fd = OwnedFd::from_raw_fd(cvt(libc::memfd_create(c"cpushare-status".as_ptr(), libc::MFD_CLOEXEC))?);
             cvt(libc::ftruncate(fd.as_raw_fd(), 4096))?;
@@ -284,17 +285,7 @@ pub(crate) fn start(program: &Program, args: &[&str], limits: &Limits, cpu_secon
     let children = [high(in_r.as_raw_fd())?, high(out_w.as_raw_fd())?, high(log_w.as_raw_fd())?, high(program.fd.as_raw_fd())?, high(status.fd.as_raw_fd())?];
     drop((in_r, out_w, log_w));
 
-    let mut argv: Vec<CString> = vec![
-        CString::new("cpushare-loader").unwrap(),
-        CString::new(limits.ram_bytes.to_string()).unwrap(),
-        CString::new(cpu_seconds.to_string()).unwrap(),
-        CString::new(uid.to_string()).unwrap(),
-        CString::new(gid.to_string()).unwrap(),
-        CString::new(if options.debuggable { "1" } else { "0" }).unwrap(),
-    ];
-    for a in args {
-        argv.push(CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte"))?);
-    }
+    let argv = loader_argv(limits.ram_bytes, cpu_seconds, (uid, gid), options.debuggable as u32, &[], args)?;
     let pid = spawn(loader.as_raw_fd(), &children, &argv)?;
     drop(children);
     let guard = KillOnDrop(Some(pid));
@@ -306,6 +297,30 @@ pub(crate) fn start(program: &Program, args: &[&str], limits: &Limits, cpu_secon
         stderr: tokio::net::unix::pipe::Receiver::from_owned_fd(log_r)?,
         status,
     })
+}
+
+/// The loader's argv (see `loader/main.rs`): limits, user, flags, the
+/// program's environment and arguments.
+pub(crate) fn loader_argv(ram: u64, cpu_seconds: u64, (uid, gid): (u32, u32), flags: u32, env: &[&str], args: &[&str]) -> io::Result<Vec<CString>> {
+    let mut argv: Vec<CString> = [
+        "cpushare-loader".to_string(),
+        ram.to_string(),
+        cpu_seconds.to_string(),
+        uid.to_string(),
+        gid.to_string(),
+        flags.to_string(),
+        env.len().to_string(),
+    ]
+    .into_iter()
+    .map(|a| CString::new(a).unwrap())
+    .collect();
+    for a in env.iter().chain(args) {
+        argv.push(CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte"))?);
+    }
+    if env.len() > 64 || args.len() > 64 {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "at most 64 arguments and 64 environment variables"));
+    }
+    Ok(argv)
 }
 
 /// Appends what `from` holds to `log`, up to `cap` bytes in all (the rest is
@@ -419,7 +434,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn spawn(loader: RawFd, fds: &[OwnedFd; 5], argv: &[CString]) -> io::Result<libc::pid_t> {
+pub(crate) fn spawn(loader: RawFd, fds: &[OwnedFd], argv: &[CString]) -> io::Result<libc::pid_t> {
     let path = CString::new(format!("/proc/self/fd/{loader}")).unwrap();
     let mut ptrs: Vec<*mut libc::c_char> = argv.iter().map(|a| a.as_ptr() as *mut _).collect();
     ptrs.push(std::ptr::null_mut());
