@@ -31,6 +31,8 @@ const IO_MAX: u64 = 64 << 20;
 const CLOCK_GRAIN_NS: u64 = 1_000_000;
 
 pub(crate) struct Emulator {
+    /// The jail's process, for signals the program sends itself.
+    pub pid: libc::pid_t,
     pub mem: Memory,
     pub files: Files,
     seed: [u8; 32],
@@ -58,8 +60,51 @@ fn ret<T>(r: Result<T, i64>, f: impl FnOnce(T) -> i64) -> i64 {
 }
 
 impl Emulator {
-    pub(crate) fn new(mem: Memory, files: Files, seed: [u8; 32]) -> Emulator {
-        Emulator { mem, files, seed, random_counter: 0, not_emulated: BTreeSet::new() }
+    pub(crate) fn new(pid: libc::pid_t, mem: Memory, files: Files, seed: [u8; 32]) -> Emulator {
+        Emulator { pid, mem, files, seed, random_counter: 0, not_emulated: BTreeSet::new() }
+    }
+
+    /// poll / ppoll: files and streams are always ready (reads block in the
+    /// supervisor); a closed descriptor is POLLNVAL.
+    fn poll(&mut self, fds: u64, count: u64) -> i64 {
+        if count > 1024 {
+            return EINVAL;
+        }
+        let mut list = match self.mem.read(fds, count * 8) {
+            Ok(l) => l,
+            Err(e) => return e,
+        };
+        let mut ready = 0;
+        for p in list.chunks_mut(8) {
+            let fd = i32::from_le_bytes(p[..4].try_into().unwrap());
+            let events = i16::from_le_bytes(p[4..6].try_into().unwrap());
+            let revents = if fd < 0 {
+                0
+            } else if self.files.get(fd as u64).is_err() {
+                libc::POLLNVAL
+            } else {
+                events & (libc::POLLIN | libc::POLLOUT)
+            };
+            p[6..8].copy_from_slice(&revents.to_le_bytes());
+            ready += (revents != 0) as i64;
+        }
+        ret(self.mem.write(fds, &list), |_| ready)
+    }
+
+    /// kill / tkill / tgkill aimed at the program itself (its pid is 2).
+    fn signal_self(&mut self, target: u64, sig: u64) -> i64 {
+        let target = target as i32;
+        if target != 2 && target != 0 {
+            return -libc::EPERM as i64;
+        }
+        if sig == 0 {
+            return 0;
+        }
+        if !(1..=64).contains(&sig) {
+            return EINVAL;
+        }
+        unsafe { libc::kill(self.pid, sig as i32) };
+        0
     }
 
     /// Answers one call.
@@ -137,6 +182,20 @@ impl Emulator {
             269 | 439 => self.access(a, b),
             273 => 0, // set_robust_list
             318 => self.getrandom(a, b),
+            // Privileges: the program is user 1000 and may "drop" to it, nothing else.
+            105 | 106 => if a == 1000 { 0 } else { -libc::EPERM as i64 },
+            113 | 114 | 117 | 119 => 0, // setreuid, setregid, setresuid, setresgid (to itself)
+            116 => 0, // setgroups
+            157 => match a as i32 {
+                libc::PR_SET_NAME | libc::PR_SET_DUMPABLE | libc::PR_SET_NO_NEW_PRIVS => 0,
+                _ => EINVAL,
+            },
+            7 | 271 => self.poll(a, b),
+            // A signal to itself (abort, raise): delivered for real, by the supervisor.
+            62 | 200 => self.signal_self(a, b),
+            234 => self.signal_self(b, c),
+            // Probed by libc at start; "not here" is the expected answer, not worth a log line.
+            334 => ENOSYS, // rseq
             _ => {
                 self.not_emulated.insert(r.nr);
                 ENOSYS
@@ -150,7 +209,8 @@ impl Emulator {
         if p.is_empty() {
             return Err(ENOENT);
         }
-        if p.starts_with('/') || dirfd as i64 == AT_FDCWD {
+        // Descriptors are C ints: only the low 32 bits of the register count.
+        if p.starts_with('/') || dirfd as i32 as i64 == AT_FDCWD {
             return Ok(normalize(&self.files.cwd, &p));
         }
         // Relative to a directory the program opened: only virtual ones keep a

@@ -146,7 +146,8 @@ impl Files {
     }
 
     pub(crate) fn get(&mut self, fd: u64) -> Result<&mut Handle, i64> {
-        self.fds.get_mut(fd as usize).and_then(|h| h.as_mut()).ok_or(EBADF)
+        // Descriptors are C ints: only the low 32 bits of the register count.
+        self.fds.get_mut(fd as u32 as usize).and_then(|h| h.as_mut()).ok_or(EBADF)
     }
 
     pub(crate) fn install(&mut self, h: Handle, min: usize) -> i64 {
@@ -168,7 +169,7 @@ impl Files {
     }
 
     pub(crate) fn close(&mut self, fd: u64) -> i64 {
-        match self.fds.get_mut(fd as usize).and_then(|h| h.take()) {
+        match self.fds.get_mut(fd as u32 as usize).and_then(|h| h.take()) {
             Some(_) => 0,
             None => EBADF,
         }
@@ -185,6 +186,7 @@ impl Files {
     }
 
     pub(crate) fn dup_to(&mut self, fd: u64, to: u64) -> i64 {
+        let to = to as u32 as u64;
         if to as usize >= MAX_FDS {
             return EBADF;
         }

@@ -114,7 +114,7 @@ pub fn run_emulated(
     }
     let page = Page(page.cast());
     let mut control = control::Control::new(page.0, wake_me, wake_guest);
-    let mut emulator = calls::Emulator::new(memory::Memory::new(memory_fd, size)?, files, world.seed);
+    let mut emulator = calls::Emulator::new(pid, memory::Memory::new(memory_fd, size)?, files, world.seed);
     let mut calls = 0u64;
     while let Some(request) = control.next()? {
         if calls == 0 {
