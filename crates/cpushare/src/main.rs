@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod emulate_cmd;
 mod examples_cmd;
 mod exchange_cmd;
 mod node_cmd;

@@ -108,11 +108,11 @@ pub struct RunArgs {
     #[arg(last = true)]
     args: Vec<String>,
     /// A directory of inputs: each file is one fragment.
-    #[arg(long, value_name = "DIR")]
-    inputs: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "emulate")]
+    inputs: Option<PathBuf>,
     /// Where each fragment's output goes (same file names; NAME.error for failures).
-    #[arg(long, value_name = "DIR")]
-    outputs: PathBuf,
+    #[arg(long, value_name = "DIR", required_unless_present = "emulate")]
+    outputs: Option<PathBuf>,
     /// CPUs to rent.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -133,6 +133,19 @@ pub struct RunArgs {
     /// Much faster for small fragments.
     #[arg(long)]
     stream: bool,
+    /// Run an unmodified static program (musl or glibc, static or static-pie)
+    /// as if here: its system calls are answered by the jail's supervisor, it
+    /// sees only the --mount directories, stdin feeds it, its stdout and stderr
+    /// stream back and its exit status is this command's. With --local for now.
+    #[arg(long, conflicts_with_all = ["inputs", "outputs", "stream", "replicas"])]
+    emulate: bool,
+    /// With --emulate: a directory the program sees, HOST_DIR:GUEST_PATH[:ro]
+    /// (repeatable). Default: the current directory, read-write, at its own path.
+    #[arg(long, value_name = "HOST:GUEST[:ro]")]
+    mount: Vec<String>,
+    /// With --emulate: also keep a copy of the program's stdout and stderr in FILE.
+    #[arg(long, value_name = "FILE")]
+    log: Option<PathBuf>,
 }
 
 /// A progress bar for the buyer library.
@@ -177,8 +190,13 @@ pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
 pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()> {
     let program = std::fs::read(&args.program).with_context(|| format!("cannot read the program {}", args.program.display()))?;
     anyhow::ensure!(program.starts_with(b"\x7fELF"), "{} is not an ELF executable", args.program.display());
-    let fragments = read_inputs(&args.inputs)?;
-    std::fs::create_dir_all(&args.outputs).with_context(|| format!("cannot create {}", args.outputs.display()))?;
+    if args.emulate {
+        anyhow::ensure!(args.local, "--emulate runs with --local for now (on sellers it is not built yet)");
+        return crate::emulate_cmd::run(args.program, program, args.args, args.mount, args.log).await;
+    }
+    let (Some(inputs), Some(outputs)) = (args.inputs, args.outputs) else { anyhow::bail!("--inputs and --outputs are needed") };
+    let fragments = read_inputs(&inputs)?;
+    std::fs::create_dir_all(&outputs).with_context(|| format!("cannot create {}", outputs.display()))?;
     let argv0 = args.program.file_name().map_or("program".into(), |n| n.to_string_lossy().into_owned());
     let job = Job {
         program,
@@ -205,9 +223,9 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         cpushare_buyer::run(node.connect().await?, job, progress).await?
     };
     pb.finish_and_clear();
-    let failed = write_outputs(&report, &args.outputs)?;
+    let failed = write_outputs(&report, &outputs)?;
     summarize(&report, out, args.local);
-    anyhow::ensure!(failed == 0, "{failed} fragment(s) failed: see the .error files in {}", args.outputs.display());
+    anyhow::ensure!(failed == 0, "{failed} fragment(s) failed: see the .error files in {}", outputs.display());
     Ok(())
 }
 
