@@ -213,3 +213,19 @@ fn hostile_calls_get_errors_and_touch_nothing_of_the_sellers() {
     assert!(!Path::new("/tmp/cpushare-escaped").exists());
     assert_eq!(std::fs::read_dir(ro.path()).unwrap().count(), 0);
 }
+
+#[test]
+fn the_strict_mode_hostile_cases_hold_in_emulated_mode_too() {
+    use cpushare_sandbox::test_guests as g;
+    let report = |elf: &[u8], limits: Limits| {
+        let program = Program::new(elf).unwrap();
+        let run = run_emulated(&program, &["guest"], &World::default(), Box::new(std::io::empty()), Box::new(std::io::sink()), Box::new(std::io::sink()), &limits, &Options::default()).unwrap();
+        run.ending.to_string()
+    };
+    let limits = Limits { ram_bytes: 256 << 20, ..Limits::default() };
+    assert_eq!(report(g::RDTSC, limits.clone()), "killed: rdtsc (the time-stamp counter is off in the jail)");
+    assert!(report(g::CRASH, limits.clone()).starts_with("killed: segmentation fault at 0x0"));
+    assert_eq!(report(g::DEEP, limits.clone()), "killed: stack overflow");
+    assert_eq!(report(g::SPIN, Limits { cpu_seconds: 1, ..limits.clone() }), "killed: CPU time limit (1 s)");
+    assert!(report(g::HOG, limits).starts_with("killed: address-space limit"));
+}
