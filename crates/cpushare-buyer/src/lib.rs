@@ -535,7 +535,10 @@ async fn work(
             drop(f);
             changed.notify_waiters();
             let gap = std::mem::replace(&mut last_answer, std::time::Instant::now()).elapsed();
-            if gap < QUICK {
+            // Only a stream-mode jail takes fragments back to back; with a jail
+            // per fragment the seller runs one at a time, and more sent ahead
+            // would only be more to rerun if it vanished.
+            if gap < QUICK && job.stream {
                 window = (window * 2).min(WINDOW);
             } else if gap > 10 * QUICK {
                 window = 2;
