@@ -120,9 +120,10 @@ fn busybox_applets_match_native_runs_over_buyer_files() {
 fn build(tool: &str, source: &str, dir: &Path) -> Option<Vec<u8>> {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/emulated").join(source);
     let out = dir.join(source.replace('.', "-"));
-    let mut cmd = Command::new(tool);
+    let mut cmd = Command::new(if tool == "gcc-static-pie" { "gcc" } else { tool });
     match tool {
         "rustc" => cmd.args(["-O", "-C", "target-feature=+crt-static", "--edition", "2021"]),
+        "gcc-static-pie" => cmd.args(["-O2", "-static-pie"]),
         _ => cmd.args(["-O2", "-static"]),
     };
     match cmd.arg(&src).arg("-o").arg(&out).status() {
@@ -228,4 +229,15 @@ fn the_strict_mode_hostile_cases_hold_in_emulated_mode_too() {
     assert_eq!(report(g::DEEP, limits.clone()), "killed: stack overflow");
     assert_eq!(report(g::SPIN, Limits { cpu_seconds: 1, ..limits.clone() }), "killed: CPU time limit (1 s)");
     assert!(report(g::HOG, limits).starts_with("killed: address-space limit"));
+}
+
+#[test]
+fn a_static_pie_program_runs_unmodified() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(elf) = build("gcc-static-pie", "files.c", tmp.path()) else { return };
+    assert_eq!(u16::from_le_bytes([elf[16], elf[17]]), 3, "ET_DYN: position-independent");
+    let dir = buyer_files();
+    let o = emulate(&elf, &["files", "numbers.txt", "upper.txt"], &mounted(dir.path()), b"");
+    assert!(o.run.ending.success(), "{:?} {}", o.run, String::from_utf8_lossy(&o.stderr));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "lines 3 sum 3264000 size 15 greeting hello from the buyer\n");
 }
