@@ -122,46 +122,24 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        if self.backend == Backend::Sqlite {
-            // SQLite runs on sqlx's worker thread, so every statement is a hand-off to
-            // it: insert many rows per statement, in chunks of one size (the prepared
-            // statement is cached), with positional `?` (no parameter names to look up).
-            for chunk in records.chunks(SQLITE_ROWS) {
-                let sql = insert_sql_positional("records (seq, body)", 2, chunk.len());
-                let mut q = sqlx::query(&sql);
-                for (seq, body) in chunk {
-                    q = q.bind(*seq as i64).bind(body.as_str());
-                }
-                q.execute(&mut *tx).await.context("appending records")?;
-            }
-            for chunk in ledger.chunks(SQLITE_ROWS) {
-                let sql = insert_sql_positional("ledger (seq, account, bucket, amount, reason, at)", 6, chunk.len());
-                let mut q = sqlx::query(&sql);
-                for r in chunk {
-                    q = q
-                        .bind(r.seq as i64)
-                        .bind(r.account as i64)
-                        .bind(r.bucket.as_str())
-                        .bind(r.amount)
-                        .bind(r.reason.as_str())
-                        .bind(r.at as i64);
-                }
-                q.execute(&mut *tx).await.context("appending ledger rows")?;
-            }
-            tx.commit().await.context("committing")?;
-            return Ok(());
-        }
+        // SQLite runs on sqlx's worker thread, so every statement is a hand-off to
+        // it: insert many rows per statement, in chunks of one size (the prepared
+        // statement is cached), with positional `?` (no parameter names to look up).
         // PostgreSQL is across a socket: few statements, many rows each.
-        for chunk in records.chunks(CHUNK) {
-            let sql = insert_sql("records (seq, body)", 2, chunk.len());
+        let (rows, sql): (usize, fn(&str, usize, usize) -> String) = match self.backend {
+            Backend::Sqlite => (SQLITE_ROWS, insert_sql_positional),
+            Backend::Postgres => (CHUNK, insert_sql),
+        };
+        for chunk in records.chunks(rows) {
+            let sql = sql("records (seq, body)", 2, chunk.len());
             let mut q = sqlx::query(&sql);
             for (seq, body) in chunk {
                 q = q.bind(*seq as i64).bind(body.as_str());
             }
             q.execute(&mut *tx).await.context("appending records")?;
         }
-        for chunk in ledger.chunks(CHUNK) {
-            let sql = insert_sql("ledger (seq, account, bucket, amount, reason, at)", 6, chunk.len());
+        for chunk in ledger.chunks(rows) {
+            let sql = sql("ledger (seq, account, bucket, amount, reason, at)", 6, chunk.len());
             let mut q = sqlx::query(&sql);
             for r in chunk {
                 q = q
