@@ -303,7 +303,8 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
                     tokio::spawn({
                         let fatal = fatal.clone();
                         async move {
-                            if let Err(e) = serve_lease(id, account, node, conn, &farm, &changed, &job, program_sha, &*progress).await {
+                            let worker = Worker { lease: id, account, node, farm: &farm, changed: &changed, job: &job, sha: program_sha, progress: &*progress };
+                            if let Err(e) = serve_lease(&worker, conn).await {
                                 let _ = fatal.send((id, e)).await;
                             }
                             changed.notify_waiters();
@@ -373,23 +374,13 @@ const GIVE_UP: std::time::Duration = std::time::Duration::from_secs(90);
 /// breaks off while the lease stands is tried again; an error is returned only
 /// when that goes on for [`GIVE_UP`], after the lease is cancelled so that it
 /// costs no more.
-#[allow(clippy::too_many_arguments)]
-async fn serve_lease(
-    lease: u64,
-    account: u64,
-    node: u64,
-    conn: Connection,
-    farm: &Mutex<Farm>,
-    changed: &Notify,
-    job: &Job,
-    sha: [u8; 32],
-    progress: &dyn Progress,
-) -> anyhow::Result<()> {
+async fn serve_lease(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
+    let Worker { lease, farm, progress, .. } = *w;
     let mut ex = conn.exchange.clone();
     let first_failure = std::time::Instant::now();
     let mut pause = std::time::Duration::from_millis(200);
     loop {
-        let Err(e) = work(lease, account, node, conn.clone(), farm, changed, job, sha, progress).await else { return Ok(()) };
+        let Err(e) = work(w, conn.clone()).await else { return Ok(()) };
         let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
         let stands = leases.iter().any(|l| l.id == lease && l.state != "ended");
         if !stands || farm.lock().unwrap().finished() {
@@ -406,20 +397,25 @@ async fn serve_lease(
     }
 }
 
-/// Serves one lease: sends the program (unless the seller has it), then keeps
-/// up to [`WINDOW`] fragments in flight until none is left for this seller.
-#[allow(clippy::too_many_arguments)]
-async fn work(
+/// What a lease's worker needs of the run.
+#[derive(Clone, Copy)]
+struct Worker<'a> {
     lease: u64,
+    /// The seller's account and node.
     account: u64,
     node: u64,
-    conn: Connection,
-    farm: &Mutex<Farm>,
-    changed: &Notify,
-    job: &Job,
+    farm: &'a Mutex<Farm>,
+    changed: &'a Notify,
+    job: &'a Job,
+    /// The program's SHA-256.
     sha: [u8; 32],
-    progress: &dyn Progress,
-) -> anyhow::Result<()> {
+    progress: &'a dyn Progress,
+}
+
+/// Serves one lease: sends the program (unless the seller has it), then keeps
+/// up to [`WINDOW`] fragments in flight until none is left for this seller.
+async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
+    let Worker { lease, account, node, farm, changed, job, sha, progress } = *w;
     // A connection of its own, so relays to several sellers run on several cores.
     let mut conn = conn.another().await?;
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);

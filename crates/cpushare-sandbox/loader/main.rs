@@ -527,8 +527,9 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
     // Strings at the top: the program's argv, its environment and 16 random bytes.
     let mut cursor = top;
     let pargc = args.len();
-    let mut pointers = [0usize; 64];
-    let mut env_pointers = [0usize; 64];
+    // As many as the supervisor allows (`jail::MAX_STRINGS`).
+    let mut pointers = [0usize; 256];
+    let mut env_pointers = [0usize; 256];
     if pargc > pointers.len() || env.len() > env_pointers.len() {
         report(LOADER_FAILED, 14, 0, 0);
     }

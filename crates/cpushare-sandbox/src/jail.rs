@@ -299,6 +299,10 @@ pub(crate) fn start(program: &Program, args: &[&str], limits: &Limits, cpu_secon
     })
 }
 
+/// The most arguments, and the most environment variables, a program gets
+/// (the loader's stack tables hold this many).
+pub const MAX_STRINGS: usize = 256;
+
 /// The loader's argv (see `loader/main.rs`): limits, user, flags, the
 /// program's environment and arguments.
 pub(crate) fn loader_argv(ram: u64, cpu_seconds: u64, (uid, gid): (u32, u32), flags: u32, env: &[&str], args: &[&str]) -> io::Result<Vec<CString>> {
@@ -314,11 +318,12 @@ pub(crate) fn loader_argv(ram: u64, cpu_seconds: u64, (uid, gid): (u32, u32), fl
     .into_iter()
     .map(|a| CString::new(a).unwrap())
     .collect();
+    if env.len() > MAX_STRINGS || args.len() > MAX_STRINGS {
+        let why = format!("at most {MAX_STRINGS} arguments and {MAX_STRINGS} environment variables");
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+    }
     for a in env.iter().chain(args) {
         argv.push(CString::new(*a).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "an argument holds a NUL byte"))?);
-    }
-    if env.len() > 64 || args.len() > 64 {
-        return Err(io::Error::new(io::ErrorKind::InvalidInput, "at most 64 arguments and 64 environment variables"));
     }
     Ok(argv)
 }

@@ -44,7 +44,7 @@ pub async fn run(path: PathBuf, elf: Vec<u8>, args: Vec<String>, mounts: Vec<Str
         .find_map(|m| here.strip_prefix(&m.host).ok().map(|rest| format!("{}/{}", m.guest.trim_end_matches('/'), rest.to_string_lossy())))
         .unwrap_or_else(|| "/".into());
     let seed: [u8; 32] = rand_seed();
-    let world = World { env: std::env::vars().map(|(k, v)| format!("{k}={v}")).take(64).collect(), cwd, mounts, seed };
+    let world = World { env: std::env::vars().map(|(k, v)| format!("{k}={v}")).collect(), cwd, mounts, seed };
     let copy = match &log {
         Some(p) => Some(Arc::new(Mutex::new(std::fs::File::create(p).with_context(|| format!("cannot create {}", p.display()))?))),
         None => None,

@@ -47,6 +47,15 @@ fn an_unmodified_program_streams_stdin_to_stdout_and_returns_its_exit_status() {
     let out = cpushare(&["--mount", &format!("{}:/data:ro", dir.path().display()), "/usr/bin/busybox", "--", "touch", "/data/new"], b"");
     assert_ne!(out.status.code(), Some(0));
     assert!(!dir.path().join("new").exists());
+    // A program the jail cannot run is refused with the reason.
+    let out = cpushare(&["/bin/ls"], b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dynamically linked (link it statically)"), "{}", String::from_utf8_lossy(&out.stderr));
+    let many: Vec<String> = (0..300).map(|i| i.to_string()).collect();
+    let mut args = vec!["/usr/bin/busybox", "--", "echo"];
+    args.extend(many.iter().map(|s| s.as_str()));
+    let out = cpushare(&args, b"");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at most 256 arguments"), "{}", String::from_utf8_lossy(&out.stderr));
     // Bad flags get a clear error.
     let out = cpushare(&["--mount", "relative:/x", "/usr/bin/busybox", "--", "true"], b"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"), "{}", String::from_utf8_lossy(&out.stderr));

@@ -115,7 +115,8 @@ impl Emulator {
             1 => self.write(a, b, c, None),
             2 => self.openat(AT_FDCWD as u64, a, b, c),
             3 => self.files.close(a),
-            4 | 6 => self.stat_path(AT_FDCWD as u64, a, b, 0),
+            4 => self.stat_path(AT_FDCWD as u64, a, b, 0),
+            6 => self.stat_path(AT_FDCWD as u64, a, b, libc::AT_SYMLINK_NOFOLLOW as u64),
             5 => self.fstat(a, b),
             8 => self.lseek(a, b as i64, c),
             9 => self.mmap(a, b, c, d, e as i64, r.args[5]),
@@ -372,7 +373,8 @@ impl Emulator {
             Place::Above => fake_stat(libc::S_IFDIR | 0o755),
             Place::Mounted { root, rest, .. } => {
                 // Resolve inside the mount as open does, then stat what was found.
-                let fd = match open_beneath(root.as_raw_fd(), &rest, libc::O_PATH as u64 | (flags & libc::AT_SYMLINK_NOFOLLOW as u64 != 0) as u64 * libc::O_NOFOLLOW as u64) {
+                let nofollow = if flags & libc::AT_SYMLINK_NOFOLLOW as u64 != 0 { libc::O_NOFOLLOW } else { 0 };
+                let fd = match open_beneath(root.as_raw_fd(), &rest, (libc::O_PATH | nofollow) as u64) {
                     Ok(fd) => fd,
                     Err(e) => return e,
                 };
@@ -454,7 +456,11 @@ impl Emulator {
             Ok(b) => b,
             Err(e) => return e,
         };
-        let mounts: Vec<String> = self.files_mount_points();
+        // Only a virtual directory lists mount points.
+        let mounts = match self.files.get(fd) {
+            Ok(Handle::Virtual { .. }) => self.files.mount_points(),
+            _ => Vec::new(),
+        };
         match self.files.get(fd) {
             Err(e) => e,
             Ok(Handle::File { file, .. }) => {
@@ -497,10 +503,6 @@ impl Emulator {
             }
             Ok(_) => -libc::ENOTDIR as i64,
         }
-    }
-
-    fn files_mount_points(&self) -> Vec<String> {
-        self.files.mount_points()
     }
 
     fn ioctl(&mut self, fd: u64, _request: u64) -> i64 {
