@@ -22,7 +22,10 @@ pub const STREAM_WINDOW: u32 = 4 << 20;
 pub const CONNECTION_WINDOW: u32 = 16 << 20;
 pub const MAX_FRAME: u32 = 1 << 20;
 
-/// The most payload to put in one relay message: the exchange refuses
-/// messages over 1 MiB by default (`service::Limits::max_message`), and the
-/// frame and job-message envelopes need a few bytes of it.
-pub const RELAY_CHUNK: usize = (1 << 20) - (4 << 10);
+/// The largest request message the exchange takes by default
+/// (`service::Limits::max_message`).
+pub const MAX_MESSAGE: usize = 1 << 20;
+
+/// The most payload to put in one relay message: under [`MAX_MESSAGE`] by
+/// the few bytes the frame and job-message envelopes need.
+pub const RELAY_CHUNK: usize = MAX_MESSAGE - (4 << 10);

@@ -34,7 +34,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { orders_per_sec: 100.0, order_burst: 200.0, max_message: 1 << 20 }
+        Limits { orders_per_sec: 100.0, order_burst: 200.0, max_message: crate::MAX_MESSAGE }
     }
 }
 
