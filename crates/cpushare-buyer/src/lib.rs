@@ -233,21 +233,6 @@ fn job_frame(body: Say) -> pb::RelayFrame {
     pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() }
 }
 
-/// A program as chunks for the relay; the first carries the whole size, and
-/// there is always at least one.
-fn chunks(fragment: u64, data: &[u8]) -> impl Iterator<Item = pb::Chunk> + '_ {
-    let count = data.len().div_ceil(CHUNK).max(1);
-    (0..count).map(move |k| {
-        let part = &data[(k * CHUNK).min(data.len())..((k + 1) * CHUNK).min(data.len())];
-        pb::Chunk {
-            fragment,
-            data: prost::bytes::Bytes::copy_from_slice(part),
-            last: k + 1 == count,
-            size: if k == 0 { data.len() as u64 } else { 0 },
-        }
-    })
-}
-
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
@@ -426,7 +411,7 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     match next(&mut inbound).await? {
         Some(Say::Ready(_)) => {}
         Some(Say::Wanted(_)) => {
-            for c in chunks(0, &job.program) {
+            for c in cpushare_exchange::relay_chunks(0, prost::bytes::Bytes::copy_from_slice(&job.program)) {
                 out.send(job_frame(Say::Program(c))).await?;
             }
             match next(&mut inbound).await? {

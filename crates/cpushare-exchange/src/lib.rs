@@ -29,3 +29,16 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 /// The most payload to put in one relay message: under [`MAX_MESSAGE`] by
 /// the few bytes the frame and job-message envelopes need.
 pub const RELAY_CHUNK: usize = MAX_MESSAGE - (4 << 10);
+
+/// `data` (a program, an input or an output) as relay chunks of
+/// [`RELAY_CHUNK`] bytes, without copying: the first carries the whole size,
+/// the last says so, and there is always at least one.
+pub fn relay_chunks(fragment: u64, data: prost::bytes::Bytes) -> impl Iterator<Item = cpushare_proto::v1::Chunk> {
+    let count = data.len().div_ceil(RELAY_CHUNK).max(1);
+    (0..count).map(move |k| cpushare_proto::v1::Chunk {
+        fragment,
+        data: data.slice((k * RELAY_CHUNK).min(data.len())..((k + 1) * RELAY_CHUNK).min(data.len())),
+        last: k + 1 == count,
+        size: if k == 0 { data.len() as u64 } else { 0 },
+    })
+}

@@ -29,7 +29,7 @@ const MAX_PROGRAM: u64 = 64 << 20;
 /// Largest fragment input a seller accepts.
 const MAX_INPUT: usize = 256 << 20;
 /// Bytes per relay frame.
-pub const CHUNK: usize = cpushare_exchange::RELAY_CHUNK;
+const CHUNK: usize = cpushare_exchange::RELAY_CHUNK;
 
 #[derive(Debug, Clone)]
 pub struct SellerConfig {
@@ -456,12 +456,8 @@ impl Seller {
             if output.len() + outcome.log.len() + outcome.killed.len() <= CHUNK {
                 outcome.output = output.into();
             } else {
-                let output = prost::bytes::Bytes::from(output);
-                let count = output.len().div_ceil(CHUNK);
-                for k in 0..count {
-                    let data = output.slice(k * CHUNK..((k + 1) * CHUNK).min(output.len()));
-                    let size = if k == 0 { output.len() as u64 } else { 0 };
-                    out.send(send(Job::Output(pb::Chunk { fragment, data, last: k + 1 == count, size }))).await?;
+                for c in cpushare_exchange::relay_chunks(fragment, output.into()) {
+                    out.send(send(Job::Output(c))).await?;
                 }
             }
             out.send(send(Job::Outcome(outcome))).await?;
