@@ -15,9 +15,9 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use cpushare_exchange::client::Connection;
+use cpushare_exchange::job::{self, next};
 use cpushare_proto::v1::{self as pb, job_message::Body as Say};
 use cpushare_sandbox::{jail, Ending, Limits, Options, Program, Session};
-use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
@@ -229,10 +229,6 @@ impl Farm {
     }
 }
 
-fn job_frame(body: Say) -> pb::RelayFrame {
-    pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() }
-}
-
 fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
@@ -407,12 +403,12 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
     let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
     let offer = pb::ProgramOffer { sha256: sha.to_vec(), size: job.program.len() as u64, args: job.args.clone(), stream: job.stream };
-    out.send(job_frame(Say::Offer(offer))).await?;
+    out.send(job::frame(Say::Offer(offer))).await?;
     match next(&mut inbound).await? {
         Some(Say::Ready(_)) => {}
         Some(Say::Wanted(_)) => {
-            for c in cpushare_exchange::relay_chunks(0, prost::bytes::Bytes::copy_from_slice(&job.program)) {
-                out.send(job_frame(Say::Program(c))).await?;
+            for c in job::chunks(0, prost::bytes::Bytes::copy_from_slice(&job.program)) {
+                out.send(job::frame(Say::Program(c))).await?;
             }
             match next(&mut inbound).await? {
                 Some(Say::Ready(_)) => {}
@@ -469,7 +465,7 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
                     permit = out.reserve() => {
                         let input = &job.fragments[up].input;
                         let end = (sent_of_first + CHUNK).min(input.len());
-                        permit?.send(job_frame(Say::Input(pb::Chunk {
+                        permit?.send(job::frame(Say::Input(pb::Chunk {
                             fragment: up as u64,
                             data: prost::bytes::Bytes::copy_from_slice(&input[sent_of_first..end]),
                             last: end == input.len(),
@@ -537,18 +533,6 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     drop(f);
     changed.notify_waiters();
     result
-}
-
-async fn next(inbound: &mut tonic::Streaming<pb::RelayFrame>) -> anyhow::Result<Option<Say>> {
-    loop {
-        let Some(frame) = inbound.message().await.map_err(status)? else { return Ok(None) };
-        if frame.data.is_empty() {
-            continue;
-        }
-        if let Some(body) = pb::JobMessage::decode(frame.data).context("a malformed job message")?.body {
-            return Ok(Some(body));
-        }
-    }
 }
 
 /// Runs a job on this machine, in the same jail, `parallel` fragments at a time:

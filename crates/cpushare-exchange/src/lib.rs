@@ -4,6 +4,7 @@ pub mod client;
 pub mod convert;
 pub mod datadir;
 pub mod engine;
+pub mod job;
 pub mod node;
 pub mod pki;
 pub mod relay;
@@ -30,15 +31,3 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 /// the few bytes the frame and job-message envelopes need.
 pub const RELAY_CHUNK: usize = MAX_MESSAGE - (4 << 10);
 
-/// `data` (a program, an input or an output) as relay chunks of
-/// [`RELAY_CHUNK`] bytes, without copying: the first carries the whole size,
-/// the last says so, and there is always at least one.
-pub fn relay_chunks(fragment: u64, data: prost::bytes::Bytes) -> impl Iterator<Item = cpushare_proto::v1::Chunk> {
-    let count = data.len().div_ceil(RELAY_CHUNK).max(1);
-    (0..count).map(move |k| cpushare_proto::v1::Chunk {
-        fragment,
-        data: data.slice((k * RELAY_CHUNK).min(data.len())..((k + 1) * RELAY_CHUNK).min(data.len())),
-        last: k + 1 == count,
-        size: if k == 0 { data.len() as u64 } else { 0 },
-    })
-}

@@ -12,12 +12,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use cpushare_exchange::client::Connection;
+use cpushare_exchange::job::{self, next};
 use cpushare_exchange::node::NodeConfig;
 use cpushare_proto::v1::{self as pb, job_message::Body as Job, seller_message::Body as Say, session_message::Body as Heard};
 use cpushare_sandbox::{examples, jail, Ending, Limits, Options, Program, Session};
-use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -348,7 +347,6 @@ impl Seller {
             .await
             .map_err(|s| anyhow::anyhow!("the relay refused: {}", s.message()))?
             .into_inner();
-        let send = |body: Job| pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() };
 
         // The program.
         let offer = match next(&mut inbound).await? {
@@ -362,7 +360,7 @@ impl Seller {
         let program = match cached {
             Some(p) => p,
             None => {
-                out.send(send(Job::Wanted(pb::ProgramWanted {}))).await?;
+                out.send(job::frame(Job::Wanted(pb::ProgramWanted {}))).await?;
                 let mut bytes = Vec::with_capacity(offer.size as usize);
                 loop {
                     match next(&mut inbound).await? {
@@ -387,7 +385,7 @@ impl Seller {
         };
         // Metering starts now that the upload is done.
         session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease })) }).await?;
-        out.send(send(Job::Ready(pb::JobReady {}))).await?;
+        out.send(job::frame(Job::Ready(pb::JobReady {}))).await?;
 
         // Fragments: a reader collects whole inputs while the runner runs the previous one.
         let args = if offer.args.is_empty() { vec!["program".to_string()] } else { offer.args };
@@ -456,27 +454,14 @@ impl Seller {
             if output.len() + outcome.log.len() + outcome.killed.len() <= CHUNK {
                 outcome.output = output.into();
             } else {
-                for c in cpushare_exchange::relay_chunks(fragment, output.into()) {
-                    out.send(send(Job::Output(c))).await?;
+                for c in job::chunks(fragment, output.into()) {
+                    out.send(job::frame(Job::Output(c))).await?;
                 }
             }
-            out.send(send(Job::Outcome(outcome))).await?;
+            out.send(job::frame(Job::Outcome(outcome))).await?;
         }
         reader.abort();
         Ok(())
     }
 }
 
-/// The next job message on a relay; `None` when it closes.
-async fn next(inbound: &mut tonic::Streaming<pb::RelayFrame>) -> anyhow::Result<Option<Job>> {
-    loop {
-        let Some(frame) = inbound.message().await.context("the relay broke")? else { return Ok(None) };
-        if frame.data.is_empty() {
-            continue;
-        }
-        let message = pb::JobMessage::decode(frame.data).context("a malformed job message")?;
-        if let Some(body) = message.body {
-            return Ok(Some(body));
-        }
-    }
-}
