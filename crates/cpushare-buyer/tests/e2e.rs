@@ -14,8 +14,13 @@ fn requirements() -> pb::Requirements {
 }
 
 fn tiles(n: usize) -> Vec<Fragment> {
+    tiles_of(n, 200)
+}
+
+/// Tiles of `iterations` per point: more makes each fragment take longer.
+fn tiles_of(n: usize, iterations: u32) -> Vec<Fragment> {
     (0..n)
-        .map(|i| Fragment { name: format!("tile{i}"), input: format!("-2.0 {} 0.02 64 8 200", -1.2 + 0.16 * i as f64).into_bytes() })
+        .map(|i| Fragment { name: format!("tile{i}"), input: format!("-2.0 {} 0.02 64 8 {iterations}", -1.2 + 0.16 * i as f64).into_bytes() })
         .collect()
 }
 
@@ -103,10 +108,12 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
     let liar = tb.seller("liar", 1, 3000, |c| c.corrupt_outputs = true).await.unwrap().account;
     tb.seller("honest2", 1, 3600, |_| {}).await.unwrap();
     let buyer = tb.member("buyer", 100_000).await.unwrap();
+    // Tiles slow enough that all three sellers get work: two honest ones
+    // alone could run every replica of quick tiles before the liar starts.
     let job = Job {
         program: examples::MANDELBROT.to_vec(),
         args: vec!["mandelbrot".into()],
-        fragments: tiles(6),
+        fragments: tiles_of(12, 20_000),
         cpus: 3,
         max_price: 4000,
         requirements: requirements(),
@@ -119,7 +126,7 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
         Job {
             program: examples::MANDELBROT.to_vec(),
             args: vec!["mandelbrot".into()],
-            fragments: tiles(6),
+            fragments: tiles_of(12, 20_000),
             cpus: 1,
             max_price: 0,
             requirements: requirements(),
