@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use super::control::Request;
 use super::files::{errno, normalize, open_beneath, Files, Handle, Place};
 use super::memory::Memory;
+use super::mirror::Need;
 
 const ENOSYS: i64 = -libc::ENOSYS as i64;
 const EINVAL: i64 = -libc::EINVAL as i64;
@@ -204,7 +205,7 @@ impl Emulator {
         }
     }
 
-    fn path(&self, dirfd: u64, addr: u64) -> Result<String, i64> {
+    fn path(&mut self, dirfd: u64, addr: u64) -> Result<String, i64> {
         let raw = self.mem.string(addr, PATH_MAX)?;
         let p = String::from_utf8(raw).map_err(|_| ENOENT)?;
         if p.is_empty() {
@@ -214,9 +215,11 @@ impl Emulator {
         if p.starts_with('/') || dirfd as i32 as i64 == AT_FDCWD {
             return Ok(normalize(&self.files.cwd, &p));
         }
-        // Relative to a directory the program opened: only virtual ones keep a
-        // guest path; opened mount directories resolve by their host path.
-        Err(-libc::ENOTDIR as i64)
+        // Relative to a directory the program opened, by the guest path it was opened at.
+        match self.files.get(dirfd)? {
+            Handle::File { path: dir, .. } | Handle::Virtual { path: dir, .. } => Ok(normalize(dir, &p)),
+            _ => Err(-libc::ENOTDIR as i64),
+        }
     }
 
     fn openat(&mut self, dirfd: u64, path: u64, flags: u64, mode: u64) -> i64 {
@@ -263,10 +266,17 @@ impl Emulator {
             Ok(Handle::Null) => Ok(data.len()),
             Ok(Handle::Virtual { .. }) => return -libc::EISDIR as i64,
             Ok(Handle::File { writable: false, .. }) => return EBADF,
-            Ok(Handle::File { file, .. }) => match at {
-                Some(off) => file.write_at(data, off),
-                None => file.write(data),
-            },
+            Ok(Handle::File { .. }) => {
+                // Writes on a seller count against the disk the run may fill.
+                if let Err(e) = self.files.charge(data.len() as u64) {
+                    return e;
+                }
+                let Ok(Handle::File { file, .. }) = self.files.get(fd) else { return EBADF };
+                match at {
+                    Some(off) => file.write_at(data, off),
+                    None => file.write(data),
+                }
+            }
         };
         match r {
             Ok(n) => n as i64,
@@ -367,7 +377,8 @@ impl Emulator {
             Ok(p) => p,
             Err(e) => return e,
         };
-        let st = match self.files.place(&p) {
+        let st = match self.files.place(&p, Need::Look) {
+            Place::Failed(e) => return e,
             Place::Nowhere => return ENOENT,
             Place::DevNull => fake_stat(libc::S_IFCHR | 0o666),
             Place::Above => fake_stat(libc::S_IFDIR | 0o755),
@@ -392,7 +403,8 @@ impl Emulator {
             Ok(p) => p,
             Err(e) => return e,
         };
-        match self.files.place(&p) {
+        match self.files.place(&p, Need::Look) {
+            Place::Failed(e) => e,
             Place::Nowhere => ENOENT,
             Place::DevNull | Place::Above => 0,
             Place::Mounted { root, rest, .. } => match open_beneath(root.as_raw_fd(), &rest, libc::O_PATH as u64) {
@@ -403,12 +415,13 @@ impl Emulator {
     }
 
     /// Runs a path call (mkdir, unlink, rename) inside the mount `path` is in.
-    fn in_mount(&mut self, dirfd: u64, path: u64, f: impl FnOnce(i32, &std::ffi::CStr) -> i64) -> i64 {
+    fn in_mount(&mut self, dirfd: u64, path: u64, need: Need, f: impl FnOnce(i32, &std::ffi::CStr) -> i64) -> i64 {
         let p = match self.path(dirfd, path) {
             Ok(p) => p,
             Err(e) => return e,
         };
-        match self.files.place(&p) {
+        match self.files.place(&p, need) {
+            Place::Failed(e) => e,
             Place::Mounted { read_only: true, .. } | Place::Above | Place::DevNull => EROFS,
             Place::Nowhere => ENOENT,
             Place::Mounted { root, rest, .. } => {
@@ -423,12 +436,12 @@ impl Emulator {
     }
 
     fn mkdir(&mut self, dirfd: u64, path: u64, mode: u64) -> i64 {
-        self.in_mount(dirfd, path, |dir, name| check(unsafe { libc::mkdirat(dir, name.as_ptr(), (mode & 0o777) as libc::mode_t) }))
+        self.in_mount(dirfd, path, Need::Change, |dir, name| check(unsafe { libc::mkdirat(dir, name.as_ptr(), (mode & 0o777) as libc::mode_t) }))
     }
 
     fn unlink(&mut self, dirfd: u64, path: u64, flags: u64) -> i64 {
         let flags = (flags & libc::AT_REMOVEDIR as u64) as i32;
-        self.in_mount(dirfd, path, |dir, name| check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }))
+        self.in_mount(dirfd, path, Need::Change, |dir, name| check(unsafe { libc::unlinkat(dir, name.as_ptr(), flags) }))
     }
 
     fn rename(&mut self, olddir: u64, old: u64, newdir: u64, new: u64) -> i64 {
@@ -437,8 +450,9 @@ impl Emulator {
             Err(e) => return e,
         };
         // Both ends must be in the same writable mount: resolve the target's parent there too.
-        let (to_root, to_rest) = match self.files.place(&target) {
-            Place::Mounted { read_only: false, root, rest } => (root.as_raw_fd(), rest),
+        let (to_mount, to_root, to_rest) = match self.files.place(&target, Need::Change) {
+            Place::Mounted { read_only: false, mount, root, rest } => (mount, root.as_raw_fd(), rest),
+            Place::Failed(e) => return e,
             Place::Nowhere => return ENOENT,
             _ => return EROFS,
         };
@@ -447,7 +461,11 @@ impl Emulator {
             Ok(d) => d,
             Err(e) => return e,
         };
-        self.in_mount(olddir, old, |dir, name| check(unsafe { libc::renameat(dir, name.as_ptr(), to_dir.as_raw_fd(), to_name.as_ptr()) }))
+        let r = self.in_mount(olddir, old, Need::Move, |dir, name| check(unsafe { libc::renameat(dir, name.as_ptr(), to_dir.as_raw_fd(), to_name.as_ptr()) }));
+        if let (0, Some(mirror)) = (r, &mut self.files.mirror) {
+            mirror.moved(to_mount, to_rest.to_str().unwrap_or(""));
+        }
+        r
     }
 
     fn getdents(&mut self, fd: u64, buf: u64, len: u64) -> i64 {
@@ -532,13 +550,20 @@ impl Emulator {
     }
 
     fn ftruncate(&mut self, fd: u64, len: u64) -> i64 {
+        let grows = match self.files.get(fd) {
+            Ok(Handle::File { file, writable: true, .. }) => len.saturating_sub(file.metadata().map_or(0, |m| m.len())),
+            Ok(_) => return EINVAL,
+            Err(e) => return e,
+        };
+        if let Err(e) = self.files.charge(grows) {
+            return e;
+        }
         match self.files.get(fd) {
-            Ok(Handle::File { file, writable: true }) => match file.set_len(len) {
+            Ok(Handle::File { file, .. }) => match file.set_len(len) {
                 Ok(()) => 0,
                 Err(e) => errno(&e),
             },
-            Ok(_) => EINVAL,
-            Err(e) => e,
+            _ => EBADF,
         }
     }
 
@@ -556,7 +581,7 @@ impl Emulator {
             Ok(p) => p,
             Err(e) => return e,
         };
-        match self.files.place(&p) {
+        match self.files.place(&p, Need::Look) {
             Place::Above => {}
             Place::Mounted { root, rest, .. } => {
                 if let Err(e) = open_beneath(root.as_raw_fd(), &rest, (libc::O_PATH | libc::O_DIRECTORY) as u64) {

@@ -13,6 +13,8 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::PathBuf;
 
+use super::mirror::{Mirror, Need};
+
 /// A buyer directory the program sees.
 #[derive(Debug, Clone)]
 pub struct Mount {
@@ -64,7 +66,9 @@ pub(crate) enum Handle {
     /// The program's standard input, output or error (0, 1, 2), wherever dup'ed.
     Std(u8),
     Null,
-    File { file: File, writable: bool },
+    /// A file or directory in a mount, and the guest path it was opened at
+    /// (what `openat` relative to it starts from).
+    File { file: File, writable: bool, path: String },
     /// A directory that only exists because mounts lie below it.
     Virtual { path: String, listed: bool },
 }
@@ -81,9 +85,12 @@ pub(crate) struct Files {
     pub stdin: Box<dyn Read + Send>,
     pub stdout: Box<dyn Write + Send>,
     pub stderr: Box<dyn Write + Send>,
-    mounts: Vec<(Mount, OwnedFd)>,
+    /// Each mount's index (its place in the world's list), the mount, its directory.
+    mounts: Vec<(usize, Mount, OwnedFd)>,
     fds: Vec<Option<Handle>>,
     pub cwd: String,
+    /// When the mounts are a buyer's directories on another machine.
+    pub mirror: Option<Mirror>,
 }
 
 pub(crate) fn errno(e: &io::Error) -> i64 {
@@ -92,49 +99,53 @@ pub(crate) fn errno(e: &io::Error) -> i64 {
 
 /// Where a guest path leads.
 pub(crate) enum Place<'a> {
-    /// Inside a mount: its root, the path below it (relative, maybe "."), read-only or not.
-    Mounted { root: &'a OwnedFd, rest: CString, read_only: bool },
+    /// Inside a mount: its index, its root, the path below it (relative, maybe "."), read-only or not.
+    Mounted { mount: usize, root: &'a OwnedFd, rest: CString, read_only: bool },
     /// A directory above some mount ("/" when "/data" is mounted).
     Above,
     DevNull,
     Nowhere,
+    /// The buyer's side could not provide it (an errno).
+    Failed(i64),
 }
 
 impl Files {
     pub(crate) fn new(mounts: Vec<Mount>, cwd: String, stdin: Box<dyn Read + Send>, stdout: Box<dyn Write + Send>, stderr: Box<dyn Write + Send>) -> io::Result<Files> {
         let mut opened = Vec::new();
-        for m in mounts {
+        for (i, m) in mounts.into_iter().enumerate() {
             let dir = File::open(&m.host).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", m.host.display())))?;
-            opened.push((m, OwnedFd::from(dir)));
+            opened.push((i, m, OwnedFd::from(dir)));
         }
         // Longest guest path first, so the deepest mount wins.
-        opened.sort_by_key(|(m, _)| std::cmp::Reverse(m.guest.len()));
+        opened.sort_by_key(|(_, m, _)| std::cmp::Reverse(m.guest.len()));
         let fds = vec![Some(Handle::Std(0)), Some(Handle::Std(1)), Some(Handle::Std(2))];
-        Ok(Files { stdin, stdout, stderr, mounts: opened, fds, cwd })
+        Ok(Files { stdin, stdout, stderr, mounts: opened, fds, cwd, mirror: None })
     }
 
-    pub(crate) fn place(&self, path: &str) -> Place<'_> {
+    /// Where `path` (absolute, normalized) leads, once what `need` requires
+    /// of it is here (for a buyer's files on another machine).
+    pub(crate) fn place(&mut self, path: &str, need: Need) -> Place<'_> {
         if path == "/dev/null" {
             return Place::DevNull;
         }
-        for (m, root) in &self.mounts {
-            let rest = if path == m.guest {
-                Some(".")
-            } else if m.guest == "/" {
-                Some(&path[1..])
-            } else {
-                path.strip_prefix(m.guest.as_str()).and_then(|r| r.strip_prefix('/'))
-            };
-            if let Some(rest) = rest {
-                let rest = if rest.is_empty() { "." } else { rest };
-                return match CString::new(rest) {
-                    Ok(rest) => Place::Mounted { root, rest, read_only: m.read_only },
-                    Err(_) => Place::Nowhere,
-                };
+        let found = self.mounts.iter().position(|(_, m, _)| {
+            path == m.guest || m.guest == "/" || path.strip_prefix(m.guest.as_str()).is_some_and(|r| r.starts_with('/'))
+        });
+        if let Some(k) = found {
+            let (mount, m, _) = &self.mounts[k];
+            let rest = path[m.guest.len()..].trim_start_matches('/');
+            let rest = if rest.is_empty() { "." } else { rest };
+            let Ok(rest) = CString::new(rest) else { return Place::Nowhere };
+            let (mount, read_only) = (*mount, m.read_only);
+            if let Some(mirror) = &mut self.mirror {
+                if let Err(e) = mirror.prepare(mount, rest.to_str().unwrap_or("."), need) {
+                    return Place::Failed(e);
+                }
             }
+            return Place::Mounted { mount, root: &self.mounts[k].2, rest, read_only };
         }
         let prefix = if path == "/" { "/".to_string() } else { format!("{path}/") };
-        if self.mounts.iter().any(|(m, _)| m.guest.starts_with(&prefix)) {
+        if self.mounts.iter().any(|(_, m, _)| m.guest.starts_with(&prefix)) {
             return Place::Above;
         }
         Place::Nowhere
@@ -142,7 +153,15 @@ impl Files {
 
     /// Where each mount appears to the program.
     pub(crate) fn mount_points(&self) -> Vec<String> {
-        self.mounts.iter().map(|(m, _)| m.guest.clone()).collect()
+        self.mounts.iter().map(|(_, m, _)| m.guest.clone()).collect()
+    }
+
+    /// Takes `n` bytes of the disk a run on a seller may fill.
+    pub(crate) fn charge(&mut self, n: u64) -> Result<(), i64> {
+        match &mut self.mirror {
+            Some(mirror) => mirror.charge(n),
+            None => Ok(()),
+        }
     }
 
     pub(crate) fn get(&mut self, fd: u64) -> Result<&mut Handle, i64> {
@@ -178,7 +197,7 @@ impl Files {
     /// A second descriptor for the same open file.
     pub(crate) fn duplicate(&mut self, fd: u64) -> Result<Handle, i64> {
         Ok(match self.get(fd)? {
-            Handle::File { file, writable } => Handle::File { file: file.try_clone().map_err(|e| errno(&e))?, writable: *writable },
+            Handle::File { file, writable, path } => Handle::File { file: file.try_clone().map_err(|e| errno(&e))?, writable: *writable, path: path.clone() },
             Handle::Virtual { path, .. } => Handle::Virtual { path: path.clone(), listed: false },
             Handle::Null => Handle::Null,
             Handle::Std(n) => Handle::Std(*n),
@@ -208,7 +227,9 @@ impl Files {
     pub(crate) fn open(&mut self, path: &str, flags: u64, mode: u64) -> i64 {
         let access = flags & libc::O_ACCMODE as u64;
         let writes = access != libc::O_RDONLY as u64 || flags & (libc::O_CREAT | libc::O_TRUNC) as u64 != 0;
-        let handle = match self.place(path) {
+        let truncates = flags & libc::O_TRUNC as u64 != 0 && access != libc::O_RDONLY as u64;
+        let handle = match self.place(path, Need::Open { writes, truncates }) {
+            Place::Failed(e) => return e,
             Place::Nowhere => return ENOENT,
             Place::DevNull => Handle::Null,
             Place::Above if writes => return -libc::EISDIR as i64,
@@ -222,7 +243,7 @@ impl Files {
                     Ok(fd) => fd,
                     Err(e) => return e,
                 };
-                Handle::File { file: File::from(fd), writable: access != libc::O_RDONLY as u64 }
+                Handle::File { file: File::from(fd), writable: access != libc::O_RDONLY as u64, path: path.to_string() }
             }
         };
         self.install(handle, 0)

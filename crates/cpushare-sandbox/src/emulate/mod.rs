@@ -8,13 +8,17 @@
 //! makes becomes a SIGSYS in the loader's stub, which hands it over through
 //! the control page ([`control`]) using only `read` and `write`; the
 //! supervisor answers it here ([`calls`]) from the program's memory
-//! ([`memory`]) and the buyer's files ([`files`]). The kernel never sees the
-//! program's calls, so the seller's attack surface is strict mode's.
+//! ([`memory`]) and the buyer's files ([`files`]; on a seller, fetched from
+//! the buyer as the program reaches them: [`mirror`], served by [`share`]).
+//! The kernel never sees the program's calls, so the seller's attack surface
+//! is strict mode's.
 
 mod calls;
 mod control;
 mod files;
 mod memory;
+pub mod mirror;
+pub mod share;
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -22,6 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 pub use files::Mount;
+pub use mirror::{Cache, Change, Changed, Entry, Fetch, Remote};
 
 use crate::jail::{cvt, ending, high, loader, loader_argv, pipe, spawn, wait, KillOnDrop, StatusPage};
 use crate::{syscalls, Ending, Limits, Options, Program};
@@ -46,7 +51,7 @@ impl Default for World {
 }
 
 /// How an emulated run went.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct EmulatedRun {
     pub ending: Ending,
     pub cpu: Duration,
@@ -55,6 +60,8 @@ pub struct EmulatedRun {
     pub not_emulated: Vec<u64>,
     /// System calls answered.
     pub calls: u64,
+    /// On a seller: what the program changed in the buyer's directories, to send back.
+    pub changes: Vec<Change>,
 }
 
 fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<OwnedFd> {
@@ -77,8 +84,42 @@ pub fn run_emulated(
     limits: &Limits,
     options: &Options,
 ) -> io::Result<EmulatedRun> {
+    run(program, args, world, None, stdin, stdout, stderr, limits, options)
+}
+
+/// [`run_emulated`] on a seller: the mounts in `world` are empty local
+/// directories that `remote` fills from the buyer's as the program reaches
+/// into them; what the program changed comes back in [`EmulatedRun::changes`].
+#[allow(clippy::too_many_arguments)]
+pub fn run_emulated_remote(
+    program: &Program,
+    args: &[&str],
+    world: &World,
+    remote: Remote,
+    stdin: Box<dyn Read + Send>,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    limits: &Limits,
+    options: &Options,
+) -> io::Result<EmulatedRun> {
+    run(program, args, world, Some(remote), stdin, stdout, stderr, limits, options)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run(
+    program: &Program,
+    args: &[&str],
+    world: &World,
+    remote: Option<Remote>,
+    stdin: Box<dyn Read + Send>,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+    limits: &Limits,
+    options: &Options,
+) -> io::Result<EmulatedRun> {
     let started = Instant::now();
-    let files = files::Files::new(world.mounts.clone(), files::normalize("/", &world.cwd), stdin, stdout, stderr)?;
+    let mut files = files::Files::new(world.mounts.clone(), files::normalize("/", &world.cwd), stdin, stdout, stderr)?;
+    files.mirror = remote.map(|r| mirror::Mirror::new(r, world.mounts.iter().map(|m| (m.host.clone(), m.read_only)).collect()));
     let loader = loader()?;
     let status = StatusPage::new()?;
     let control_fd = memfd(c"cpushare-control", 4096)?;
@@ -135,7 +176,8 @@ pub fn run_emulated(
     let (wstatus, cpu) = wait(pid)?;
     guard.0 = None;
     let ending = ending(None, &status, wstatus, cpu, limits);
-    Ok(EmulatedRun { ending, cpu, wall: started.elapsed(), not_emulated: emulator.not_emulated.into_iter().collect(), calls })
+    let changes = emulator.files.mirror.take().map(|m| m.changes()).unwrap_or_default();
+    Ok(EmulatedRun { ending, cpu, wall: started.elapsed(), not_emulated: emulator.not_emulated.into_iter().collect(), calls, changes })
 }
 
 /// The supervisor's mapping of the control page.
