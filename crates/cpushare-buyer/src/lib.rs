@@ -10,6 +10,10 @@
 //! that disagreed. [`run_local`] runs the same program in the same jail on this
 //! machine, with no exchange and no money.
 
+mod unmodified;
+
+pub use unmodified::{run_unmodified, Finished, Unmodified};
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
@@ -402,7 +406,7 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
     out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
     let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
-    let offer = pb::ProgramOffer { sha256: sha.to_vec(), size: job.program.len() as u64, args: job.args.clone(), stream: job.stream };
+    let offer = pb::ProgramOffer { sha256: sha.to_vec(), size: job.program.len() as u64, args: job.args.clone(), stream: job.stream, world: None };
     out.send(job::frame(Say::Offer(offer))).await?;
     match next(&mut inbound).await? {
         Some(Say::Ready(_)) => {}

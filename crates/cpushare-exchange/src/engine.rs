@@ -78,7 +78,7 @@ pub enum Notice {
 /// A message for one seller node's session.
 #[derive(Debug, Clone)]
 pub enum ToSeller {
-    Assigned { lease: LeaseId, sell: OrderId, price: u64, period: u64, ready_by: Time },
+    Assigned { lease: LeaseId, sell: OrderId, price: u64, period: u64, ready_by: Time, buyer: u64 },
     Closed { lease: LeaseId, reason: EndReason },
 }
 
@@ -226,7 +226,7 @@ impl Core {
                 // (A lease that already ended within the same job is not assigned.)
                 if let Some(l) = self.state.market.lease(lease) {
                     let assigned =
-                        ToSeller::Assigned { lease, sell: l.sell, price: l.price, period: l.period, ready_by: l.deadline };
+                        ToSeller::Assigned { lease, sell: l.sell, price: l.price, period: l.period, ready_by: l.deadline, buyer: l.buyer.0 };
                     self.to_sellers.push((node, assigned));
                 }
             }

@@ -566,7 +566,7 @@ fn register_seller(
     let mut leases: Vec<pb::LeaseAssigned> = m
         .leases()
         .filter(|l| l.node == c.node)
-        .map(|l| pb::LeaseAssigned { lease: l.id.0, sell_order: l.sell.0, price: l.price, period_secs: l.period, ready_by: l.deadline })
+        .map(|l| pb::LeaseAssigned { lease: l.id.0, sell_order: l.sell.0, price: l.price, period_secs: l.period, ready_by: l.deadline, buyer_account: l.buyer.0 })
         .collect();
     leases.sort_by_key(|l| l.lease);
     core.open_session(c.node, session, mailbox);
@@ -579,12 +579,13 @@ fn message(body: pb::session_message::Body) -> pb::SessionMessage {
 
 fn to_session(m: ToSeller) -> pb::session_message::Body {
     match m {
-        ToSeller::Assigned { lease, sell, price, period, ready_by } => pb::session_message::Body::LeaseAssigned(pb::LeaseAssigned {
+        ToSeller::Assigned { lease, sell, price, period, ready_by, buyer } => pb::session_message::Body::LeaseAssigned(pb::LeaseAssigned {
             lease: lease.0,
             sell_order: sell.0,
             price,
             period_secs: period,
             ready_by,
+            buyer_account: buyer,
         }),
         ToSeller::Closed { lease, reason } => {
             pb::session_message::Body::LeaseClosed(pb::LeaseClosed { lease: lease.0, reason: reason_to(reason) })

@@ -86,6 +86,7 @@ fn on_seller(busybox: &[u8], args: &[&str], buyer: &[Mount], seller: &Seller, st
         fetch: Box::new(fetch),
         cache: Some(Cache { dir: seller.cache.path().into(), scope: b"account 7".to_vec() }),
         disk_bytes: 1 << 30,
+        stop: Default::default(),
     };
     let world = World { cwd: buyer[0].guest.clone(), mounts, ..World::default() };
     let (out, err) = (Captured::default(), Captured::default());

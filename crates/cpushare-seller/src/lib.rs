@@ -5,6 +5,7 @@
 //! Runs as an ordinary user: the jail needs no privileges.
 
 pub mod bench;
+mod emulated;
 pub mod testbed;
 
 use std::collections::{HashMap, VecDeque};
@@ -48,6 +49,10 @@ pub struct SellerConfig {
     pub output_bytes: usize,
     /// For tests of `--replicas`: flip a byte of every output (a dishonest seller).
     pub corrupt_outputs: bool,
+    /// Disk one emulated run may fill with the buyer's files and its writes.
+    pub disk_per_slot_bytes: u64,
+    /// Buyers' read-only files kept between leases (`cache_dir/files`).
+    pub file_cache_bytes: u64,
 }
 
 impl SellerConfig {
@@ -61,6 +66,8 @@ impl SellerConfig {
             cpu_seconds: 3600,
             output_bytes: 256 << 20,
             corrupt_outputs: false,
+            disk_per_slot_bytes: 8 << 30,
+            file_cache_bytes: 4 << 30,
         }
     }
 }
@@ -88,6 +95,8 @@ pub struct Probe {
     pub score: u32,
     pub kernel: String,
     pub seccomp_strict: bool,
+    /// Unmodified static programs run here (Syscall User Dispatch works).
+    pub emulated: bool,
     pub latency_ms: u32,
 }
 
@@ -98,6 +107,7 @@ pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Resu
     let dir = config.cache_dir.clone();
     let score = tokio::task::spawn_blocking(move || bench::score(&dir)).await?;
     let seccomp_strict = jail_works().await;
+    let emulated = seccomp_strict && emulation_works().await;
     let kernel = kernel_release();
     let mut rtts = Vec::new();
     for _ in 0..3 {
@@ -106,7 +116,36 @@ pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Resu
         rtts.push(t.elapsed());
     }
     rtts.sort();
-    Ok(Probe { score, kernel, seccomp_strict, latency_ms: rtts[1].as_millis().max(1) as u32 })
+    Ok(Probe { score, kernel, seccomp_strict, emulated, latency_ms: rtts[1].as_millis().max(1) as u32 })
+}
+
+/// Runs the same program in the emulated jail, its input on stdin: the proof
+/// that Syscall User Dispatch works here.
+pub async fn emulation_works() -> bool {
+    use cpushare_sandbox::emulate::{run_emulated, World};
+    let run = tokio::task::spawn_blocking(|| {
+        let program = Program::new(examples::CRACK).ok()?;
+        let limits = Limits { ram_bytes: 64 << 20, cpu_seconds: 5, output_bytes: 1024, log_bytes: 1024 };
+        let input = b"2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824 abcdefghijklmnopqrstuvwxyz 5 0 10".to_vec();
+        let out = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let run = run_emulated(&program, &["crack"], &World::default(), Box::new(std::io::Cursor::new(input)), Box::new(Shared(out.clone())), Box::new(std::io::sink()), &limits, &Options::default()).ok()?;
+        let output = out.lock().unwrap().clone();
+        Some(run.ending.success() && output == b"none\n")
+    });
+    matches!(run.await, Ok(Some(true)))
+}
+
+/// A `Write` into a shared buffer.
+struct Shared(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Shared {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs a real program in the jail: the only proof that strict mode works here.
@@ -181,7 +220,7 @@ impl Seller {
                 probe.kernel
             );
         }
-        tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, "measured");
+        tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, emulated = probe.emulated, "measured");
         Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default() }))
     }
 
@@ -193,7 +232,11 @@ impl Seller {
         let slot = pb::SlotAttributes {
             score: self.probe.score,
             ram_mib: self.config.ram_per_slot_mib,
-            kinds: vec![pb::SandboxKind::SeccompStrict as i32],
+            kinds: if self.probe.emulated {
+                vec![pb::SandboxKind::SeccompStrict as i32, pb::SandboxKind::SeccompEmulated as i32]
+            } else {
+                vec![pb::SandboxKind::SeccompStrict as i32]
+            },
             inbound_udp: false,
             latency_ms: self.probe.latency_ms,
         };
@@ -293,12 +336,12 @@ impl Seller {
                             keep
                         });
                         for l in r.leases {
-                            self.serve(l.lease, &conn, &tx);
+                            self.serve(l.lease, l.buyer_account, &conn, &tx);
                         }
                     }
                     Some(Heard::LeaseAssigned(l)) => {
                         tracing::info!(lease = l.lease, price = l.price, "leased");
-                        self.serve(l.lease, &conn, &tx);
+                        self.serve(l.lease, l.buyer_account, &conn, &tx);
                     }
                     Some(Heard::LeaseClosed(c)) => {
                         tracing::info!(lease = c.lease, reason = %c.reason, "lease ended");
@@ -318,7 +361,7 @@ impl Seller {
     }
 
     /// Starts serving a lease, unless it is already served.
-    fn serve(self: &Arc<Self>, lease: u64, conn: &Connection, session: &mpsc::Sender<pb::SellerMessage>) {
+    fn serve(self: &Arc<Self>, lease: u64, buyer_account: u64, conn: &Connection, session: &mpsc::Sender<pb::SellerMessage>) {
         let mut leases = self.leases.lock().unwrap();
         if leases.get(&lease).is_some_and(|t| !t.is_finished()) {
             return;
@@ -327,7 +370,7 @@ impl Seller {
         leases.insert(
             lease,
             tokio::spawn(async move {
-                if let Err(e) = me.serve_lease(lease, conn, session).await {
+                if let Err(e) = me.serve_lease(lease, buyer_account, conn, session).await {
                     tracing::warn!(lease, "lease stopped: {e:#}");
                 }
             }),
@@ -336,7 +379,7 @@ impl Seller {
 
     /// One lease: receive the program (or find it cached), report ready, then run
     /// fragments in order, each in a fresh jail, and send back what they wrote.
-    async fn serve_lease(&self, lease: u64, conn: Connection, session: mpsc::Sender<pb::SellerMessage>) -> anyhow::Result<()> {
+    async fn serve_lease(&self, lease: u64, buyer_account: u64, conn: Connection, session: mpsc::Sender<pb::SellerMessage>) -> anyhow::Result<()> {
         // A connection of its own, so that the slots' relays run on several cores.
         let mut conn = conn.another().await?;
         let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
@@ -387,8 +430,30 @@ impl Seller {
         session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease })) }).await?;
         out.send(job::frame(Job::Ready(pb::JobReady {}))).await?;
 
-        // Fragments: a reader collects whole inputs while the runner runs the previous one.
         let args = if offer.args.is_empty() { vec!["program".to_string()] } else { offer.args };
+        let limits = Limits {
+            ram_bytes: self.config.ram_per_slot_mib as u64 * (1 << 20),
+            cpu_seconds: self.config.cpu_seconds,
+            output_bytes: self.config.output_bytes,
+            log_bytes: 16 << 10,
+        };
+        if let Some(world) = offer.world {
+            anyhow::ensure!(self.probe.emulated, "unmodified programs do not run on this seller");
+            let setup = emulated::Setup {
+                lease,
+                buyer_account,
+                program,
+                args,
+                world,
+                limits,
+                cache_dir: self.config.cache_dir.clone(),
+                disk_bytes: self.config.disk_per_slot_bytes,
+                cache_bytes: self.config.file_cache_bytes,
+            };
+            return emulated::serve(setup, inbound, out).await;
+        }
+
+        // Fragments: a reader collects whole inputs while the runner runs the previous one.
         let (inputs_tx, mut inputs) = mpsc::channel::<(u64, Vec<u8>)>(4);
         let reader = tokio::spawn(async move {
             let mut current: Option<(u64, Vec<u8>)> = None;
@@ -412,12 +477,6 @@ impl Seller {
                 }
             }
         });
-        let limits = Limits {
-            ram_bytes: self.config.ram_per_slot_mib as u64 * (1 << 20),
-            cpu_seconds: self.config.cpu_seconds,
-            output_bytes: self.config.output_bytes,
-            log_bytes: 16 << 10,
-        };
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         // Stream-mode programs keep one jail for the whole lease.
         let mut session = offer.stream.then(|| Session::new(program.clone(), &argv, limits.clone(), Options::default()));

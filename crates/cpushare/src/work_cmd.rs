@@ -134,15 +134,22 @@ pub struct RunArgs {
     #[arg(long)]
     stream: bool,
     /// Run an unmodified static program (musl or glibc, static or static-pie)
-    /// as if here: its system calls are answered by the jail's supervisor, it
-    /// sees only the --mount directories, stdin feeds it, its stdout and stderr
-    /// stream back and its exit status is this command's. With --local for now.
+    /// on one rented CPU as if here: its system calls are answered by the
+    /// jail's supervisor, it sees only the --mount directories (the seller
+    /// fetches what it opens; what it changes is written back here when it
+    /// ends), stdin feeds it, its stdout and stderr stream back live and its
+    /// exit status is this command's (125 if the jail ended it).
     #[arg(long, conflicts_with_all = ["inputs", "outputs", "stream", "replicas"])]
     emulate: bool,
     /// With --emulate: a directory the program sees, HOST_DIR:GUEST_PATH[:ro]
     /// (repeatable). Default: the current directory, read-write, at its own path.
     #[arg(long, value_name = "HOST:GUEST[:ro]")]
     mount: Vec<String>,
+    /// With --emulate: an environment variable for the program, NAME=VALUE or
+    /// NAME for ours (repeatable). On a seller it gets only LANG, LC_ALL, TERM
+    /// and TZ otherwise; with --local, all of ours.
+    #[arg(long, value_name = "NAME[=VALUE]")]
+    env: Vec<String>,
     /// With --emulate: also keep a copy of the program's stdout and stderr in FILE.
     #[arg(long, value_name = "FILE")]
     log: Option<PathBuf>,
@@ -191,8 +198,18 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
     let program = std::fs::read(&args.program).with_context(|| format!("cannot read the program {}", args.program.display()))?;
     anyhow::ensure!(program.starts_with(b"\x7fELF"), "{} is not an ELF executable", args.program.display());
     if args.emulate {
-        anyhow::ensure!(args.local, "--emulate runs with --local for now (on sellers it is not built yet)");
-        return crate::emulate_cmd::run(args.program, program, args.args, args.mount, args.log).await;
+        let request = crate::emulate_cmd::Request {
+            path: args.program,
+            elf: program,
+            args: args.args,
+            mounts: args.mount,
+            env: args.env,
+            log: args.log,
+            local: args.local,
+            max_price: args.max_price,
+            min_ram_mib: args.min_ram,
+        };
+        return crate::emulate_cmd::run(request, config).await;
     }
     let (Some(inputs), Some(outputs)) = (args.inputs, args.outputs) else { anyhow::bail!("--inputs and --outputs are needed") };
     let fragments = read_inputs(&inputs)?;

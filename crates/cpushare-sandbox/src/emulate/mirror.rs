@@ -20,6 +20,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use sha2::{Digest, Sha256};
@@ -63,6 +64,37 @@ pub struct Remote {
     pub cache: Option<Cache>,
     /// Disk the run may fill here: fetched content and the program's writes.
     pub disk_bytes: u64,
+    /// Ends the run from elsewhere (the lease ended, the buyer went away).
+    pub stop: Stopper,
+}
+
+/// Kills a run's jail from another thread: at once if it is running, as soon
+/// as it starts otherwise.
+#[derive(Clone, Default)]
+pub struct Stopper(Arc<Mutex<(bool, Option<libc::pid_t>)>>);
+
+impl Stopper {
+    pub fn stop(&self) {
+        let mut s = self.0.lock().unwrap();
+        s.0 = true;
+        if let Some(pid) = s.1 {
+            // Not yet reaped (see `started` and `ended`), so still the jail.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    pub(crate) fn started(&self, pid: libc::pid_t) {
+        let mut s = self.0.lock().unwrap();
+        s.1 = Some(pid);
+        if s.0 {
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+
+    /// Before the jail is reaped: its pid may be reused afterwards.
+    pub(crate) fn ended(&self) {
+        self.0.lock().unwrap().1 = None;
+    }
 }
 
 /// The final state of a path the program changed, to send back.
@@ -131,6 +163,10 @@ const TEMP_PREFIX: &str = ".cpushare-fetch-";
 
 impl Mirror {
     /// `roots`: each mount's (empty) local directory and whether it is read-only.
+    pub(crate) fn stopper(&self) -> Stopper {
+        self.remote.stop.clone()
+    }
+
     pub(crate) fn new(remote: Remote, roots: Vec<(PathBuf, bool)>) -> Mirror {
         let unlisted = (0..roots.len()).map(|m| (m, String::new())).collect();
         let disk_left = remote.disk_bytes;

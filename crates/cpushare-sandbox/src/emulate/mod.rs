@@ -26,7 +26,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 pub use files::Mount;
-pub use mirror::{Cache, Change, Changed, Entry, Fetch, Remote};
+pub use mirror::{Cache, Change, Changed, Entry, Fetch, Remote, Stopper};
 
 use crate::jail::{cvt, ending, high, loader, loader_argv, pipe, spawn, wait, KillOnDrop, StatusPage};
 use crate::{syscalls, Ending, Limits, Options, Program};
@@ -148,6 +148,10 @@ fn run(
     let pid = spawn(loader.as_raw_fd(), &children, &argv)?;
     drop(children);
     let mut guard = KillOnDrop(Some(pid));
+    let stopper = files.mirror.as_ref().map(|m| m.stopper());
+    if let Some(s) = &stopper {
+        s.started(pid);
+    }
 
     let page = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, control_fd.as_raw_fd(), 0) };
     if page == libc::MAP_FAILED {
@@ -173,6 +177,9 @@ fn run(
         control.reply(ret);
     }
     let _ = emulator.files.stdout.flush();
+    if let Some(s) = &stopper {
+        s.ended();
+    }
     let (wstatus, cpu) = wait(pid)?;
     guard.0 = None;
     let ending = ending(None, &status, wstatus, cpu, limits);
