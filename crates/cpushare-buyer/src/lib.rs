@@ -469,12 +469,14 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
                     permit = out.reserve() => {
                         let input = &job.fragments[up].input;
                         let end = (sent_of_first + CHUNK).min(input.len());
-                        permit?.send(job::frame(Say::Input(pb::Chunk {
-                            fragment: up as u64,
-                            data: prost::bytes::Bytes::copy_from_slice(&input[sent_of_first..end]),
-                            last: end == input.len(),
-                            size: if sent_of_first == 0 { input.len() as u64 } else { 0 },
-                        })));
+                        let frame = job::chunk_frame(Say::Input, |buf, chunk| {
+                            buf.extend_from_slice(&input[sent_of_first..end]);
+                            chunk.fragment = up as u64;
+                            chunk.last = end == input.len();
+                            chunk.size = if sent_of_first == 0 { input.len() as u64 } else { 0 };
+                            Ok(())
+                        });
+                        permit?.send(frame?);
                         sent_of_first = end;
                         if end == input.len() {
                             to_send.pop_front();

@@ -278,18 +278,19 @@ async fn answer(share: &Share, r: pb::FileRequest, out: &mpsc::Sender<pb::RelayF
     let mut file = file.take(size);
     let mut left = size;
     loop {
-        let mut piece = vec![0u8; (left as usize).min(CHUNK)];
-        let mut n = 0;
-        while n < piece.len() {
-            match file.read(&mut piece[n..])? {
-                0 => break,
-                k => n += k,
-            }
-        }
-        piece.truncate(n);
-        left -= n as u64;
-        let last = n == 0 || left == 0;
-        out.send(job::frame(Say::FileData(pb::Chunk { fragment: r.id, data: piece.into(), last, size: 0 }))).await?;
+        // Read straight into the frame: no zeroing, no copy after the read.
+        let want = (left as usize).min(CHUNK);
+        let mut last = false;
+        let frame = job::chunk_frame(Say::FileData, |buf, chunk| {
+            buf.reserve_exact(want);
+            let n = (&mut file).take(want as u64).read_to_end(buf)?;
+            left -= n as u64;
+            last = n < want || left == 0;
+            chunk.fragment = r.id;
+            chunk.last = last;
+            Ok(())
+        })?;
+        out.send(frame).await?;
         if last {
             return Ok(());
         }

@@ -8,7 +8,9 @@
 //!   4  the status page (a memfd page the supervisor reads after the exit)
 //!
 //! and `argv = [loader, ram_bytes, cpu_seconds, uid, gid, flags, envc, env..., program argv...]`
-//! (flags: 1 = debuggable, 2 = emulated).
+//! (flags: 1 = debuggable, 2 = emulated, 4 = emulated through the seccomp-filter
+//! fallback even where it is not needed, 8 = as if the CPU had no FSGSBASE;
+//! the last two let tests prove the fallback on any machine).
 //! It maps the program's PT_LOAD segments itself (the program is never
 //! `execve`d), builds its stack, closes every other descriptor, applies the
 //! limits (address space, CPU time, no core dumps, nice 19, no new privileges,
@@ -37,6 +39,14 @@
 //! call but exit and `arch_prctl(ARCH_SET_FS)` (done here with `wrfsbase`) is
 //! forwarded through the control page; see `src/emulate/control.rs` for the
 //! protocol. Strict mode still holds: this stub only reads and writes.
+//!
+//! Where Syscall User Dispatch is missing (kernels before 5.11), or the CPU
+//! cannot set the thread pointer itself (no FSGSBASE), emulated mode uses the
+//! fallback instead of strict mode: a seccomp filter that lets only this
+//! loader's code read, write, exit, return from signals and set the thread
+//! pointer (`arch_prctl(ARCH_SET_FS)` and nothing else), and turns every
+//! system call made anywhere else into the same SIGSYS. The kernel surface is
+//! strict mode's plus that one call.
 //!
 //! Built by the sandbox crate's build script with rustc alone: no_std, no libc,
 //! linked at a fixed high address (0x7e00_0000_0000) so that it never collides
@@ -220,6 +230,8 @@ static mut GUARD: (usize, usize) = (0, 0);
 static mut VDSO: usize = 0;
 /// Syscall User Dispatch selector: 1 = block (dispatch to SIGSYS).
 static mut SELECTOR: u8 = 1;
+/// Emulated mode behind the seccomp filter rather than dispatch and strict mode.
+static mut FILTERED: bool = false;
 static mut ALT_STACK: [u8; 65536] = [0; 65536];
 /// Emulated mode: the control page, and whether `wrfsbase` may be used.
 static mut CONTROL: *mut u8 = ptr::null_mut();
@@ -354,7 +366,8 @@ extern "C" fn main(sp: *const usize) -> ! {
                 report(LOADER_FAILED, 30, 0, 0);
             }
             CONTROL = page as *mut u8;
-            FSGSBASE = HWCAP2 & 2 != 0;
+            FSGSBASE = HWCAP2 & 2 != 0 && flags & 8 == 0;
+            FILTERED = flags & 4 != 0 || !FSGSBASE;
         }
         let env = core::slice::from_raw_parts(argv.add(7), envc);
         let args = core::slice::from_raw_parts(argv.add(7 + envc), argc - 7 - envc);
@@ -641,9 +654,15 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
         }
     }
     // PR_SET_SYSCALL_USER_DISPATCH, on, for everything outside the loader's image. Without it
-    // (kernels before 5.11) strict mode still holds; reports of forbidden calls lose the number.
-    let _ = syscall6(SYS_PRCTL, 59, 1, LOADER_BASE, LOADER_SPAN, ptr::addr_of_mut!(SELECTOR) as usize, 0);
-    if prctl(22, 1, 0, 0) != 0 {
+    // (kernels before 5.11) strict mode still holds; reports of forbidden calls lose the number,
+    // and emulated programs need the filter.
+    let dispatch = syscall6(SYS_PRCTL, 59, 1, LOADER_BASE, LOADER_SPAN, ptr::addr_of_mut!(SELECTOR) as usize, 0) == 0;
+    if !CONTROL.is_null() && (FILTERED || !dispatch) {
+        FILTERED = true;
+        if prctl(22, 2, ptr::addr_of!(FILTER_PROG) as usize, 0) != 0 {
+            report(LOADER_FAILED, 24, 0, 0); // PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        }
+    } else if prctl(22, 1, 0, 0) != 0 {
         report(LOADER_FAILED, 23, 0, 0); // PR_SET_SECCOMP, SECCOMP_MODE_STRICT
     }
 
@@ -657,6 +676,64 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
         in("r11") bias + entry, in("r12") sp, options(noreturn)
     )
 }
+
+// ---- the fallback filter (classic BPF over struct seccomp_data) ----
+
+#[repr(C)]
+struct SockFilter {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const SockFilter,
+}
+
+unsafe impl Sync for SockFprog {}
+
+const fn op(code: u16, jt: u8, jf: u8, k: u32) -> SockFilter {
+    SockFilter { code, jt, jf, k }
+}
+
+const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+const JEQ: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+const JGE: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+const RET: u16 = 0x06; // BPF_RET | BPF_K
+const KILL_PROCESS: u32 = 0x8000_0000;
+const TRAP: u32 = 0x0003_0000;
+const ALLOW: u32 = 0x7fff_0000;
+
+// seccomp_data: nr at 0, arch at 4, instruction pointer at 8 (low) and 12
+// (high), arguments from 16. Jumps count instructions skipped; the three
+// returns are the last three instructions (KILL, TRAP, ALLOW).
+const FILTER: [SockFilter; 20] = [
+    op(LD_W_ABS, 0, 0, 4),
+    op(JEQ, 0, 15, 0xc000_003e),                  // not x86-64: kill
+    op(LD_W_ABS, 0, 0, 12),
+    op(JEQ, 0, 14, (LOADER_BASE >> 32) as u32),   // not the loader's code: trap
+    op(LD_W_ABS, 0, 0, 8),
+    op(JGE, 12, 0, LOADER_SPAN as u32),           // (the loader's image starts at a 4 GiB boundary)
+    op(LD_W_ABS, 0, 0, 0),
+    op(JEQ, 11, 0, SYS_READ as u32),
+    op(JEQ, 10, 0, SYS_WRITE as u32),
+    op(JEQ, 9, 0, SYS_EXIT as u32),
+    op(JEQ, 8, 0, SYS_EXIT_GROUP as u32),
+    op(JEQ, 7, 0, SYS_RT_SIGRETURN as u32),
+    op(JEQ, 0, 4, SYS_ARCH_PRCTL as u32),
+    op(LD_W_ABS, 0, 0, 16),
+    op(JEQ, 0, 2, 0x1002),                        // ARCH_SET_FS only
+    op(LD_W_ABS, 0, 0, 20),
+    op(JEQ, 2, 0, 0),
+    op(RET, 0, 0, KILL_PROCESS),
+    op(RET, 0, 0, TRAP),
+    op(RET, 0, 0, ALLOW),
+];
+
+static FILTER_PROG: SockFprog = SockFprog { len: FILTER.len() as u16, filter: FILTER.as_ptr() };
 
 #[unsafe(naked)]
 unsafe extern "C" fn restorer() -> ! {
@@ -697,7 +774,8 @@ extern "C" fn handler(sig: i32, info: *mut u8, uc: *mut u8) {
             31 => {
                 let code = *(info.add(8) as *const i32);
                 let nr = *(info.add(24) as *const i32) as usize;
-                if code != 2 {
+                // SYS_USER_DISPATCH, or SYS_SECCOMP from the fallback filter.
+                if code != 2 && !(code == 1 && FILTERED) {
                     report(FORBIDDEN_SYSCALL, nr as u64, rip as u64, 0);
                 }
                 if !CONTROL.is_null() {
@@ -747,6 +825,8 @@ unsafe fn emulate(nr: usize, uc: *mut u8) -> isize {
                 asm!("wrfsbase {}", in(reg) args[1], options(nostack));
                 return 0;
             }
+            // Without FSGSBASE the filter lets this one call through, from here only.
+            SYS_ARCH_PRCTL if args[0] == 0x1002 && FILTERED => return syscall3(SYS_ARCH_PRCTL, 0x1002, args[1], 0),
             _ => {}
         }
         let c = CONTROL;

@@ -45,6 +45,9 @@ pub struct Options {
     pub run_as: Option<(u32, u32)>,
     /// Leave the program traceable by its owner (for `cpushare run --local` with gdb or strace).
     pub debuggable: bool,
+    /// Emulated mode only: run it behind the seccomp-filter fallback, as on a
+    /// machine without Syscall User Dispatch or FSGSBASE (for tests).
+    pub fallback: bool,
 }
 
 /// A program ready to run: its bytes in a sealed memfd, and their SHA-256.
@@ -418,8 +421,9 @@ pub(crate) fn ending(killed: Option<Kill>, status: &StatusPage, wstatus: libc::c
         let sig = libc::WTERMSIG(wstatus);
         if sig == libc::SIGXCPU || (sig == libc::SIGKILL && cpu.as_secs() >= limits.cpu_seconds) {
             Ending::Killed(Kill::CpuLimit { seconds: limits.cpu_seconds })
-        } else if sig == libc::SIGKILL {
-            // Strict mode's own kill: the program reached the kernel with dispatch off.
+        } else if sig == libc::SIGKILL || sig == libc::SIGSYS {
+            // Strict mode's own kill (or the fallback filter's): the program
+            // reached the kernel with dispatch off.
             Ending::Killed(Kill::ForbiddenUnknown)
         } else {
             Ending::Killed(Kill::Signal(sig))

@@ -179,26 +179,20 @@ async fn send_change(out: &mpsc::Sender<pb::RelayFrame>, mount: usize, path: &st
     out.send(job::frame(Job::FileChange(change))).await?;
     let Some(mut file) = file else { return Ok(()) };
     loop {
-        let mut buf = vec![0u8; CHUNK];
-        let n = read_full(&mut file, &mut buf)?;
-        buf.truncate(n);
-        let last = n < CHUNK;
-        out.send(job::frame(Job::FileData(pb::Chunk { fragment: 0, data: buf.into(), last, size: 0 }))).await?;
+        // Read straight into the frame; a short read is the end.
+        let mut last = false;
+        let frame = job::chunk_frame(Job::FileData, |buf, chunk| {
+            buf.reserve_exact(CHUNK);
+            let n = (&mut file).take(CHUNK as u64).read_to_end(buf)?;
+            last = n < CHUNK;
+            chunk.last = last;
+            Ok(())
+        })?;
+        out.send(frame).await?;
         if last {
             return Ok(());
         }
     }
-}
-
-fn read_full(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 /// The buyer's files over the relay, asked from the jail's blocking thread.
@@ -302,9 +296,12 @@ struct RelayWriter {
 impl Write for RelayWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let n = buf.len().min(CHUNK);
-        let c = pb::Chunk { fragment: 0, data: Bytes::copy_from_slice(&buf[..n]), last: false, size: 0 };
-        let body = if self.err { Job::Stderr(c) } else { Job::Stdout(c) };
-        self.out.blocking_send(job::frame(body)).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
+        let wrap = if self.err { Job::Stderr } else { Job::Stdout };
+        let frame = job::chunk_frame(wrap, |to, _| {
+            to.extend_from_slice(&buf[..n]);
+            Ok(())
+        });
+        self.out.blocking_send(frame?).map_err(|_| io::Error::from(io::ErrorKind::BrokenPipe))?;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {

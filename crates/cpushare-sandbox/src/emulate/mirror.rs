@@ -308,6 +308,8 @@ impl Mirror {
         };
         let written = (|| {
             let mut file = File::create(&into).map_err(|e| errno(&e))?;
+            // Its blocks at once rather than page by page as it arrives.
+            unsafe { libc::fallocate(std::os::fd::AsRawFd::as_raw_fd(&file), 0, 0, entry.size as libc::off_t) };
             let n = self.remote.fetch.read(m, path, &mut file, entry.size).map_err(|e| -(e as i64))?;
             file.set_len(n).map_err(|e| errno(&e))?;
             Ok::<_, i64>(n)

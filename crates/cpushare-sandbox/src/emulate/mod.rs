@@ -144,7 +144,7 @@ fn run(
     drop((wake_me_w, wake_guest_r, null));
     let (uid, gid) = options.run_as.unwrap_or((65534, 65534));
     let env: Vec<&str> = world.env.iter().map(|s| s.as_str()).collect();
-    let argv = loader_argv(limits.ram_bytes, limits.cpu_seconds, (uid, gid), 2 | options.debuggable as u32, &env, args)?;
+    let argv = loader_argv(limits.ram_bytes, limits.cpu_seconds, (uid, gid), 2 | options.debuggable as u32 | if options.fallback { 4 | 8 } else { 0 }, &env, args)?;
     let pid = spawn(loader.as_raw_fd(), &children, &argv)?;
     drop(children);
     let mut guard = KillOnDrop(Some(pid));
