@@ -75,47 +75,94 @@ pub async fn run_unmodified(
     let before = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
     let mut events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
     let requirements = pb::Requirements { kind: pb::SandboxKind::SeccompEmulated as i32, min_ram_mib: job.min_ram_mib, ..Default::default() };
-    let placed = ex
-        .place_buy(pb::PlaceBuyRequest { cpus: 1, max_price: job.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0 })
-        .await
-        .map_err(status)?
-        .into_inner();
-    let order = placed.order;
-    progress.note(&format!("order {order} placed for 1 CPU at up to {} cents per CPU-hour; waiting for a seller", job.max_price));
+    let buy = pb::PlaceBuyRequest { cpus: 1, max_price: job.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0 };
+    // The order standing now; cancelled (ending its lease) whenever the run ends.
+    let mut order = None;
     let result = async {
-        // The lease: from the reply, or from the events once a seller comes.
-        let mut candidates: Vec<u64> = placed.leases.clone();
-        let (lease, node) = loop {
-            if !candidates.is_empty() {
-                let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
-                if let Some(l) = leases.iter().find(|l| candidates.contains(&l.id) && l.buy_order == order && l.state != "ended") {
-                    break (l.id, l.seller_node);
+        let mut attempts = 0;
+        loop {
+            let placed = ex.place_buy(buy.clone()).await.map_err(status)?.into_inner();
+            order = Some(placed.order);
+            progress.note(&format!("order {} placed for 1 CPU at up to {} cents per CPU-hour; waiting for a seller", placed.order, job.max_price));
+            let (lease, node) = lease_of(&mut ex, &mut events, placed.order, placed.leases).await?;
+            progress.note(&format!("lease {lease} on seller node {node}"));
+            let mut seen = Seen::default();
+            match serve(&conn, lease, &job, &share, &mut stdin, &mut stdout, &mut stderr, &mut seen).await {
+                Ok(mut finished) => {
+                    finished.lease = lease;
+                    finished.seller_node = node;
+                    return Ok(finished);
                 }
-                candidates.clear();
+                // Nothing of this run reached us or came from us yet: it can start
+                // over on another seller as if the first had never been, under a
+                // new order (a lease the buyer ends does not reopen its order).
+                Err(e) if !seen.anything() && attempts < RESTARTS => {
+                    attempts += 1;
+                    progress.note(&format!("lease {lease}: {e:#}; starting again on another seller"));
+                    let _ = ex.cancel_order(pb::CancelOrderRequest { order: placed.order }).await;
+                }
+                Err(e) if seen.anything() => {
+                    return Err(e.context("the program had already read input or written output, so it cannot simply run again: run it again yourself"));
+                }
+                Err(e) => return Err(e),
             }
-            match events.next().await {
-                Some(Ok(e)) if e.kind == "opened" => candidates.push(e.lease),
-                Some(Ok(_)) => {}
-                Some(Err(s)) => return Err(status(s)).context("lease events"),
-                None => anyhow::bail!("the exchange closed the lease events"),
-            }
-        };
-        progress.note(&format!("lease {lease} on seller node {node}"));
-        let mut finished = serve(&conn, lease, &job, &share, &mut stdin, &mut stdout, &mut stderr).await?;
-        finished.lease = lease;
-        finished.seller_node = node;
-        Ok(finished)
+        }
     }
     .await;
     // Ends the lease too: billing stops with the program.
-    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+    if let Some(order) = order {
+        let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+    }
     let mut finished = result?;
     let after = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
     finished.cost_cents = (before.available_cents + before.escrow_cents) - (after.available_cents + after.escrow_cents);
     Ok(finished)
 }
 
+/// The first lease of `order` still standing: one of `leases` (from its
+/// placing), or one the events announce once a seller comes.
+async fn lease_of(
+    ex: &mut pb::exchange_client::ExchangeClient<cpushare_exchange::client::Versioned>,
+    events: &mut tonic::Streaming<pb::LeaseEvent>,
+    order: u64,
+    mut candidates: Vec<u64>,
+) -> anyhow::Result<(u64, u64)> {
+    loop {
+        if !candidates.is_empty() {
+            let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+            if let Some(l) = leases.iter().find(|l| candidates.contains(&l.id) && l.buy_order == order && l.state != "ended") {
+                return Ok((l.id, l.seller_node));
+            }
+            candidates.clear();
+        }
+        match events.next().await {
+            Some(Ok(e)) if e.kind == "opened" => candidates.push(e.lease),
+            Some(Ok(_)) => {}
+            Some(Err(s)) => return Err(status(s)).context("lease events"),
+            None => anyhow::bail!("the exchange closed the lease events"),
+        }
+    }
+}
+
+/// How often a run that was lost before anything of it was seen starts over.
+const RESTARTS: u32 = 5;
+
+/// What of a run has been seen: once it has read our input or written
+/// output, it cannot simply run again elsewhere.
+#[derive(Default)]
+struct Seen {
+    input: bool,
+    output: bool,
+}
+
+impl Seen {
+    fn anything(&self) -> bool {
+        self.input || self.output
+    }
+}
+
 /// The lease's relay: the program up, then its streams and files until its outcome.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     conn: &Connection,
     lease: u64,
@@ -124,6 +171,7 @@ async fn serve(
     stdin: &mut (impl AsyncRead + Unpin + Send),
     stdout: &mut (impl AsyncWrite + Unpin + Send),
     stderr: &mut (impl AsyncWrite + Unpin + Send),
+    seen: &mut Seen,
 ) -> anyhow::Result<Finished> {
     let mut conn = conn.another().await?;
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
@@ -155,7 +203,8 @@ async fn serve(
     let mut stdin_done = false;
     // A changed file arriving, and the paths written back or not.
     let mut incoming: Option<(String, Option<Incoming>)> = None;
-    let mut finished = Finished { exit_code: None, killed: String::new(), cpu_ms: 0, lease, seller_node: 0, written_back: 0, not_written_back: Vec::new(), cost_cents: 0 };
+    let mut finished =
+        Finished { exit_code: None, killed: String::new(), cpu_ms: 0, lease, seller_node: 0, written_back: 0, not_written_back: Vec::new(), cost_cents: 0 };
     loop {
         let message = tokio::select! {
             m = next(&mut inbound) => m?,
@@ -170,6 +219,7 @@ async fn serve(
                 let n = n.context("reading stdin")?;
                 stdin_done = n == 0;
                 credit -= n as u64;
+                seen.input |= n > 0;
                 let chunk = pb::Chunk { fragment: 0, data: piece.freeze(), last: stdin_done, size: 0 };
                 out.send(job::frame(Say::Stdin(chunk))).await?;
                 continue;
@@ -178,15 +228,18 @@ async fn serve(
         match message {
             Some(Say::Stdin(c)) => credit += c.size,
             Some(Say::Stdout(c)) => {
+                seen.output = true;
                 stdout.write_all(&c.data).await?;
                 stdout.flush().await?;
             }
             Some(Say::Stderr(c)) => {
+                seen.output = true;
                 stderr.write_all(&c.data).await?;
                 stderr.flush().await?;
             }
             Some(Say::FileRequest(r)) => answer(share, r, &out).await?,
             Some(Say::FileChange(c)) => {
+                seen.output = true;
                 let path = c.path.clone();
                 let applied = match pb::ChangeKind::try_from(c.kind) {
                     Ok(pb::ChangeKind::File) => match share.write(c.mount as usize, &c.path, c.mode) {

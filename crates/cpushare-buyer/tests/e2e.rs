@@ -4,7 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cpushare_buyer::{run, Fragment, Job};
+use cpushare_buyer::{run, run_unmodified, Fragment, Job, Unmodified};
+use cpushare_sandbox::emulate::Mount;
 use cpushare_proto::v1 as pb;
 use cpushare_sandbox::examples;
 use cpushare_seller::testbed::Testbed;
@@ -181,4 +182,67 @@ async fn a_stream_job_runs_many_small_fragments_and_reports_each_failure() {
     }
     assert_eq!(report.reruns, 0);
     assert!(report.per_seller.len() >= 2, "the work spread: {:?}", report.per_seller);
+}
+
+/// Progress notes, shown when a test fails.
+struct Notes;
+
+impl cpushare_buyer::Progress for Notes {
+    fn note(&self, message: &str) {
+        eprintln!("{message}");
+    }
+}
+
+/// An unmodified program whose seller vanishes before it has shown anything
+/// starts over on another seller; the buyer sees one clean run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unmodified_program_whose_seller_vanishes_runs_again_elsewhere() {
+    let Ok(busybox) = std::fs::read("/usr/bin/busybox") else {
+        assert_ne!(std::env::var("CI").as_deref(), Ok("true"), "busybox-static is needed under CI");
+        eprintln!("skipped: no /usr/bin/busybox (scripts/test installs busybox-static)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 3).await.unwrap();
+    for name in ["s1", "s2"] {
+        tb.seller(name, 1, 3600, |_| {}).await.unwrap();
+    }
+    let buyer = tb.member("buyer", 100_000).await.unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    // A few seconds of shell arithmetic (builtins only), then one line.
+    let script = "i=0; while [ $i -lt 3000000 ]; do i=$((i+1)); done; echo counted $i";
+    let job = Unmodified {
+        program: busybox,
+        args: vec!["sh".into(), "-c".into(), script.into()],
+        env: Vec::new(),
+        cwd: "/work".into(),
+        mounts: vec![Mount { host: work, guest: "/work".into(), read_only: false }],
+        seed: [1; 32],
+        max_price: 4000,
+        min_ram_mib: 0,
+    };
+    let mut ex = buyer.connect().await.unwrap().exchange;
+    let conn = buyer.connect().await.unwrap();
+    let running = tokio::spawn(async move {
+        let mut out = Vec::new();
+        let done = run_unmodified(conn, job, tokio::io::empty(), &mut out, tokio::io::sink(), &Notes).await;
+        (done, out)
+    });
+    // Whichever seller runs it vanishes once it is running.
+    let victim = loop {
+        let leases = ex.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner().leases;
+        if let Some(l) = leases.iter().find(|l| l.state == "running") {
+            break l.seller_node;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let at = tb.sellers.iter().position(|s| s.node.node == victim).expect("the lease's seller is ours");
+    tb.sellers.remove(at).kill();
+    let (done, out) = tokio::time::timeout(Duration::from_secs(120), running).await.expect("the run finishes").unwrap();
+    let done = done.unwrap();
+    assert_eq!(done.exit_code, Some(0), "{}", done.killed);
+    assert_eq!(String::from_utf8_lossy(&out), "counted 3000000\n", "the output once, from the second seller");
+    assert_ne!(done.seller_node, victim);
 }
