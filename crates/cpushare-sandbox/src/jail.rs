@@ -374,12 +374,25 @@ pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limi
     let mut killed = None;
     let deadline = tokio::time::sleep(wall_limit);
     tokio::pin!(deadline);
+    // When the room is full, a small read first: an output exactly as large
+    // as its input (the usual case) then ends without the vector doubling
+    // (a fresh allocation and a copy of all of it) just to read the end.
+    let mut probe = [0u8; 4096];
     loop {
-        if output.capacity() - output.len() < 64 << 10 {
-            output.reserve(output.len().max(64 << 10));
-        }
+        let full = output.len() == output.capacity();
         tokio::select! {
-            r = stdout.read_buf(&mut output) => match r {
+            r = async {
+                if full {
+                    let n = stdout.read(&mut probe).await?;
+                    if n > 0 {
+                        output.reserve(output.len().max(64 << 10));
+                        output.extend_from_slice(&probe[..n]);
+                    }
+                    Ok(n)
+                } else {
+                    stdout.read_buf(&mut output).await
+                }
+            } => match r {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
                     if output.len() > limits.output_bytes {
