@@ -43,7 +43,7 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Sell this machine's CPUs: measure them, offer one slot per CPU, run what is leased.
     Sell(work_cmd::SellArgs),
-    /// Run a program over a directory of inputs on rented CPUs (or --local).
+    /// Run a program on rented CPUs (or --local): once, unmodified, as if here; or over a directory of inputs.
     Run(work_cmd::RunArgs),
     /// Write the SDK's example programs (mandelbrot, crack) and inputs for
     /// them, ready for `cpushare run`.

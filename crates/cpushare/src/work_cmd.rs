@@ -102,16 +102,18 @@ async fn sell_status(config: &Path, out: Output) -> anyhow::Result<()> {
 
 #[derive(Args)]
 pub struct RunArgs {
-    /// The program: a static x86-64 executable (see guest/ for the SDK).
+    /// The program: a static x86-64 executable (any, run unmodified; for
+    /// --inputs, one that reads a fragment on stdin: see guest/ for the SDK).
     program: PathBuf,
     /// Arguments passed to the program (after --).
     #[arg(last = true)]
     args: Vec<String>,
-    /// A directory of inputs: each file is one fragment.
-    #[arg(long, value_name = "DIR", required_unless_present = "emulate")]
+    /// A directory of inputs: each file is one fragment (with --outputs; without
+    /// either, the program runs once, unmodified, as with --emulate).
+    #[arg(long, value_name = "DIR", requires = "outputs")]
     inputs: Option<PathBuf>,
     /// Where each fragment's output goes (same file names; NAME.error for failures).
-    #[arg(long, value_name = "DIR", required_unless_present = "emulate")]
+    #[arg(long, value_name = "DIR", requires = "inputs")]
     outputs: Option<PathBuf>,
     /// CPUs to rent.
     #[arg(long, default_value_t = 1)]
@@ -138,7 +140,8 @@ pub struct RunArgs {
     /// jail's supervisor, it sees only the --mount directories (the seller
     /// fetches what it opens; what it changes is written back here when it
     /// ends), stdin feeds it, its stdout and stderr stream back live and its
-    /// exit status is this command's (125 if the jail ended it).
+    /// exit status is this command's (125 if the jail ended it). The default
+    /// when there are no --inputs.
     #[arg(long, conflicts_with_all = ["inputs", "outputs", "stream", "replicas"])]
     emulate: bool,
     /// With --emulate: a directory the program sees, HOST_DIR:GUEST_PATH[:ro]
@@ -197,7 +200,8 @@ pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
 pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()> {
     let program = std::fs::read(&args.program).with_context(|| format!("cannot read the program {}", args.program.display()))?;
     anyhow::ensure!(program.starts_with(b"\x7fELF"), "{} is not an ELF executable", args.program.display());
-    if args.emulate {
+    if args.emulate || args.inputs.is_none() {
+        anyhow::ensure!(!args.stream && args.replicas == 1, "--stream and --replicas are for fragments: give --inputs and --outputs");
         let request = crate::emulate_cmd::Request {
             path: args.program,
             elf: program,

@@ -64,6 +64,11 @@ fn an_unmodified_program_streams_stdin_to_stdout_and_returns_its_exit_status() {
     // Bad flags get a clear error.
     let out = cpushare(&["--mount", "relative:/x", "/usr/bin/busybox", "--", "true"], b"");
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a directory"), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without --inputs, `cpushare run PROGRAM -- ARGS` is this same unmodified run.
+    let plain = Command::new(BIN).args(["run", "--local", "/usr/bin/busybox", "--", "echo", "plain"]).current_dir(dir.path()).output().unwrap();
+    assert_eq!((plain.status.code(), plain.stdout.as_slice()), (Some(0), &b"plain\n"[..]), "{}", String::from_utf8_lossy(&plain.stderr));
+    let stream = Command::new(BIN).args(["run", "--local", "--stream", "/usr/bin/busybox"]).current_dir(dir.path()).output().unwrap();
+    assert!(String::from_utf8_lossy(&stream.stderr).contains("--stream and --replicas are for fragments"), "{}", String::from_utf8_lossy(&stream.stderr));
 }
 
 /// `cpushare --config CONFIG run --emulate ARGS` in `dir`, fed `stdin`.

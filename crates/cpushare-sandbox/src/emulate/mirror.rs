@@ -131,6 +131,8 @@ const EIO: i32 = libc::EIO;
 const ENOSPC: i32 = libc::ENOSPC;
 /// The most entries one listing may add.
 const MAX_ENTRIES: usize = 100_000;
+/// What one listed entry counts against the run's disk allowance.
+const ENTRY_COST: u64 = 4096;
 
 pub(crate) struct Mirror {
     remote: Remote,
@@ -252,6 +254,8 @@ impl Mirror {
             return Ok(());
         }
         let entries = self.remote.fetch.list(m, dir).map_err(|e| -(e as i64))?;
+        // Each entry costs an inode here: counted as a block of the run's disk.
+        self.charge(ENTRY_COST * entries.len().min(MAX_ENTRIES) as u64)?;
         self.unlisted.remove(&key);
         let local = self.local(m, dir);
         for e in entries.into_iter().take(MAX_ENTRIES) {
