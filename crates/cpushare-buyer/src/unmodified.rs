@@ -4,7 +4,6 @@
 //! see `cpushare_sandbox::emulate::mirror`), what it changes is written back
 //! here when it ends, and its exit status is ours.
 
-use std::io::Read;
 
 use anyhow::Context;
 use cpushare_exchange::client::Connection;
@@ -19,7 +18,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
-use crate::{status, Progress, CHUNK};
+use crate::{status, Progress};
 
 /// The most stdin read at once.
 const STDIN_PIECE: u64 = 64 << 10;
@@ -328,24 +327,5 @@ async fn answer(share: &Share, r: pb::FileRequest, out: &mpsc::Sender<pb::RelayF
     };
     let size = file.metadata()?.len().min(r.limit);
     out.send(job::frame(Say::FileReply(pb::FileReply { id: r.id, size, ..Default::default() }))).await?;
-    let mut file = file.take(size);
-    let mut left = size;
-    loop {
-        // Read straight into the frame: no zeroing, no copy after the read.
-        let want = (left as usize).min(CHUNK);
-        let mut last = false;
-        let frame = job::chunk_frame(Say::FileData, |buf, chunk| {
-            buf.reserve_exact(want);
-            let n = (&mut file).take(want as u64).read_to_end(buf)?;
-            left -= n as u64;
-            last = n < want || left == 0;
-            chunk.fragment = r.id;
-            chunk.last = last;
-            Ok(())
-        })?;
-        out.send(frame).await?;
-        if last {
-            return Ok(());
-        }
-    }
+    job::send_file(out, r.id, file, size).await
 }

@@ -14,6 +14,31 @@ pub fn frame(body: pb::job_message::Body) -> pb::RelayFrame {
     pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() }
 }
 
+/// Sends what `from` holds, at most `limit` bytes, as `file_data` chunks of
+/// `fragment`, each read straight into its frame. The last chunk says so
+/// (there is always one); a short read is the end.
+pub async fn send_file(out: &tokio::sync::mpsc::Sender<pb::RelayFrame>, fragment: u64, mut from: impl std::io::Read + Send, limit: u64) -> anyhow::Result<()> {
+    use std::io::Read;
+    let mut left = limit;
+    loop {
+        let want = left.min(RELAY_CHUNK as u64) as usize;
+        let mut last = false;
+        let frame = chunk_frame(pb::job_message::Body::FileData, |buf, chunk| {
+            buf.reserve_exact(want);
+            let n = (&mut from).take(want as u64).read_to_end(buf)?;
+            left -= n as u64;
+            last = n < want || left == 0;
+            chunk.fragment = fragment;
+            chunk.last = last;
+            Ok(())
+        })?;
+        out.send(frame).await.map_err(|_| anyhow::anyhow!("the relay closed"))?;
+        if last {
+            return Ok(());
+        }
+    }
+}
+
 /// Room kept in front of a chunk's data for the message's header.
 const HEADER_ROOM: usize = 48;
 

@@ -4,7 +4,6 @@
 //! and what it changed goes back.
 
 use std::fs::File;
-use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,19 +12,9 @@ use std::sync::{Arc, Mutex};
 use cpushare_sandbox::emulate::share::Share;
 use cpushare_sandbox::emulate::{run_emulated_remote, Cache, Changed, EmulatedRun, Entry, Fetch, Mount, Remote, World};
 use cpushare_sandbox::{Limits, Options, Program};
+use support::{needs, Captured};
 
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+mod support;
 
 /// The buyer's share, counting what the seller asked of it.
 struct Counting {
@@ -42,17 +31,6 @@ impl Fetch for Counting {
     fn read(&mut self, mount: usize, path: &str, to: &mut File, limit: u64) -> Result<u64, i32> {
         self.reads.lock().unwrap().push(path.to_string());
         Fetch::read(&mut self.share, mount, path, to, limit)
-    }
-}
-
-fn needs(path: &str) -> Option<Vec<u8>> {
-    match std::fs::read(path) {
-        Ok(b) => Some(b),
-        Err(e) if std::env::var("CI").as_deref() == Ok("true") => panic!("{path} is needed under CI: {e}"),
-        Err(e) => {
-            eprintln!("skipped: {path}: {e} (scripts/test installs it)");
-            None
-        }
     }
 }
 
@@ -92,9 +70,8 @@ fn on_seller(busybox: &[u8], args: &[&str], buyer: &[Mount], seller: &Seller, st
     let (out, err) = (Captured::default(), Captured::default());
     let limits = Limits { ram_bytes: 512 << 20, ..Limits::default() };
     let run = run_emulated_remote(&program, args, &world, remote, Box::new(std::io::Cursor::new(stdin.to_vec())), Box::new(out.clone()), Box::new(err.clone()), &limits, &Options::default()).unwrap();
-    let text = |c: &Captured| String::from_utf8_lossy(&c.0.lock().unwrap()).into_owned();
     let reads = reads.lock().unwrap().clone();
-    Ran { run, stdout: text(&out), stderr: text(&err), lists: lists.load(Ordering::SeqCst), reads }
+    Ran { run, stdout: out.text(), stderr: err.text(), lists: lists.load(Ordering::SeqCst), reads }
 }
 
 /// Applies a run's changes to the buyer's directories, as `cpushare run` does.

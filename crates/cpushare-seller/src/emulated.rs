@@ -177,21 +177,9 @@ async fn send_change(out: &mpsc::Sender<pb::RelayFrame>, mount: usize, path: &st
     let size = file.as_ref().and_then(|f| f.metadata().ok()).map_or(0, |m| m.len());
     let change = pb::FileChange { mount: mount as u32, path: path.to_string(), kind: kind as i32, mode, size };
     out.send(job::frame(Job::FileChange(change))).await?;
-    let Some(mut file) = file else { return Ok(()) };
-    loop {
-        // Read straight into the frame; a short read is the end.
-        let mut last = false;
-        let frame = job::chunk_frame(Job::FileData, |buf, chunk| {
-            buf.reserve_exact(CHUNK);
-            let n = (&mut file).take(CHUNK as u64).read_to_end(buf)?;
-            last = n < CHUNK;
-            chunk.last = last;
-            Ok(())
-        })?;
-        out.send(frame).await?;
-        if last {
-            return Ok(());
-        }
+    match file {
+        Some(file) => job::send_file(out, 0, file, u64::MAX).await,
+        None => Ok(()),
     }
 }
 

@@ -6,7 +6,6 @@ mod common;
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use common::*;
 use sha2::{Digest, Sha256};
@@ -114,21 +113,7 @@ fn an_unmodified_program_runs_on_a_seller_as_if_here() {
     let buyer_account = member(&operator, "buyer", &buyer);
     ok(&operator, &["deposit", &buyer_account, "1000"]);
     let seller_cache = tmp.path().join("seller-cache");
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&seller)
-        .args(["sell", "--cpus", "1", "--price", "36000", "--ram-per-slot", "256"])
-        .env("XDG_CACHE_HOME", &seller_cache)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _selling = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while json(&seller, &["sell", "--status"])["slots"] != 1 {
-        assert!(Instant::now() < deadline, "the seller's slot never reached the book");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let _selling = selling(&seller, 1, Some(&seller_cache));
 
     // The buyer's working directory: mounted by default, read-write, at its own path.
     let work = tmp.path().join("work");

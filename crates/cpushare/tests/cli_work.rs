@@ -3,8 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use common::*;
 
@@ -63,21 +62,7 @@ fn a_seller_sells_and_a_buyer_runs_a_job_through_the_exchange() {
     let buyer_account = member(&operator, "buyer", &buyer);
     ok(&operator, &["deposit", &buyer_account, "1000"]);
 
-    // 36,000 cents per CPU-hour is 10 cents a second: a short job costs whole cents.
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&seller)
-        .args(["sell", "--cpus", "2", "--price", "36000", "--ram-per-slot", "256"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut selling = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while json(&seller, &["sell", "--status"])["slots"] != 2 {
-        assert!(Instant::now() < deadline, "the seller's slots never reached the book");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut selling = selling(&seller, 2, None);
 
     let ex = tmp.path().join("ex");
     ok(&buyer, &["examples", ex.to_str().unwrap()]);

@@ -70,3 +70,22 @@ pub fn member(operator: &Path, name: &str, dir: &Path) -> String {
     json(dir, &["enroll", "--exchange", &url, "--token", created["token"].as_str().unwrap()]);
     created["account"].as_u64().unwrap().to_string()
 }
+
+/// `cpushare sell` for `seller` with `cpus` slots at 36,000 cents per CPU-hour
+/// (10 cents a second: a short job costs whole cents), its cache in `cache`
+/// when given; returns once its slots are on the book.
+pub fn selling(seller: &Path, cpus: u32, cache: Option<&Path>) -> Running {
+    let mut command = Command::new(BIN);
+    command.arg("--config").arg(seller).args(["sell", "--cpus", &cpus.to_string(), "--price", "36000", "--ram-per-slot", "256"]);
+    if let Some(cache) = cache {
+        command.env("XDG_CACHE_HOME", cache);
+    }
+    let running = Running(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while json(seller, &["sell", "--status"])["slots"] != cpus {
+        assert!(Instant::now() < deadline, "the seller's slots never reached the book");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    running
+}
+
