@@ -80,7 +80,7 @@ pub async fn run_unmodified(
     let result = async {
         let mut attempts = 0;
         loop {
-            let placed = ex.place_buy(buy.clone()).await.map_err(status)?.into_inner();
+            let placed = ex.place_buy(buy).await.map_err(status)?.into_inner();
             order = Some(placed.order);
             progress.note(&format!("order {} placed for 1 CPU at up to {} cents per CPU-hour; waiting for a seller", placed.order, job.max_price));
             let (lease, node) = lease_of(&mut ex, &mut events, placed.order, placed.leases).await?;

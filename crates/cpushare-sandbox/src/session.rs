@@ -131,12 +131,14 @@ impl Session {
             // Read the fd itself: tokio's try_read answers from its cached
             // readiness, which may not have seen these bytes yet.
             let fd = std::os::fd::AsRawFd::as_raw_fd(stderr);
-            while log_open {
-                let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
-                if n <= 0 {
-                    break;
+            if log_open {
+                loop {
+                    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+                    if n <= 0 {
+                        break;
+                    }
+                    keep_log(&mut log, &buf[..n as usize], self.limits.log_bytes);
                 }
-                keep_log(&mut log, &buf[..n as usize], self.limits.log_bytes);
             }
             (records, written)
         };

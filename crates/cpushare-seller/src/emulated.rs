@@ -86,6 +86,8 @@ pub(crate) async fn serve(
         async move {
             let mut stdin_tx = Some(stdin_tx);
             let mut received = 0u64;
+            // (Not one match arm with a guard: `b` moves into the send.)
+            #[allow(clippy::collapsible_match)]
             while let Ok(Some(body)) = job::next(&mut inbound).await {
                 match body {
                     Job::Stdin(c) => {

@@ -140,7 +140,7 @@ impl Driver {
             }
         }
         self.ops += 1;
-        if !self.keep_events && self.ops % 1024 == 0 {
+        if !self.keep_events && self.ops.is_multiple_of(1024) {
             self.market.discard_events();
         }
         kind

@@ -194,7 +194,7 @@ impl Memory {
     pub(crate) fn mmap(&mut self, addr: u64, len: u64, flags: u64) -> i64 {
         let Some(len) = round_up(len).filter(|&l| l > 0) else { return EINVAL };
         if flags & libc::MAP_FIXED as u64 != 0 {
-            if addr % PAGE != 0 || !self.in_heap(addr, len) || addr < round_up(self.brk).unwrap_or(u64::MAX) {
+            if !addr.is_multiple_of(PAGE) || !self.in_heap(addr, len) || addr < round_up(self.brk).unwrap_or(u64::MAX) {
                 return ENOMEM;
             }
             self.unmap_range(addr, len);
@@ -213,7 +213,7 @@ impl Memory {
 
     pub(crate) fn munmap(&mut self, addr: u64, len: u64) -> i64 {
         let Some(len) = round_up(len) else { return EINVAL };
-        if addr % PAGE != 0 {
+        if !addr.is_multiple_of(PAGE) {
             return EINVAL;
         }
         if self.in_heap(addr, len) {
@@ -226,7 +226,7 @@ impl Memory {
 
     pub(crate) fn madvise_dontneed(&mut self, addr: u64, len: u64) -> i64 {
         if let Some(len) = round_up(len) {
-            if self.in_heap(addr, len) && addr % PAGE == 0 {
+            if self.in_heap(addr, len) && addr.is_multiple_of(PAGE) {
                 self.release(addr, len);
             }
         }

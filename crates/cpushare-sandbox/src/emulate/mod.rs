@@ -74,6 +74,7 @@ fn memfd(name: &std::ffi::CStr, size: u64) -> io::Result<OwnedFd> {
 
 /// Runs `program` with `args` (its argv[0] first) in a new emulated jail; its
 /// standard streams are `stdin`, `stdout` and `stderr`. Blocks until it ends.
+#[allow(clippy::too_many_arguments)]
 pub fn run_emulated(
     program: &Program,
     args: &[&str],
