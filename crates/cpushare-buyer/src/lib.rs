@@ -198,21 +198,23 @@ impl Farm {
         s.answers.push((account, node, answer));
         // The answer most sellers gave, once it has a majority of the replicas asked for.
         let majority = s.needed / 2 + 1;
-        let mut best: Option<(&Answer, usize, u64)> = None;
-        for (_, n, a) in &s.answers {
+        let mut best: Option<(usize, usize)> = None; // (index, votes)
+        for (k, (_, _, a)) in s.answers.iter().enumerate() {
             let votes = s.answers.iter().filter(|(_, _, b)| b == a).count();
-            if best.is_none_or(|(_, v, _)| votes > v) {
-                best = Some((a, votes, *n));
+            if best.is_none_or(|(_, v)| votes > v) {
+                best = Some((k, votes));
             }
         }
-        let (winner, votes, node) = best.expect("an answer was just added");
+        let (winner, votes) = best.expect("an answer was just added");
         if votes >= majority.min(s.needed) && (s.needed == 1 || votes >= 2) {
-            let winner = winner.clone();
             for (acc, n, a) in &s.answers {
-                if *a != winner {
+                if *a != s.answers[winner].2 {
                     self.mismatches.push(Mismatch { fragment: self.names[i].clone(), seller_account: *acc, seller_node: *n });
                 }
             }
+            // Moved, not cloned: an output may be large. Later answers are ignored.
+            let (_, node, winner) = s.answers.swap_remove(winner);
+            s.answers.clear();
             s.result = Some(FragmentResult {
                 name: self.names[i].clone(),
                 output: winner.output,
@@ -492,7 +494,10 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
             let outcome = match message {
                 Some(Say::Output(c)) if c.fragment == i as u64 => {
                     if output.is_empty() {
-                        output.reserve(c.size.min(MAX_OUTPUT) as usize);
+                        // Room for all of it: its size when the seller knows it, else as
+                        // much as the input (many programs transform their input).
+                        let hint = if c.size > 0 { c.size } else { job.fragments[i].input.len() as u64 };
+                        output.reserve(hint.min(MAX_OUTPUT) as usize);
                     }
                     output.extend_from_slice(&c.data);
                     continue;

@@ -343,27 +343,105 @@ pub(crate) fn wall_limit(cpu_seconds: u64) -> Duration {
     Duration::from_secs(cpu_seconds.saturating_mul(4).saturating_add(10))
 }
 
-/// Runs `program` with `args` (its argv[0] first) on `input`, in a new jail.
-pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limits, options: &Options) -> io::Result<Run> {
-    let started = Instant::now();
-    let Started { pid, mut guard, mut stdin, mut stdout, mut stderr, status } = start(program, args, limits, limits.cpu_seconds, options)?;
-    let input_len = input.len();
-    let feeder = tokio::spawn(async move {
-        // A program that does not read all its input just ends the pipe: not an error.
-        let _ = stdin.write_all(&input).await;
-    });
-    let log_cap = limits.log_bytes;
-    let logger = tokio::spawn(async move {
+/// Collects what the program logs (fd 2), up to `cap` bytes.
+fn spawn_logger(mut stderr: tokio::net::unix::pipe::Receiver, cap: usize) -> tokio::task::JoinHandle<Vec<u8>> {
+    tokio::spawn(async move {
         let mut log = Vec::new();
         let mut buf = vec![0u8; 16 << 10];
         loop {
             match stderr.read(&mut buf).await {
                 Ok(0) | Err(_) => break,
-                Ok(n) => keep_log(&mut log, &buf[..n], log_cap),
+                Ok(n) => keep_log(&mut log, &buf[..n], cap),
             }
         }
         log
+    })
+}
+
+/// [`run`] with the input arriving in pieces and the output leaving in
+/// pieces as the program writes it, so that neither is ever held whole: a
+/// large fragment streams through. `input` yields the input (its end is the
+/// channel's); `output` gets the output in pieces of `piece` bytes, except
+/// the last, which is returned in [`Run::output`] (all of it, if the output
+/// is smaller than one piece: it can then travel with the outcome).
+pub async fn run_piped(
+    program: &Program,
+    args: &[&str],
+    mut input: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+    output: tokio::sync::mpsc::Sender<bytes::Bytes>,
+    piece: usize,
+    limits: &Limits,
+    options: &Options,
+) -> io::Result<Run> {
+    let started = Instant::now();
+    let Started { pid, mut guard, mut stdin, mut stdout, stderr, status } = start(program, args, limits, limits.cpu_seconds, options)?;
+    let feeder = tokio::spawn(async move {
+        while let Some(data) = input.recv().await {
+            // A program that does not read all its input just ends the pipe:
+            // not an error; the rest is taken and dropped.
+            if stdin.write_all(&data).await.is_err() {
+                while input.recv().await.is_some() {}
+                return;
+            }
+        }
     });
+    let logger = spawn_logger(stderr, limits.log_bytes);
+    let waiter = tokio::task::spawn_blocking(move || wait(pid));
+    let wall_limit = wall_limit(limits.cpu_seconds);
+    let mut killed = None;
+    let mut total = 0usize;
+    let mut current = bytes::BytesMut::with_capacity(piece);
+    let deadline = tokio::time::sleep(wall_limit);
+    tokio::pin!(deadline);
+    loop {
+        if current.len() == piece {
+            let full = std::mem::replace(&mut current, bytes::BytesMut::with_capacity(piece)).freeze();
+            if output.send(full).await.is_err() {
+                // Nobody takes the output any more: the fragment is abandoned.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                break;
+            }
+        }
+        let room = piece - current.len();
+        let mut into = bytes::BufMut::limit(&mut current, room);
+        tokio::select! {
+            r = stdout.read_buf(&mut into) => match r {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    total += n;
+                    if total > limits.output_bytes {
+                        current.truncate(current.len() - (total - limits.output_bytes));
+                        killed = Some(Kill::OutputLimit { bytes: limits.output_bytes });
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        break;
+                    }
+                }
+            },
+            _ = &mut deadline => {
+                killed = Some(Kill::WallClock { seconds: wall_limit.as_secs() });
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                break;
+            }
+        }
+    }
+    let (wstatus, cpu) = waiter.await.map_err(io::Error::other)??;
+    guard.0 = None;
+    feeder.abort();
+    let log = logger.await.unwrap_or_default();
+    let ending = ending(killed, &status, wstatus, cpu, limits);
+    Ok(Run { ending, output: current.to_vec(), log, cpu, wall: started.elapsed() })
+}
+
+/// Runs `program` with `args` (its argv[0] first) on `input`, in a new jail.
+pub async fn run(program: &Program, args: &[&str], input: Vec<u8>, limits: &Limits, options: &Options) -> io::Result<Run> {
+    let started = Instant::now();
+    let Started { pid, mut guard, mut stdin, mut stdout, stderr, status } = start(program, args, limits, limits.cpu_seconds, options)?;
+    let input_len = input.len();
+    let feeder = tokio::spawn(async move {
+        // A program that does not read all its input just ends the pipe: not an error.
+        let _ = stdin.write_all(&input).await;
+    });
+    let logger = spawn_logger(stderr, limits.log_bytes);
     let waiter = tokio::task::spawn_blocking(move || wait(pid));
 
     let wall_limit = wall_limit(limits.cpu_seconds);

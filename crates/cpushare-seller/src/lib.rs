@@ -453,37 +453,26 @@ impl Seller {
             return emulated::serve(setup, inbound, out).await;
         }
 
-        // Fragments: a reader collects whole inputs while the runner runs the previous one.
-        let (inputs_tx, mut inputs) = mpsc::channel::<(u64, Vec<u8>)>(4);
+        // Fragments: a reader passes their input chunks on as they come; the
+        // runner runs the fragment they belong to meanwhile.
+        let (chunks_tx, mut chunks) = mpsc::channel::<pb::Chunk>(16);
         let reader = tokio::spawn(async move {
-            let mut current: Option<(u64, Vec<u8>)> = None;
             while let Ok(Some(body)) = next(&mut inbound).await {
                 let Job::Input(c) = body else { continue };
-                let (id, mut data) = match current.take() {
-                    Some((id, data)) if id == c.fragment => (id, data),
-                    // A new fragment: room for all of it at once, within what a seller takes.
-                    _ => (c.fragment, Vec::with_capacity((c.size as usize).min(MAX_INPUT))),
-                };
-                data.extend_from_slice(&c.data);
-                if data.len() > MAX_INPUT {
+                if chunks_tx.send(c).await.is_err() {
                     break;
-                }
-                if c.last {
-                    if inputs_tx.send((id, data)).await.is_err() {
-                        break;
-                    }
-                } else {
-                    current = Some((id, data));
                 }
             }
         });
         let argv: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
         // Stream-mode programs keep one jail for the whole lease.
         let mut session = offer.stream.then(|| Session::new(program.clone(), &argv, limits.clone(), Options::default()));
-        while let Some((fragment, input)) = inputs.recv().await {
-            let run = match &mut session {
-                Some(session) => session.run(&input).await,
-                None => jail::run(&program, &argv, input, &limits, &Options::default()).await,
+        while let Some(first) = chunks.recv().await {
+            let fragment = first.fragment;
+            let (run, streamed) = match &mut session {
+                Some(session) => (session.run(&whole_input(first, &mut chunks).await?).await, false),
+                // A jail per fragment: its input streams in and its output out as it goes.
+                None => stream_fragment(&program, &argv, first, &mut chunks, &limits, &out, self.config.corrupt_outputs).await?,
             };
             let (mut output, mut outcome) = match run {
                 Ok(r) => {
@@ -505,14 +494,14 @@ impl Seller {
                 }
                 Err(e) => (Vec::new(), pb::Outcome { fragment, killed: format!("the seller could not start the jail: {e}"), seller_fault: true, ..Default::default() }),
             };
-            if self.config.corrupt_outputs && !output.is_empty() {
+            if self.config.corrupt_outputs && !streamed && !output.is_empty() {
                 let last = output.len() - 1;
                 output[last] ^= 0xff;
             }
-            // A small output rides in the outcome; a large one goes ahead in chunks.
-            if output.len() + outcome.log.len() + outcome.killed.len() <= CHUNK {
+            // A small output rides in the outcome; the rest of a large one goes ahead in chunks.
+            if !streamed && output.len() + outcome.log.len() + outcome.killed.len() <= CHUNK {
                 outcome.output = output.into();
-            } else {
+            } else if !output.is_empty() {
                 for c in job::chunks(fragment, output.into()) {
                     out.send(job::frame(Job::Output(c))).await?;
                 }
@@ -522,5 +511,68 @@ impl Seller {
         reader.abort();
         Ok(())
     }
+}
+
+/// A fragment's whole input, from its first chunk and the ones after it.
+async fn whole_input(first: pb::Chunk, chunks: &mut mpsc::Receiver<pb::Chunk>) -> anyhow::Result<Vec<u8>> {
+    let mut data = Vec::with_capacity((first.size as usize).min(MAX_INPUT));
+    let mut c = first;
+    loop {
+        anyhow::ensure!(data.len() + c.data.len() <= MAX_INPUT, "a fragment larger than {MAX_INPUT} bytes");
+        data.extend_from_slice(&c.data);
+        if c.last {
+            return Ok(data);
+        }
+        c = chunks.recv().await.ok_or_else(|| anyhow::anyhow!("the relay closed in the middle of a fragment"))?;
+    }
+}
+
+/// One fragment in a fresh jail, its input fed in as its chunks arrive and
+/// its output sent on as the program writes it: a large fragment is never
+/// held whole. Returns the run (its `output` is the part not yet sent) and
+/// whether any output went ahead.
+async fn stream_fragment(
+    program: &Program,
+    argv: &[&str],
+    first: pb::Chunk,
+    chunks: &mut mpsc::Receiver<pb::Chunk>,
+    limits: &Limits,
+    out: &mpsc::Sender<pb::RelayFrame>,
+    corrupt: bool,
+) -> anyhow::Result<(std::io::Result<cpushare_sandbox::Run>, bool)> {
+    let fragment = first.fragment;
+    let (input, input_rx) = mpsc::channel::<prost::bytes::Bytes>(16);
+    let (output_tx, mut output) = mpsc::channel::<prost::bytes::Bytes>(16);
+    let feed = async move {
+        let mut c = first;
+        loop {
+            // Once the jail is done with its input, the rest is taken and dropped.
+            if !c.data.is_empty() {
+                let _ = input.send(c.data).await;
+            }
+            if c.last {
+                return anyhow::Ok(());
+            }
+            c = chunks.recv().await.ok_or_else(|| anyhow::anyhow!("the relay closed in the middle of a fragment"))?;
+        }
+    };
+    let forward = async {
+        let mut sent = false;
+        while let Some(mut piece) = output.recv().await {
+            if corrupt && !sent {
+                let mut v = piece.to_vec();
+                v[0] ^= 0xff;
+                piece = v.into();
+            }
+            out.send(job::frame(Job::Output(pb::Chunk { fragment, data: piece, last: false, size: 0 }))).await?;
+            sent = true;
+        }
+        anyhow::Ok(sent)
+    };
+    let options = Options::default();
+    let run = jail::run_piped(program, argv, input_rx, output_tx, CHUNK, limits, &options);
+    let (run, fed, sent) = tokio::join!(run, feed, forward);
+    fed?;
+    Ok((run, sent?))
 }
 
