@@ -10,6 +10,7 @@ pub mod emulate;
 pub mod jail;
 pub mod session;
 pub mod syscalls;
+pub mod vm;
 
 pub use jail::{run, Ending, Kill, Limits, Options, Program, Run};
 pub use session::Session;
@@ -51,4 +52,5 @@ pub mod test_guests {
     guest!(EXITCODE, "exitcode");
     guest!(CAT, "cat");
     guest!(STREAM, "stream");
+    guest!(VMPROBE, "vmprobe");
 }

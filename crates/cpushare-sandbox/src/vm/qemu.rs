@@ -1,0 +1,149 @@
+//! Starting QEMU for a lease, and the KVM probe.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout, Command};
+
+use super::boot::direct_boot;
+
+/// How the guest's CPU runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation (`/dev/kvm`).
+    Kvm,
+    /// QEMU's software emulation: slower, works everywhere.
+    Tcg,
+}
+
+/// How the image was booted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Boot {
+    /// Its kernel started directly on `microvm`.
+    Direct { cmdline: String },
+    /// From the CD through SeaBIOS, because (the reason) it could not be booted directly.
+    Bios { why: String },
+}
+
+/// One VM to start.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// The buyer's livecd (ISO 9660), attached read-only.
+    pub iso: PathBuf,
+    pub ram_mib: u32,
+    pub accel: Accel,
+    /// A directory of this VM's own, for the kernel and initrd taken from the image.
+    pub work: PathBuf,
+    /// Force the BIOS path (to compare the two boots).
+    pub bios: bool,
+}
+
+/// A running VM; killed when dropped.
+pub struct Vm {
+    pub child: Child,
+    /// The serial console, as the guest writes it.
+    pub console: ChildStdout,
+    pub boot: Boot,
+}
+
+const QEMU: &str = "qemu-system-x86_64";
+
+/// What every VM gets: no default devices, no network, no host files, the
+/// serial console on stdout, and QEMU's own seccomp sandbox.
+fn common(spec: &VmSpec) -> Vec<String> {
+    let mut a: Vec<String> = ["-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot", "-smp", "1"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    a.extend(["-m".into(), format!("{}M", spec.ram_mib)]);
+    a.extend(["-sandbox".into(), "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny".into()]);
+    match spec.accel {
+        Accel::Kvm => a.extend(["-accel", "kvm", "-cpu", "host"].map(String::from)),
+        Accel::Tcg => a.extend(["-accel", "tcg", "-cpu", "max"].map(String::from)),
+    }
+    a
+}
+
+/// Starts the VM `spec` describes: directly if its image allows, else through the BIOS.
+pub async fn start(spec: &VmSpec) -> io::Result<Vm> {
+    let mut args = common(spec);
+    let iso = spec.iso.to_str().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the image's path is not UTF-8"))?;
+    // QEMU's -drive option separates with commas.
+    let iso = iso.replace(',', ",,");
+    let direct = if spec.bios { Err("asked for the BIOS path".to_string()) } else { direct_boot(&spec.iso) };
+    let boot = match direct {
+        Ok(d) => {
+            std::fs::create_dir_all(&spec.work)?;
+            let kernel = spec.work.join("kernel");
+            std::fs::write(&kernel, &d.kernel)?;
+            args.extend(["-M".into(), "microvm,acpi=on".into(), "-kernel".into(), path(&kernel)?]);
+            if let Some(initrd) = &d.initrd {
+                let at = spec.work.join("initrd");
+                std::fs::write(&at, initrd)?;
+                args.extend(["-initrd".into(), path(&at)?]);
+            }
+            args.extend(["-append".into(), d.cmdline.clone()]);
+            args.extend(["-drive".into(), format!("file={iso},if=none,id=image,readonly=on,format=raw"), "-device".into(), "virtio-blk-device,drive=image".into()]);
+            Boot::Direct { cmdline: d.cmdline }
+        }
+        Err(why) => {
+            args.extend(["-M".into(), "pc".into(), "-drive".into(), format!("file={iso},media=cdrom,readonly=on,if=ide,format=raw"), "-boot".into(), "d".into()]);
+            Boot::Bios { why }
+        }
+    };
+    let mut child = Command::new(QEMU).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn()?;
+    let console = child.stdout.take().expect("piped");
+    Ok(Vm { child, console, boot })
+}
+
+fn path(p: &Path) -> io::Result<String> {
+    p.to_str().map(str::to_string).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "a path that is not UTF-8"))
+}
+
+/// Whether a real Linux guest boots under KVM here: `kernel` (a Linux bzImage)
+/// is started with KVM and a one-program initramfs that prints a line and
+/// powers off, within `limit`. `/dev/kvm` existing is not enough: on some
+/// hosts it runs tiny guests but a stock kernel crashes under it.
+pub async fn kvm_boots(kernel: &Path, work: &Path, limit: Duration) -> bool {
+    Path::new("/dev/kvm").exists() && boots(kernel, Accel::Kvm, work, limit).await
+}
+
+/// Whether `kernel` boots to userspace under `accel` within `limit` (see [`kvm_boots`]).
+pub async fn boots(kernel: &Path, accel: Accel, work: &Path, limit: Duration) -> bool {
+    let probe = async {
+        std::fs::create_dir_all(work)?;
+        let initrd = work.join("probe-initrd");
+        std::fs::write(&initrd, probe_initramfs()?)?;
+        let spec = VmSpec { iso: PathBuf::new(), ram_mib: 128, accel, work: work.to_path_buf(), bios: false };
+        let mut args = common(&spec);
+        args.extend(["-M".into(), "microvm,acpi=on".into(), "-kernel".into(), path(kernel)?, "-initrd".into(), path(&initrd)?]);
+        args.extend(["-append".into(), "console=ttyS0 quiet panic=-1".into()]);
+        let mut child = Command::new(QEMU).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn()?;
+        let mut lines = BufReader::new(child.stdout.take().expect("piped")).lines();
+        while let Some(line) = lines.next_line().await? {
+            if line.contains("cpushare-vm-probe: booted") {
+                return io::Result::Ok(true);
+            }
+        }
+        Ok(false)
+    };
+    matches!(tokio::time::timeout(limit, probe).await, Ok(Ok(true)))
+}
+
+/// A newc cpio archive with `/dev/console` and the probe as `/init`.
+fn probe_initramfs() -> io::Result<Vec<u8>> {
+    let program = crate::test_guests::VMPROBE;
+    let mut out = Vec::new();
+    let w = cpio::newc::Builder::new("dev").mode(0o40755).write(&mut out, 0);
+    w.finish()?;
+    let w = cpio::newc::Builder::new("dev/console").mode(0o20600).rdev_major(5).rdev_minor(1).write(&mut out, 0);
+    w.finish()?;
+    let mut w = cpio::newc::Builder::new("init").mode(0o100755).write(&mut out, program.len() as u32);
+    w.write_all(program)?;
+    w.finish()?;
+    cpio::newc::trailer(&mut out)?;
+    Ok(out)
+}
