@@ -327,5 +327,5 @@ async fn answer(share: &Share, r: pb::FileRequest, out: &mpsc::Sender<pb::RelayF
     };
     let size = file.metadata()?.len().min(r.limit);
     out.send(job::frame(Say::FileReply(pb::FileReply { id: r.id, size, ..Default::default() }))).await?;
-    job::send_file(out, r.id, file, size).await
+    job::send_file(out, Say::FileData, r.id, file, size).await
 }

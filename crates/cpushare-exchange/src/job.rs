@@ -14,16 +14,22 @@ pub fn frame(body: pb::job_message::Body) -> pb::RelayFrame {
     pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() }
 }
 
-/// Sends what `from` holds, at most `limit` bytes, as `file_data` chunks of
-/// `fragment`, each read straight into its frame. The last chunk says so
-/// (there is always one); a short read is the end.
-pub async fn send_file(out: &tokio::sync::mpsc::Sender<pb::RelayFrame>, fragment: u64, mut from: impl std::io::Read + Send, limit: u64) -> anyhow::Result<()> {
+/// Sends what `from` holds, at most `limit` bytes, as chunks (`wrap` says
+/// which kind: file data, an image) of `fragment`, each read straight into its
+/// frame. The last chunk says so (there is always one); a short read is the end.
+pub async fn send_file(
+    out: &tokio::sync::mpsc::Sender<pb::RelayFrame>,
+    wrap: fn(pb::Chunk) -> pb::job_message::Body,
+    fragment: u64,
+    mut from: impl std::io::Read + Send,
+    limit: u64,
+) -> anyhow::Result<()> {
     use std::io::Read;
     let mut left = limit;
     loop {
         let want = left.min(RELAY_CHUNK as u64) as usize;
         let mut last = false;
-        let frame = chunk_frame(pb::job_message::Body::FileData, |buf, chunk| {
+        let frame = chunk_frame(wrap, |buf, chunk| {
             buf.reserve_exact(want);
             let n = (&mut from).take(want as u64).read_to_end(buf)?;
             left -= n as u64;

@@ -180,7 +180,7 @@ async fn send_change(out: &mpsc::Sender<pb::RelayFrame>, mount: usize, path: &st
     let change = pb::FileChange { mount: mount as u32, path: path.to_string(), kind: kind as i32, mode, size };
     out.send(job::frame(Job::FileChange(change))).await?;
     match file {
-        Some(file) => job::send_file(out, 0, file, u64::MAX).await,
+        Some(file) => job::send_file(out, Job::FileData, 0, file, u64::MAX).await,
         None => Ok(()),
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod bench;
 mod emulated;
+pub mod vm_lease;
 pub mod testbed;
 
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,8 @@ pub struct SellerConfig {
     pub disk_per_slot_bytes: u64,
     /// Buyers' read-only files kept between leases (`cache_dir/files`).
     pub file_cache_bytes: u64,
+    /// Buyers' livecd images kept between leases (`cache_dir/images`).
+    pub image_cache_bytes: u64,
 }
 
 impl SellerConfig {
@@ -68,6 +71,7 @@ impl SellerConfig {
             corrupt_outputs: false,
             disk_per_slot_bytes: 8 << 30,
             file_cache_bytes: 4 << 30,
+            image_cache_bytes: 20 << 30,
         }
     }
 }
@@ -97,6 +101,10 @@ pub struct Probe {
     pub seccomp_strict: bool,
     /// Unmodified static programs run here (Syscall User Dispatch works).
     pub emulated: bool,
+    /// Livecds run here in QEMU under software emulation.
+    pub vm_tcg: bool,
+    /// ... and with KVM: a real Linux kernel was seen to boot under it.
+    pub vm_kvm: bool,
     pub latency_ms: u32,
 }
 
@@ -108,6 +116,11 @@ pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Resu
     let score = tokio::task::spawn_blocking(move || bench::score(&dir)).await?;
     let seccomp_strict = jail_works().await;
     let emulated = seccomp_strict && emulation_works().await;
+    let vm_tcg = vm_lease::qemu_works();
+    let vm_kvm = match (vm_tcg, vm_lease::host_kernel()) {
+        (true, Some(kernel)) => cpushare_sandbox::vm::kvm_boots(&kernel, &config.cache_dir.join("kvm-probe"), Duration::from_secs(30)).await,
+        _ => false,
+    };
     let kernel = kernel_release();
     let mut rtts = Vec::new();
     for _ in 0..3 {
@@ -116,7 +129,7 @@ pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Resu
         rtts.push(t.elapsed());
     }
     rtts.sort();
-    Ok(Probe { score, kernel, seccomp_strict, emulated, latency_ms: rtts[1].as_millis().max(1) as u32 })
+    Ok(Probe { score, kernel, seccomp_strict, emulated, vm_tcg, vm_kvm, latency_ms: rtts[1].as_millis().max(1) as u32 })
 }
 
 /// Runs the same program in the emulated jail, its input on stdin: the proof
@@ -206,6 +219,7 @@ pub struct Seller {
     leases: Mutex<HashMap<u64, JoinHandle<()>>>,
     /// This node's sell orders, as the exchange last registered them.
     orders: Mutex<Vec<u64>>,
+    images: Arc<vm_lease::Images>,
 }
 
 impl Seller {
@@ -220,8 +234,9 @@ impl Seller {
                 probe.kernel
             );
         }
-        tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, emulated = probe.emulated, "measured");
-        Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default() }))
+        tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, emulated = probe.emulated, vm_tcg = probe.vm_tcg, vm_kvm = probe.vm_kvm, "measured");
+        let images = Arc::new(vm_lease::Images::new(config.cache_dir.join("images"), config.image_cache_bytes)?);
+        Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images }))
     }
 
     pub fn probe(&self) -> &Probe {
@@ -232,11 +247,16 @@ impl Seller {
         let slot = pb::SlotAttributes {
             score: self.probe.score,
             ram_mib: self.config.ram_per_slot_mib,
-            kinds: if self.probe.emulated {
-                vec![pb::SandboxKind::SeccompStrict as i32, pb::SandboxKind::SeccompEmulated as i32]
-            } else {
-                vec![pb::SandboxKind::SeccompStrict as i32]
-            },
+            kinds: [
+                (true, pb::SandboxKind::SeccompStrict),
+                (self.probe.emulated, pb::SandboxKind::SeccompEmulated),
+                (self.probe.vm_kvm, pb::SandboxKind::VmKvm),
+                // A KVM host runs TCG-priced work with KVM: never slower.
+                (self.probe.vm_tcg, pb::SandboxKind::VmTcg),
+            ]
+            .into_iter()
+            .filter_map(|(offered, kind)| offered.then_some(kind as i32))
+            .collect(),
             inbound_udp: false,
             latency_ms: self.probe.latency_ms,
         };
@@ -394,7 +414,18 @@ impl Seller {
         // The program.
         let offer = match next(&mut inbound).await? {
             Some(Job::Offer(o)) => o,
-            other => anyhow::bail!("expected a program offer, got {other:?}"),
+            Some(Job::ImageOffer(image)) => {
+                anyhow::ensure!(self.probe.vm_tcg, "virtual machines do not run on this seller");
+                let setup = vm_lease::Setup {
+                    lease,
+                    images: self.images.clone(),
+                    accel: if self.probe.vm_kvm { cpushare_sandbox::vm::Accel::Kvm } else { cpushare_sandbox::vm::Accel::Tcg },
+                    slot_ram_mib: self.config.ram_per_slot_mib,
+                    work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
+                };
+                return vm_lease::serve(setup, image, inbound, out, session).await;
+            }
+            other => anyhow::bail!("expected a program or image offer, got {other:?}"),
         };
         if offer.size > MAX_PROGRAM {
             anyhow::bail!("the program is {} bytes; this seller takes at most {MAX_PROGRAM}", offer.size);

@@ -1,0 +1,204 @@
+//! A cluster of VMs booting the buyer's livecd on sellers' hosts: one buy
+//! order for N nodes of kind `vm-tcg` (or `vm-kvm`), the image sent to each
+//! seller once (a seller that has it, from an earlier lease of anyone's,
+//! uploads nothing; an interrupted upload resumes), every node's serial
+//! console written to a log file as the guest writes it.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use cpushare_exchange::client::Connection;
+use cpushare_exchange::job::{self, next};
+use cpushare_proto::v1::{self as pb, job_message::Body as Say};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+
+use crate::{status, Progress};
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// The livecd (ISO 9660, bootable through isolinux/syslinux, GRUB or the BIOS).
+    pub iso: PathBuf,
+    pub nodes: u32,
+    /// Cents per CPU-hour.
+    pub max_price: u64,
+    /// Guest RAM per node, MiB.
+    pub ram_mib: u32,
+    /// Only hosts where KVM really boots Linux (otherwise software emulation is fine).
+    pub kvm_only: bool,
+    /// Where each node's console goes: `console-LEASE.log`.
+    pub logs: PathBuf,
+}
+
+/// One node, once it has booted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub lease: u64,
+    pub seller_node: u64,
+    /// "direct" or "bios".
+    pub boot: String,
+    /// "kvm" or "tcg".
+    pub accel: String,
+    /// Bytes of the image sent to this seller (0: it had it).
+    pub uploaded: u64,
+    pub console_log: PathBuf,
+}
+
+/// What happens to a cluster, as it happens.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The order is on the book.
+    Placed { order: u64 },
+    Booted(Node),
+    /// A node's VM stopped (the guest powered off or crashed), or its lease ended.
+    Stopped { lease: u64, why: String },
+}
+
+/// The SHA-256 of a file, read in 1 MiB pieces.
+fn sha256_of(path: &Path) -> anyhow::Result<([u8; 32], u64)> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read the image {}", path.display()))?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok((h.finalize().into(), size));
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+}
+
+/// Starts the cluster and runs until its order is cancelled (`stop`) or every
+/// node has stopped; tells `events` what happens. The order is cancelled on
+/// the way out, whatever ends it.
+pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Sender<Event>, progress: Arc<dyn Progress>) -> anyhow::Result<()> {
+    let (sha, size) = sha256_of(&spec.iso)?;
+    // ISO 9660 says "CD001" at byte 32769: catch a wrong file here, not on a seller.
+    let mut magic = [0u8; 5];
+    let readable = std::fs::File::open(&spec.iso).and_then(|mut f| {
+        use std::io::{Read, Seek, SeekFrom};
+        f.seek(SeekFrom::Start(32769))?;
+        f.read_exact(&mut magic)
+    });
+    anyhow::ensure!(readable.is_ok() && &magic == b"CD001", "{} is not an ISO 9660 image (a livecd)", spec.iso.display());
+    std::fs::create_dir_all(&spec.logs).with_context(|| format!("cannot create {}", spec.logs.display()))?;
+    let mut ex = conn.exchange.clone();
+    let mut lease_events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
+    let kind = if spec.kvm_only { pb::SandboxKind::VmKvm } else { pb::SandboxKind::VmTcg };
+    let requirements = pb::Requirements { kind: kind as i32, min_ram_mib: spec.ram_mib, ..Default::default() };
+    let placed = ex
+        .place_buy(pb::PlaceBuyRequest { cpus: spec.nodes, max_price: spec.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0 })
+        .await
+        .map_err(status)?
+        .into_inner();
+    let order = placed.order;
+    let _ = events.send(Event::Placed { order }).await;
+    let spec = Arc::new(spec);
+    let mut workers = tokio::task::JoinSet::new();
+    let mut pending = placed.leases.clone();
+    let mut finished = 0u32;
+    let result = async {
+        loop {
+            if !pending.is_empty() {
+                let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+                for id in pending.drain(..) {
+                    let Some(l) = leases.iter().find(|l| l.id == id && l.buy_order == order) else { continue };
+                    progress.note(&format!("lease {id} on seller node {}", l.seller_node));
+                    let (conn, spec, events, node) = (conn.clone(), spec.clone(), events.clone(), l.seller_node);
+                    workers.spawn(async move {
+                        let (why, finished) = match boot_node(&conn, id, node, &spec, sha, size, &events).await {
+                            Ok(Stop::Finished(why)) => (why, true),
+                            Ok(Stop::LeaseEnded) => ("the lease ended".to_string(), false),
+                            Err(e) => (format!("{e:#}"), false),
+                        };
+                        let _ = events.send(Event::Stopped { lease: id, why }).await;
+                        (id, finished)
+                    });
+                }
+            }
+            tokio::select! {
+                e = lease_events.next() => match e {
+                    Some(Ok(e)) if e.kind == "opened" => pending.push(e.lease),
+                    Some(Ok(_)) => {}
+                    Some(Err(s)) => return Err(status(s)).context("lease events"),
+                    None => anyhow::bail!("the exchange closed the lease events"),
+                },
+                Some(done) = workers.join_next() => {
+                    // A VM that stopped by itself is done: its lease ends, billing with it.
+                    // A node whose lease ended otherwise (its seller vanished) is
+                    // replaced: the exchange reopens the order, and a new lease comes.
+                    if let Ok((lease, true)) = done {
+                        let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease }).await;
+                        finished += 1;
+                        if finished >= spec.nodes {
+                            return Ok(());
+                        }
+                    }
+                    let orders = ex.list_orders(pb::ListOrdersRequest {}).await.map_err(status)?.into_inner().orders;
+                    if !orders.iter().any(|o| o.id == order) && workers.is_empty() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+    .await;
+    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+    workers.shutdown().await;
+    result
+}
+
+/// How a node's VM ended.
+enum Stop {
+    /// It stopped by itself (powered off, crashed) or was refused (a corrupt image): why.
+    Finished(String),
+    /// Its lease ended under it.
+    LeaseEnded,
+}
+
+/// One node: the image to its seller (as much as it lacks), then its console
+/// into the log until the VM stops.
+async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &ClusterSpec, sha: [u8; 32], size: u64, events: &mpsc::Sender<Event>) -> anyhow::Result<Stop> {
+    let mut conn = conn.another().await?;
+    let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
+    out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
+    let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
+    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib }))).await?;
+    let from = match next(&mut inbound).await? {
+        Some(Say::ImageWanted(w)) => w.from.min(size),
+        Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("refused: {}", o.killed))),
+        other => anyhow::bail!("the seller answered the image offer with {other:?}"),
+    };
+    if from < size {
+        use std::io::{Seek, SeekFrom};
+        let mut file = std::fs::File::open(&spec.iso)?;
+        file.seek(SeekFrom::Start(from))?;
+        job::send_file(&out, Say::Image, 0, file, size - from).await?;
+    }
+    let log_path = spec.logs.join(format!("console-{lease}.log"));
+    let mut log = tokio::fs::File::create(&log_path).await?;
+    loop {
+        match next(&mut inbound).await? {
+            Some(Say::VmBooted(b)) => {
+                let node = Node { lease, seller_node, boot: b.boot, accel: b.accel, uploaded: size - from, console_log: log_path.clone() };
+                let _ = events.send(Event::Booted(node)).await;
+            }
+            Some(Say::Console(c)) => {
+                log.write_all(&c.data).await?;
+                log.flush().await?;
+            }
+            Some(Say::Outcome(o)) if !o.killed.is_empty() => return Ok(Stop::Finished(o.killed)),
+            Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("the VM stopped (QEMU exit status {})", o.exit_code))),
+            Some(other) => anyhow::bail!("unexpected message from the seller: {other:?}"),
+            None => return Ok(Stop::LeaseEnded),
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! A VM lease: the buyer's livecd, received once (resumable, verified before
+//! boot, cached by SHA-256 with a size cap and least-recently-used eviction,
+//! shared between leases and buyers), booted in QEMU
+//! (`cpushare_sandbox::vm`), its serial console streamed back to the buyer.
+//! Upload time is not billed: the lease turns running when the guest shows
+//! its first sign of life on the console.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use cpushare_exchange::job;
+use cpushare_proto::v1::{self as pb, job_message::Body as Job, seller_message::Body as Say};
+use cpushare_sandbox::vm::{self, Accel, Boot, VmSpec};
+use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+/// The largest image a seller takes.
+const MAX_IMAGE: u64 = 8 << 30;
+/// A guest silent on its console this long after starting is taken as booted anyway.
+const SILENT_BOOT: Duration = Duration::from_secs(60);
+
+/// Buyers' images, by SHA-256: `HEX` when whole and verified, `HEX.part` while arriving.
+pub struct Images {
+    dir: PathBuf,
+    /// Bytes of whole images kept.
+    cap: u64,
+}
+
+fn hex(sha: &[u8]) -> String {
+    sha.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Images {
+    pub fn new(dir: PathBuf, cap: u64) -> io::Result<Images> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(Images { dir, cap })
+    }
+
+    fn whole(&self, sha: &[u8]) -> PathBuf {
+        self.dir.join(hex(sha))
+    }
+
+    fn part(&self, sha: &[u8]) -> PathBuf {
+        self.dir.join(format!("{}.part", hex(sha)))
+    }
+
+    /// Where an upload of this image starts: its size when it is here (no
+    /// upload), else the end of what an interrupted upload left.
+    pub fn have(&self, sha: &[u8], size: u64) -> u64 {
+        if std::fs::metadata(self.whole(sha)).is_ok_and(|m| m.len() == size) {
+            return size;
+        }
+        std::fs::metadata(self.part(sha)).map_or(0, |m| m.len().min(size))
+    }
+
+    /// Appends arriving bytes.
+    pub fn append(&self, sha: &[u8], data: &[u8]) -> io::Result<()> {
+        File::options().create(true).append(true).open(self.part(sha))?.write_all(data)
+    }
+
+    /// The whole image, verified: its size and SHA-256 must be the offer's,
+    /// or it is thrown away (never booted).
+    pub fn finish(&self, sha: &[u8], size: u64) -> Result<PathBuf, String> {
+        let part = self.part(sha);
+        let verified = (|| {
+            let mut file = File::open(&part).map_err(|e| format!("the image: {e}"))?;
+            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            if len != size {
+                return Err(format!("the image is {len} bytes, not the {size} offered"));
+            }
+            let mut h = Sha256::new();
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).map_err(|e| e.to_string())?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+            if h.finalize().as_slice() != sha {
+                return Err("the image does not match its SHA-256: refused, not booted".into());
+            }
+            Ok(())
+        })();
+        if let Err(e) = verified {
+            let _ = std::fs::remove_file(&part);
+            return Err(e);
+        }
+        let whole = self.whole(sha);
+        std::fs::rename(&part, &whole).map_err(|e| e.to_string())?;
+        Ok(whole)
+    }
+
+    /// Marks an image used now, and drops the least recently used whole
+    /// images (never `keep`) until the rest fit the cap.
+    pub fn used(&self, keep: &[u8]) {
+        let keep = self.whole(keep);
+        if let Ok(f) = File::options().append(true).open(&keep) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        let mut whole: Vec<(SystemTime, u64, PathBuf)> = entries
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".part"))
+            .filter_map(|e| e.metadata().ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), e.path())))
+            .collect();
+        let mut total: u64 = whole.iter().map(|w| w.1).sum();
+        whole.sort();
+        for (_, len, path) in whole {
+            if total <= self.cap {
+                break;
+            }
+            if path != keep && std::fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        }
+    }
+}
+
+/// What a VM lease needs of the seller.
+pub(crate) struct Setup {
+    pub lease: u64,
+    pub images: std::sync::Arc<Images>,
+    pub accel: Accel,
+    pub slot_ram_mib: u32,
+    pub work: PathBuf,
+}
+
+/// Serves a VM lease whose relay opened with `offer`; returns when the VM
+/// has stopped and the buyer has been told.
+pub(crate) async fn serve(
+    setup: Setup,
+    offer: pb::ImageOffer,
+    mut inbound: tonic::Streaming<pb::RelayFrame>,
+    out: mpsc::Sender<pb::RelayFrame>,
+    session: mpsc::Sender<pb::SellerMessage>,
+) -> anyhow::Result<()> {
+    let refuse = |why: String| pb::Outcome { killed: why, ..Default::default() };
+    if offer.sha256.len() != 32 || offer.size == 0 || offer.size > MAX_IMAGE {
+        out.send(job::frame(Job::Outcome(refuse(format!("an image must be 1 byte to {MAX_IMAGE} bytes with a SHA-256"))))).await?;
+        return Ok(());
+    }
+    let images = setup.images.clone();
+    let from = images.have(&offer.sha256, offer.size);
+    out.send(job::frame(Job::ImageWanted(pb::ImageWanted { from }))).await?;
+    let mut got = from;
+    while got < offer.size {
+        match job::next(&mut inbound).await? {
+            Some(Job::Image(c)) => {
+                anyhow::ensure!(got + c.data.len() as u64 <= offer.size, "the buyer sent more image than offered");
+                images.append(&offer.sha256, &c.data)?;
+                got += c.data.len() as u64;
+            }
+            None => anyhow::bail!("the buyer left during the upload (it resumes from {got} bytes)"),
+            other => anyhow::bail!("expected the image, got {other:?}"),
+        }
+    }
+    let iso = if from == offer.size {
+        images.whole(&offer.sha256)
+    } else {
+        match images.finish(&offer.sha256, offer.size) {
+            Ok(p) => p,
+            Err(why) => {
+                out.send(job::frame(Job::Outcome(refuse(why)))).await?;
+                return Ok(());
+            }
+        }
+    };
+    images.used(&offer.sha256);
+
+    let ram_mib = offer.ram_mib.clamp(64, setup.slot_ram_mib.max(64));
+    let _ = std::fs::remove_dir_all(&setup.work);
+    let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false };
+    let mut machine = match vm::start(&spec).await {
+        Ok(m) => m,
+        Err(e) => {
+            let outcome = pb::Outcome { killed: format!("the seller could not start QEMU: {e}"), seller_fault: true, ..Default::default() };
+            out.send(job::frame(Job::Outcome(outcome))).await?;
+            return Ok(());
+        }
+    };
+    let (boot, cmdline) = match &machine.boot {
+        Boot::Direct { cmdline } => ("direct".to_string(), cmdline.clone()),
+        Boot::Bios { why } => {
+            tracing::info!(lease = setup.lease, "booting through the BIOS: {why}");
+            ("bios".to_string(), String::new())
+        }
+    };
+    let accel = if setup.accel == Accel::Kvm { "kvm" } else { "tcg" };
+    out.send(job::frame(Job::VmBooted(pb::VmBooted { boot, accel: accel.into(), cmdline }))).await?;
+
+    // The console to the buyer; metering from its first byte.
+    let mut ready = false;
+    let silent = tokio::time::sleep(SILENT_BOOT);
+    tokio::pin!(silent);
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        tokio::select! {
+            n = machine.console.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                if n == 0 {
+                    break;
+                }
+                if !ready {
+                    ready = true;
+                    session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await?;
+                }
+                let frame = job::chunk_frame(Job::Console, |to, _| {
+                    to.extend_from_slice(&buf[..n]);
+                    Ok(())
+                })?;
+                // A buyer that stopped listening does not stop the VM: the lease does.
+                let _ = out.send(frame).await;
+            }
+            _ = &mut silent, if !ready => {
+                ready = true;
+                session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await?;
+            }
+        }
+    }
+    let status = machine.child.wait().await?;
+    let _ = std::fs::remove_dir_all(&setup.work);
+    let outcome = pb::Outcome { success: status.success(), exit_code: status.code().unwrap_or(-1), ..Default::default() };
+    let _ = out.send(job::frame(Job::Outcome(outcome))).await;
+    // Our end of the relay stays open until the buyer closes it or the lease ends.
+    let _ = tokio::time::timeout(Duration::from_secs(60), async { while let Ok(Some(_)) = job::next(&mut inbound).await {} }).await;
+    Ok(())
+}
+
+/// Whether QEMU is installed here.
+pub fn qemu_works() -> bool {
+    std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+}
+
+/// A Linux kernel of this host's to probe KVM with, if it has one.
+pub fn host_kernel() -> Option<PathBuf> {
+    let release = crate::kernel_release();
+    let own = Path::new("/boot").join(format!("vmlinuz-{release}"));
+    if own.exists() {
+        return Some(own);
+    }
+    std::fs::read_dir("/boot").ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_interrupted_upload_resumes_and_a_corrupt_image_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = Images::new(dir.path().join("images"), 1 << 30).unwrap();
+        let data: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let sha: [u8; 32] = Sha256::digest(&data).into();
+        assert_eq!(images.have(&sha, data.len() as u64), 0);
+        images.append(&sha, &data[..30_000]).unwrap();
+        assert_eq!(images.have(&sha, data.len() as u64), 30_000, "resumes where it stopped");
+        images.append(&sha, &data[30_000..]).unwrap();
+        let whole = images.finish(&sha, data.len() as u64).unwrap();
+        assert_eq!(std::fs::read(&whole).unwrap(), data);
+        assert_eq!(images.have(&sha, data.len() as u64), data.len() as u64, "a second lease uploads nothing");
+
+        let other: [u8; 32] = Sha256::digest(b"something else").into();
+        images.append(&other, &data).unwrap();
+        let why = images.finish(&other, data.len() as u64).unwrap_err();
+        assert!(why.contains("does not match its SHA-256"), "{why}");
+        assert_eq!(images.have(&other, data.len() as u64), 0, "nothing of a corrupt image is kept");
+        images.append(&other, &data[..10]).unwrap();
+        assert!(images.finish(&other, data.len() as u64).unwrap_err().contains("not the 100000 offered"));
+    }
+
+    #[test]
+    fn the_cache_keeps_the_most_recently_used_images_under_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = Images::new(dir.path().to_path_buf(), 250_000).unwrap();
+        let mut shas = Vec::new();
+        for k in 0..3u8 {
+            let data = vec![k; 100_000];
+            let sha: [u8; 32] = Sha256::digest(&data).into();
+            images.append(&sha, &data).unwrap();
+            images.finish(&sha, 100_000).unwrap();
+            let f = File::options().append(true).open(images.whole(&sha)).unwrap();
+            f.set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1000 + k as u64)).unwrap();
+            shas.push(sha);
+        }
+        images.used(&shas[0]);
+        assert_eq!(images.have(&shas[0], 100_000), 100_000, "just used: kept");
+        assert_eq!(images.have(&shas[1], 100_000), 0, "least recently used: evicted");
+        assert_eq!(images.have(&shas[2], 100_000), 100_000);
+    }
+}
