@@ -190,9 +190,10 @@ pub(crate) async fn serve(
         }
     };
     let accel = if setup.accel == Accel::Kvm { "kvm" } else { "tcg" };
-    out.send(job::frame(Job::VmBooted(pb::VmBooted { boot, accel: accel.into(), cmdline }))).await?;
+    let booted = pb::VmBooted { boot, accel: accel.into(), cmdline };
 
-    // The console to the buyer; metering from its first byte.
+    // The console to the buyer. The guest has booted when it first writes
+    // there (or has stayed silent a minute): the buyer is told, and metering starts.
     let mut ready = false;
     let silent = tokio::time::sleep(SILENT_BOOT);
     tokio::pin!(silent);
@@ -207,6 +208,7 @@ pub(crate) async fn serve(
                 if !ready {
                     ready = true;
                     session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await?;
+                    let _ = out.send(job::frame(Job::VmBooted(booted.clone()))).await;
                 }
                 let frame = job::chunk_frame(Job::Console, |to, _| {
                     to.extend_from_slice(&buf[..n]);
@@ -218,6 +220,7 @@ pub(crate) async fn serve(
             _ = &mut silent, if !ready => {
                 ready = true;
                 session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await?;
+                let _ = out.send(job::frame(Job::VmBooted(booted.clone()))).await;
             }
         }
     }

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod cluster_cmd;
 mod demo;
 mod emulate_cmd;
 mod examples_cmd;
@@ -45,6 +46,9 @@ enum Command {
     Sell(work_cmd::SellArgs),
     /// Run a program on rented CPUs (or --local): once, unmodified, as if here; or over a directory of inputs.
     Run(work_cmd::RunArgs),
+    /// Machines that boot your livecd on sellers' hosts: start, status, console, stop.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCmd),
     /// Write the SDK's example programs (mandelbrot, crack) and inputs for
     /// them, ready for `cpushare run`.
     Examples(examples_cmd::ExamplesArgs),
@@ -104,6 +108,7 @@ fn main() -> anyhow::Result<()> {
                     Command::Demo(args) => demo::run(args, out).await,
                     Command::Sell(args) => work_cmd::sell(args, &config, out).await,
                     Command::Run(args) => work_cmd::run(args, &config, out).await,
+                    Command::Cluster(cmd) => cluster_cmd::run(cmd, &config, out).await,
                     Command::Exchange(cmd) => exchange_cmd::run(cmd, &config, out).await,
                     Command::Account(cmd) => node_cmd::account(cmd, &config, out).await,
                     Command::Enroll(args) => node_cmd::enroll(args, &config, out).await,

@@ -1,0 +1,191 @@
+//! `cpushare cluster start/status/console/stop`: VMs booting your livecd on
+//! sellers' hosts. `start` runs in the foreground (Ctrl-C stops the cluster);
+//! the others act on the cluster whose directory they are given.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use cpushare_buyer::cluster::{run_cluster, ClusterSpec, Event, Node};
+use cpushare_buyer::Progress;
+use cpushare_proto::v1 as pb;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::node_cmd::{connect, status};
+use crate::table::Output;
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Rent N machines that boot your livecd, send it to each seller (once per
+    /// seller: an interrupted upload resumes), wait until every node has booted
+    /// and print them; then keep their consoles in DIR until Ctrl-C or
+    /// `cluster stop` ends the cluster (the unspent escrow comes back).
+    Start(StartArgs),
+    /// The cluster's nodes: lease, seller, state, how each booted.
+    Status(DirArg),
+    /// A node's serial console so far (its lease id, from `cluster status`).
+    Console(ConsoleArgs),
+    /// End the cluster: every lease ends now.
+    Stop(DirArg),
+}
+
+#[derive(Args)]
+pub struct StartArgs {
+    /// The livecd: an ISO 9660 image (isolinux, syslinux or GRUB, or anything a BIOS boots).
+    #[arg(long, value_name = "FILE")]
+    iso: PathBuf,
+    /// Machines to rent.
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// The most you pay, in cents per CPU-hour (per node: one vCPU each).
+    #[arg(long, default_value_t = 5)]
+    max_price: u64,
+    /// Guest RAM per node, MiB.
+    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    ram: u32,
+    /// Only hosts where KVM boots Linux (otherwise software emulation, about 5x slower for CPU-bound work, is fine).
+    #[arg(long)]
+    kvm_only: bool,
+    #[command(flatten)]
+    dir: DirArg,
+}
+
+#[derive(Args)]
+pub struct DirArg {
+    /// The cluster's directory: its state and each node's console log.
+    #[arg(long, default_value = "cpushare-cluster", value_name = "DIR")]
+    dir: PathBuf,
+}
+
+#[derive(Args)]
+pub struct ConsoleArgs {
+    /// The node's lease id.
+    lease: u64,
+    #[command(flatten)]
+    dir: DirArg,
+}
+
+/// What `start` leaves for the other commands.
+fn state_path(dir: &Path) -> PathBuf {
+    dir.join("cluster.json")
+}
+
+fn read_state(dir: &Path) -> anyhow::Result<serde_json::Value> {
+    let path = state_path(dir);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("no cluster in {} (start one with `cpushare cluster start`)", dir.display()))?;
+    Ok(serde_json::from_str(&text)?)
+}
+
+struct Notes;
+
+impl Progress for Notes {
+    fn note(&self, message: &str) {
+        eprintln!("cpushare: {message}");
+    }
+}
+
+pub async fn run(cmd: ClusterCmd, config: &Path, out: Output) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCmd::Start(args) => start(args, config, out).await,
+        ClusterCmd::Status(d) => show(&d.dir, config, out).await,
+        ClusterCmd::Console(args) => {
+            let log = args.dir.dir.join(format!("console-{}.log", args.lease));
+            let text = std::fs::read(&log).with_context(|| format!("no console for lease {} in {}", args.lease, args.dir.dir.display()))?;
+            use std::io::Write;
+            std::io::stdout().write_all(&text)?;
+            Ok(())
+        }
+        ClusterCmd::Stop(d) => {
+            let state = read_state(&d.dir)?;
+            let order = state["order"].as_u64().context("a cluster state without its order")?;
+            let mut conn = connect(config).await?;
+            conn.exchange.cancel_order(pb::CancelOrderRequest { order }).await.map_err(status)?;
+            println!("cluster stopped: order {order} cancelled, its leases ended");
+            Ok(())
+        }
+    }
+}
+
+async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
+    let dir = args.dir.dir.clone();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let spec = ClusterSpec { iso: args.iso.clone(), nodes: args.nodes, max_price: args.max_price, ram_mib: args.ram, kvm_only: args.kvm_only, logs: dir.clone() };
+    let conn = connect(config).await?;
+    let (tx, mut rx) = mpsc::channel(64);
+    let cluster = tokio::spawn(run_cluster(conn.clone(), spec, tx, Arc::new(Notes)));
+    let mut booted: Vec<Node> = Vec::new();
+    let mut order = 0;
+    let save = |order: u64, booted: &[Node]| {
+        let nodes: Vec<_> = booted.iter().map(|n| json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel})).collect();
+        let state = json!({"order": order, "iso": args.iso, "nodes": nodes});
+        std::fs::write(state_path(&dir), serde_json::to_string_pretty(&state).unwrap())
+    };
+    let stop = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("a signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            e = rx.recv() => match e {
+                Some(Event::Placed { order: o }) => {
+                    order = o;
+                    save(order, &booted)?;
+                    eprintln!("cpushare: order {o} placed for {} node(s); waiting for sellers (the image goes to each once)", args.nodes);
+                }
+                Some(Event::Booted(n)) => {
+                    eprintln!("cpushare: lease {} booted on seller node {} ({}, {}; {} bytes uploaded)", n.lease, n.seller_node, n.boot, n.accel, n.uploaded);
+                    booted.push(n);
+                    save(order, &booted)?;
+                    if booted.len() == args.nodes as usize {
+                        let rows = booted.iter().map(|n| vec![json!(n.lease), json!(n.seller_node), json!(n.boot), json!(n.accel), json!(n.console_log.display().to_string())]).collect();
+                        out.table(&["lease", "seller node", "boot", "accel", "console"], rows);
+                        eprintln!("cpushare: all {} node(s) up; Ctrl-C or `cpushare cluster stop --dir {}` ends the cluster", args.nodes, dir.display());
+                    }
+                }
+                Some(Event::Stopped { lease, why }) => eprintln!("cpushare: lease {lease}: {why}"),
+                // The cluster is over: its outcome (an error, such as a file that is no livecd) is ours.
+                None => return cluster.await?,
+            },
+            _ = &mut stop => {
+                eprintln!("cpushare: stopping the cluster");
+                if order != 0 {
+                    let mut ex = conn.exchange.clone();
+                    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+                }
+                cluster.abort();
+                let _ = cluster.await;
+                return Ok(());
+            }
+        }
+    }
+}
+
+async fn show(dir: &Path, config: &Path, out: Output) -> anyhow::Result<()> {
+    let state = read_state(dir)?;
+    let order = state["order"].as_u64().context("a cluster state without its order")?;
+    let mut conn = connect(config).await?;
+    let leases = conn.exchange.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+    let booted = state["nodes"].as_array().cloned().unwrap_or_default();
+    let how = |lease: u64| {
+        booted.iter().find(|n| n["lease"] == lease).map_or("-".to_string(), |n| format!("{} / {}", n["boot"].as_str().unwrap_or("?"), n["accel"].as_str().unwrap_or("?")))
+    };
+    let live: Vec<&pb::Lease> = leases.iter().filter(|l| l.buy_order == order).collect();
+    let mut rows: Vec<Vec<serde_json::Value>> =
+        live.iter().map(|l| vec![json!(l.id), json!(l.seller_node), json!(l.state), json!(how(l.id)), json!(l.delivered_secs), json!(l.charged_cents)]).collect();
+    // Nodes whose leases have ended are no longer listed by the exchange.
+    for n in &booted {
+        let lease = n["lease"].as_u64().unwrap_or(0);
+        if !live.iter().any(|l| l.id == lease) {
+            rows.push(vec![json!(lease), n["seller_node"].clone(), json!("ended"), json!(how(lease)), json!(null), json!(null)]);
+        }
+    }
+    out.table(&["lease", "seller node", "state", "boot / accel", "delivered s", "charged cents"], rows);
+    Ok(())
+}

@@ -1,0 +1,85 @@
+//! `cpushare cluster` as a buyer types it, against a real exchange and seller
+//! processes, booting a real livecd under software emulation.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use common::*;
+
+/// The test livecd with `init` as its payload's init script.
+fn livecd(dir: &Path, name: &str, init: &str) -> Option<std::path::PathBuf> {
+    let ci = std::env::var("CI").as_deref() == Ok("true");
+    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
+        assert!(!ci, "qemu-system-x86 is needed under CI");
+        eprintln!("skipped: no qemu-system-x86_64 (scripts/test installs qemu-system-x86)");
+        return None;
+    }
+    let payload = dir.join(format!("{name}-payload"));
+    std::fs::create_dir_all(&payload).unwrap();
+    std::fs::write(payload.join("init"), init).unwrap();
+    Command::new("chmod").arg("+x").arg(payload.join("init")).status().unwrap();
+    let iso = dir.join(format!("{name}.iso"));
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso")).arg(&iso).arg(&payload).output().unwrap();
+    assert!(out.status.success() || !ci, "make-live-iso: {}", String::from_utf8_lossy(&out.stderr));
+    out.status.success().then_some(iso)
+}
+
+#[test]
+fn a_cluster_starts_shows_its_consoles_and_stops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(short) = livecd(tmp.path(), "short", "#!/bin/sh\necho hello from the cluster\n") else { return };
+    let long = livecd(tmp.path(), "long", "#!/bin/sh\necho staying up\nsleep 600\n").unwrap();
+    let (_exchange, operator) = exchange(tmp.path());
+    let (seller, buyer) = (tmp.path().join("seller"), tmp.path().join("buyer"));
+    member(&operator, "seller", &seller);
+    let buyer_account = member(&operator, "buyer", &buyer);
+    ok(&operator, &["deposit", &buyer_account, "1000"]);
+    let _selling = selling(&seller, 1, Some(&tmp.path().join("seller-cache")));
+
+    // A livecd that says hello and powers off: the cluster ends by itself.
+    let d1 = tmp.path().join("c1");
+    let d1s = d1.to_str().unwrap();
+    let table = json(&buyer, &["cluster", "start", "--iso", short.to_str().unwrap(), "--nodes", "1", "--max-price", "40000", "--ram", "256", "--dir", d1s]);
+    let node = &table.as_array().unwrap()[0];
+    assert_eq!((node["boot"].as_str(), node["accel"].as_str()), (Some("direct"), Some("tcg")), "{table}");
+    let lease = node["lease"].as_u64().unwrap().to_string();
+    let console = ok(&buyer, &["cluster", "console", &lease, "--dir", d1s]);
+    assert!(console.contains("hello from the cluster"), "{console}");
+    let status = json(&buyer, &["cluster", "status", "--dir", d1s]);
+    assert_eq!(status[0]["state"], "ended", "{status}");
+
+    // One that stays up until `cluster stop`.
+    let d2 = tmp.path().join("c2");
+    let mut start = Command::new(BIN)
+        .arg("--config")
+        .arg(&buyer)
+        .args(["cluster", "start", "--iso", long.to_str().unwrap(), "--max-price", "40000", "--ram", "256", "--dir", d2.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
+    let up = said.by_ref().map_while(Result::ok).find(|l| l.contains("node(s) up"));
+    assert!(up.is_some(), "the cluster came up");
+    // Its console fills as the guest runs.
+    let lease = json(&buyer, &["cluster", "status", "--dir", d2.to_str().unwrap()])[0]["lease"].as_u64().unwrap().to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ok(&buyer, &["cluster", "console", &lease, "--dir", d2.to_str().unwrap()]).contains("staying up") {
+        assert!(std::time::Instant::now() < deadline, "the payload's line never reached the console");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    ok(&buyer, &["cluster", "stop", "--dir", d2.to_str().unwrap()]);
+    let ended = start.wait().unwrap();
+    let rest: Vec<String> = said.map_while(Result::ok).collect();
+    assert!(ended.success(), "{ended:?}: {rest:?}");
+    let status = json(&buyer, &["cluster", "status", "--dir", d2.to_str().unwrap()]);
+    assert_eq!(status[0]["state"], "ended", "{status}");
+    // The escrow came back; the ledger balances.
+    assert_eq!(json(&buyer, &["balance"])["escrow (EUR)"], "0.00");
+    assert_eq!(json(&operator, &["exchange", "audit"])["ok"], true);
+    // Not a livecd: refused before anything is rented.
+    fails(&buyer, &["cluster", "start", "--iso", "/etc/hostname", "--dir", tmp.path().join("c3").to_str().unwrap()], "is not an ISO 9660 image");
+}
