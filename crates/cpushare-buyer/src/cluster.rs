@@ -105,12 +105,17 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let mut workers = tokio::task::JoinSet::new();
     let mut pending = placed.leases.clone();
     let mut finished = 0u32;
+    // A lease is announced both in the order's reply and in the events: served once.
+    let mut started = std::collections::HashSet::new();
     let result = async {
         loop {
             if !pending.is_empty() {
                 let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
                 for id in pending.drain(..) {
                     let Some(l) = leases.iter().find(|l| l.id == id && l.buy_order == order) else { continue };
+                    if !started.insert(id) {
+                        continue;
+                    }
                     progress.note(&format!("lease {id} on seller node {}", l.seller_node));
                     let (conn, spec, events, node) = (conn.clone(), spec.clone(), events.clone(), l.seller_node);
                     workers.spawn(async move {

@@ -34,11 +34,14 @@ async fn one_node(buyer: &cpushare_exchange::node::NodeConfig, iso: &Path, logs:
     let (tx, mut rx) = mpsc::channel(16);
     let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
     let mut booted = None;
-    let mut stopped = None;
+    let mut stopped: Option<String> = None;
     while let Some(e) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("the cluster moves on") {
         match e {
             Event::Booted(n) => booted = Some(n),
-            Event::Stopped { why, .. } => stopped = Some(why),
+            Event::Stopped { why, .. } => {
+                assert!(stopped.is_none(), "one node stops once: {stopped:?}, then {why}");
+                stopped = Some(why)
+            }
             Event::Placed { .. } => {}
         }
     }
