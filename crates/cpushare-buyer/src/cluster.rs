@@ -29,6 +29,8 @@ pub struct ClusterSpec {
     pub max_price: u64,
     /// Guest RAM per node, MiB.
     pub ram_mib: u32,
+    /// A writable scratch disk per node, MiB (RAM on the seller: slots must have RAM for both).
+    pub scratch_mib: u32,
     /// Only hosts where KVM really boots Linux (otherwise software emulation is fine).
     pub kvm_only: bool,
     /// Where each node's console goes: `console-LEASE.log`.
@@ -93,7 +95,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let mut ex = conn.exchange.clone();
     let mut lease_events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
     let kind = if spec.kvm_only { pb::SandboxKind::VmKvm } else { pb::SandboxKind::VmTcg };
-    let requirements = pb::Requirements { kind: kind as i32, min_ram_mib: spec.ram_mib, ..Default::default() };
+    let requirements = pb::Requirements { kind: kind as i32, min_ram_mib: spec.ram_mib + spec.scratch_mib, ..Default::default() };
     let placed = ex
         .place_buy(pb::PlaceBuyRequest { cpus: spec.nodes, max_price: spec.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0 })
         .await
@@ -176,7 +178,7 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
     out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
     let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
-    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib }))).await?;
+    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib }))).await?;
     let from = match next(&mut inbound).await? {
         Some(Say::ImageWanted(w)) => w.from.min(size),
         Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("refused: {}", o.killed))),

@@ -30,7 +30,7 @@ fn livecd(dir: &Path) -> Option<std::path::PathBuf> {
 
 /// Runs a one-node cluster to its end; returns the node and why it stopped.
 async fn one_node(buyer: &cpushare_exchange::node::NodeConfig, iso: &Path, logs: &Path) -> (Node, String) {
-    let spec = ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, kvm_only: false, logs: logs.into() };
+    let spec = ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.into() };
     let (tx, mut rx) = mpsc::channel(16);
     let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
     let mut booted = None;
@@ -72,7 +72,7 @@ async fn a_livecd_boots_on_a_seller_and_its_console_comes_back() {
     // A file that is not a livecd never leaves the buyer.
     let junk = dir.path().join("junk.iso");
     std::fs::write(&junk, vec![7u8; 100_000]).unwrap();
-    let spec = ClusterSpec { iso: junk, nodes: 1, max_price: 4000, ram_mib: 256, kvm_only: false, logs: dir.path().join("logs3") };
+    let spec = ClusterSpec { iso: junk, nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: dir.path().join("logs3") };
     let err = run_cluster(buyer.connect().await.unwrap(), spec, mpsc::channel(4).0, Arc::new(())).await.unwrap_err();
     assert!(format!("{err:#}").contains("is not an ISO 9660 image"), "{err:#}");
 }

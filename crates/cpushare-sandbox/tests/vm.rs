@@ -20,7 +20,9 @@ fn livecd(dir: &Path) -> Option<PathBuf> {
     }
     let payload = dir.join("payload");
     std::fs::create_dir_all(&payload).unwrap();
-    std::fs::write(payload.join("init"), "#!/bin/sh\necho hello from the payload\n").unwrap();
+    // Says hello, lists its disks, and mounts its own image read-only.
+    let init = "#!/bin/sh\necho hello from the payload\nfor d in /sys/block/vd*; do echo \"disk $(basename $d) sectors=$(cat $d/size) ro=$(cat $d/ro)\"; done\nmount -t iso9660 -o ro /dev/vda /mnt && ls /mnt/isolinux && umount /mnt\n";
+    std::fs::write(payload.join("init"), init).unwrap();
     std::process::Command::new("chmod").arg("+x").arg(payload.join("init")).status().unwrap();
     let iso = dir.join("live.iso");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso");
@@ -59,7 +61,9 @@ async fn a_livecd_boots_directly_and_through_the_bios_under_tcg() {
     assert!(d.kernel.len() > 1 << 20 && d.initrd.as_ref().is_some_and(|i| i.len() > 100_000));
 
     for bios in [false, true] {
-        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("vm-{bios}")), bios };
+        let scratch = tmp.path().join(format!("scratch-{bios}"));
+        std::fs::File::create(&scratch).unwrap().set_len(64 << 20).unwrap();
+        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("vm-{bios}")), bios, scratch: Some(scratch) };
         let vm = start(&spec).await.unwrap();
         assert_eq!(matches!(vm.boot, Boot::Direct { .. }), !bios, "{:?}", vm.boot);
         let lines = console(vm, Duration::from_secs(120)).await;
@@ -67,6 +71,13 @@ async fn a_livecd_boots_directly_and_through_the_bios_under_tcg() {
         assert!(text.contains("cpushare-livecd: up (kernel 6."), "bios={bios}: {text}");
         assert!(text.contains("hello from the payload"), "bios={bios}: {text}");
         assert!(text.contains("cpushare-livecd: powering off"), "bios={bios}: {text}");
+        if !bios {
+            // The image, read-only, then the 64 MiB scratch disk, writable; the guest mounts its image.
+            let iso_sectors = std::fs::metadata(&iso).unwrap().len() / 512;
+            assert!(text.contains(&format!("disk vda sectors={iso_sectors} ro=1")), "{text}");
+            assert!(text.contains("disk vdb sectors=131072 ro=0"), "{text}");
+            assert!(text.contains("isolinux.cfg"), "the guest mounted its own image: {text}");
+        }
     }
 }
 
@@ -78,11 +89,11 @@ async fn the_kvm_probe_says_whether_a_real_guest_boots_under_kvm() {
     std::fs::write(&kernel, direct_boot(&iso).unwrap().kernel).unwrap();
     // The probe's own machinery (its one-program initramfs, the line it waits
     // for) works: under software emulation the kernel always boots.
-    assert!(boots(&kernel, Accel::Tcg, &tmp.path().join("probe-tcg"), Duration::from_secs(60)).await, "the probe boots under TCG");
+    assert!(boots(&kernel, Accel::Tcg, &tmp.path().join("probe-tcg"), Duration::from_secs(120)).await, "the probe boots under TCG");
     let says = kvm_boots(&kernel, &tmp.path().join("probe"), Duration::from_secs(30)).await;
     // What really happens with KVM: the livecd boots, or it does not.
     let really = if Path::new("/dev/kvm").exists() {
-        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Kvm, work: tmp.path().join("kvm"), bios: false };
+        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Kvm, work: tmp.path().join("kvm"), bios: false, scratch: None };
         let vm = start(&spec).await.unwrap();
         console(vm, Duration::from_secs(30)).await.iter().any(|l| l.contains("cpushare-livecd: up"))
     } else {

@@ -143,6 +143,12 @@ pub(crate) async fn serve(
         out.send(job::frame(Job::Outcome(refuse(format!("an image must be 1 byte to {MAX_IMAGE} bytes with a SHA-256"))))).await?;
         return Ok(());
     }
+    let ram_mib = offer.ram_mib.max(64);
+    if ram_mib as u64 + offer.scratch_mib as u64 > setup.slot_ram_mib as u64 {
+        let why = format!("{ram_mib} MiB of RAM and a {} MiB scratch disk do not fit this slot's {} MiB", offer.scratch_mib, setup.slot_ram_mib);
+        out.send(job::frame(Job::Outcome(refuse(why)))).await?;
+        return Ok(());
+    }
     let images = setup.images.clone();
     let from = images.have(&offer.sha256, offer.size);
     out.send(job::frame(Job::ImageWanted(pb::ImageWanted { from }))).await?;
@@ -171,9 +177,21 @@ pub(crate) async fn serve(
     };
     images.used(&offer.sha256);
 
-    let ram_mib = offer.ram_mib.clamp(64, setup.slot_ram_mib.max(64));
     let _ = std::fs::remove_dir_all(&setup.work);
-    let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false };
+    std::fs::create_dir_all(&setup.work)?;
+    // The scratch disk lives in RAM (tmpfs), as sparse as the guest leaves it.
+    let _scratch = match offer.scratch_mib {
+        0 => None,
+        mib => {
+            let shm = Path::new("/dev/shm");
+            let dir = if shm.is_dir() { shm.to_path_buf() } else { setup.work.clone() };
+            let at = dir.join(format!("cpushare-scratch-{}-{}", setup.lease, std::process::id()));
+            File::create(&at)?.set_len(mib as u64 * (1 << 20))?;
+            Some(RemoveOnDrop(at))
+        }
+    };
+    let scratch = _scratch.as_ref().map(|s| s.0.clone());
+    let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false, scratch };
     let mut machine = match vm::start(&spec).await {
         Ok(m) => m,
         Err(e) => {
@@ -231,6 +249,14 @@ pub(crate) async fn serve(
     // Our end of the relay stays open until the buyer closes it or the lease ends.
     let _ = tokio::time::timeout(Duration::from_secs(60), async { while let Ok(Some(_)) = job::next(&mut inbound).await {} }).await;
     Ok(())
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Whether QEMU is installed here.

@@ -45,6 +45,9 @@ pub struct StartArgs {
     /// Guest RAM per node, MiB.
     #[arg(long, default_value_t = 512, value_name = "MIB")]
     ram: u32,
+    /// A writable scratch disk per node, MiB (kept in the seller's RAM: slots need RAM for both).
+    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    scratch: u32,
     /// Only hosts where KVM boots Linux (otherwise software emulation, about 5x slower for CPU-bound work, is fine).
     #[arg(long)]
     kvm_only: bool,
@@ -112,7 +115,7 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
     let dir = args.dir.dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let spec = ClusterSpec { iso: args.iso.clone(), nodes: args.nodes, max_price: args.max_price, ram_mib: args.ram, kvm_only: args.kvm_only, logs: dir.clone() };
+    let spec = ClusterSpec { iso: args.iso.clone(), nodes: args.nodes, max_price: args.max_price, ram_mib: args.ram, scratch_mib: args.scratch, kvm_only: args.kvm_only, logs: dir.clone() };
     let conn = connect(config).await?;
     let (tx, mut rx) = mpsc::channel(64);
     let cluster = tokio::spawn(run_cluster(conn.clone(), spec, tx, Arc::new(Notes)));

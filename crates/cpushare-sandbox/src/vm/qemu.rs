@@ -39,6 +39,8 @@ pub struct VmSpec {
     pub work: PathBuf,
     /// Force the BIOS path (to compare the two boots).
     pub bios: bool,
+    /// A writable scratch disk (a file, RAM-backed on a seller), attached after the image.
+    pub scratch: Option<PathBuf>,
 }
 
 /// A running VM; killed when dropped.
@@ -87,10 +89,17 @@ pub async fn start(spec: &VmSpec) -> io::Result<Vm> {
             }
             args.extend(["-append".into(), d.cmdline.clone()]);
             args.extend(["-drive".into(), format!("file={iso},if=none,id=image,readonly=on,format=raw"), "-device".into(), "virtio-blk-device,drive=image".into()]);
+            if let Some(scratch) = &spec.scratch {
+                let scratch = path(scratch)?.replace(',', ",,");
+                args.extend(["-drive".into(), format!("file={scratch},if=none,id=scratch,format=raw"), "-device".into(), "virtio-blk-device,drive=scratch".into()]);
+            }
             Boot::Direct { cmdline: d.cmdline }
         }
         Err(why) => {
             args.extend(["-M".into(), "pc".into(), "-drive".into(), format!("file={iso},media=cdrom,readonly=on,if=ide,format=raw"), "-boot".into(), "d".into()]);
+            if let Some(scratch) = &spec.scratch {
+                args.extend(["-drive".into(), format!("file={},if=ide,format=raw", path(scratch)?.replace(',', ",,"))]);
+            }
             Boot::Bios { why }
         }
     };
@@ -117,7 +126,7 @@ pub async fn boots(kernel: &Path, accel: Accel, work: &Path, limit: Duration) ->
         std::fs::create_dir_all(work)?;
         let initrd = work.join("probe-initrd");
         std::fs::write(&initrd, probe_initramfs()?)?;
-        let spec = VmSpec { iso: PathBuf::new(), ram_mib: 128, accel, work: work.to_path_buf(), bios: false };
+        let spec = VmSpec { iso: PathBuf::new(), ram_mib: 128, accel, work: work.to_path_buf(), bios: false, scratch: None };
         let mut args = common(&spec);
         args.extend(["-M".into(), "microvm,acpi=on".into(), "-kernel".into(), path(kernel)?, "-initrd".into(), path(&initrd)?]);
         args.extend(["-append".into(), "console=ttyS0 quiet panic=-1".into()]);
