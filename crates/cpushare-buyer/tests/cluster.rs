@@ -3,7 +3,6 @@
 //! crosses once per seller.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,20 +11,7 @@ use cpushare_seller::testbed::Testbed;
 use tokio::sync::mpsc;
 
 fn livecd(dir: &Path) -> Option<std::path::PathBuf> {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        assert!(!ci, "qemu-system-x86 is needed under CI");
-        eprintln!("skipped: no qemu-system-x86_64 (scripts/test installs qemu-system-x86)");
-        return None;
-    }
-    let payload = dir.join("payload");
-    std::fs::create_dir_all(&payload).unwrap();
-    std::fs::write(payload.join("init"), "#!/bin/sh\necho hello from node $(hostname)\n").unwrap();
-    Command::new("chmod").arg("+x").arg(payload.join("init")).status().unwrap();
-    let iso = dir.join("live.iso");
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso")).arg(&iso).arg(&payload).output().unwrap();
-    assert!(out.status.success() || !ci, "make-live-iso: {}", String::from_utf8_lossy(&out.stderr));
-    out.status.success().then_some(iso)
+    cpushare_sandbox::vm::testing::livecd(dir, "live", "#!/bin/sh\necho hello from node $(hostname)\n")
 }
 
 /// Runs a one-node cluster to its end; returns the node and why it stopped.

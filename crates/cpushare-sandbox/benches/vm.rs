@@ -6,7 +6,6 @@
 //!
 //! CPUSHARE_BENCH_BOOTS (default 5) boots of each.
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -32,12 +31,10 @@ fn median(mut v: Vec<Duration>) -> Duration {
 async fn main() {
     let boots: usize = std::env::var("CPUSHARE_BENCH_BOOTS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let tmp = tempfile::tempdir().unwrap();
-    let iso = tmp.path().join("live.iso");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso");
-    if !std::process::Command::new(script).arg(&iso).stderr(Stdio::null()).status().is_ok_and(|s| s.success()) {
+    let Some(iso) = cpushare_sandbox::vm::testing::livecd(tmp.path(), "live", "#!/bin/sh\n") else {
         println!("skipped: scripts/make-live-iso failed (QEMU and the ISO tools are installed by scripts/test)");
         return;
-    }
+    };
     let d = direct_boot(&iso).unwrap();
     let (kernel, initrd) = (tmp.path().join("k"), tmp.path().join("i"));
     std::fs::write(&kernel, &d.kernel).unwrap();

@@ -429,7 +429,7 @@ pub async fn run_piped(
     feeder.abort();
     let log = logger.await.unwrap_or_default();
     let ending = ending(killed, &status, wstatus, cpu, limits);
-    Ok(Run { ending, output: current.to_vec(), log, cpu, wall: started.elapsed() })
+    Ok(Run { ending, output: current.into(), log, cpu, wall: started.elapsed() })
 }
 
 /// Runs `program` with `args` (its argv[0] first) on `input`, in a new jail.

@@ -2,37 +2,15 @@
 //! Debian's kernel and busybox) in real QEMU, under software emulation.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use cpushare_sandbox::vm::{boot::direct_boot, boots, kvm_boots, start, Accel, Boot, VmSpec};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// Builds the test livecd once per test binary into `dir`, with a payload
-/// that says hello; None (said aloud) when QEMU or the script's tools are
-/// missing outside CI.
+/// The test livecd: says hello, lists its disks, mounts its own image read-only.
 fn livecd(dir: &Path) -> Option<PathBuf> {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        assert!(!ci, "qemu-system-x86 is needed under CI");
-        eprintln!("skipped: no qemu-system-x86_64 (scripts/test installs qemu-system-x86)");
-        return None;
-    }
-    let payload = dir.join("payload");
-    std::fs::create_dir_all(&payload).unwrap();
-    // Says hello, lists its disks, and mounts its own image read-only.
     let init = "#!/bin/sh\necho hello from the payload\nfor d in /sys/block/vd*; do echo \"disk $(basename $d) sectors=$(cat $d/size) ro=$(cat $d/ro)\"; done\nmount -t iso9660 -o ro /dev/vda /mnt && ls /mnt/isolinux && umount /mnt\n";
-    std::fs::write(payload.join("init"), init).unwrap();
-    std::process::Command::new("chmod").arg("+x").arg(payload.join("init")).status().unwrap();
-    let iso = dir.join("live.iso");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso");
-    let out = Command::new(script).arg(&iso).arg(&payload).output().unwrap();
-    if !out.status.success() {
-        assert!(!ci, "make-live-iso failed under CI: {}", String::from_utf8_lossy(&out.stderr));
-        eprintln!("skipped: make-live-iso failed: {}", String::from_utf8_lossy(&out.stderr));
-        return None;
-    }
-    Some(iso)
+    cpushare_sandbox::vm::testing::livecd(dir, "live", init)
 }
 
 /// The console's lines until the guest powers off (or `limit` passes).

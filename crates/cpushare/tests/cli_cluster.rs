@@ -4,32 +4,14 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::*;
 
-/// The test livecd with `init` as its payload's init script.
-fn livecd(dir: &Path, name: &str, init: &str) -> Option<std::path::PathBuf> {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
-        assert!(!ci, "qemu-system-x86 is needed under CI");
-        eprintln!("skipped: no qemu-system-x86_64 (scripts/test installs qemu-system-x86)");
-        return None;
-    }
-    let payload = dir.join(format!("{name}-payload"));
-    std::fs::create_dir_all(&payload).unwrap();
-    std::fs::write(payload.join("init"), init).unwrap();
-    Command::new("chmod").arg("+x").arg(payload.join("init")).status().unwrap();
-    let iso = dir.join(format!("{name}.iso"));
-    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso")).arg(&iso).arg(&payload).output().unwrap();
-    assert!(out.status.success() || !ci, "make-live-iso: {}", String::from_utf8_lossy(&out.stderr));
-    out.status.success().then_some(iso)
-}
-
 #[test]
 fn a_cluster_starts_shows_its_consoles_and_stops() {
     let tmp = tempfile::tempdir().unwrap();
+    use cpushare_sandbox::vm::testing::livecd;
     let Some(short) = livecd(tmp.path(), "short", "#!/bin/sh\necho hello from the cluster\n") else { return };
     let long = livecd(tmp.path(), "long", "#!/bin/sh\necho staying up\nsleep 600\n").unwrap();
     let (_exchange, operator) = exchange(tmp.path());

@@ -15,3 +15,36 @@ pub mod boot;
 mod qemu;
 
 pub use qemu::{boots, kvm_boots, start, Accel, Boot, Vm, VmSpec};
+
+/// For tests and benchmarks: a livecd built by this repository's
+/// `scripts/make-live-iso`, with `init` as its payload's init script.
+#[doc(hidden)]
+pub mod testing {
+    use std::path::{Path, PathBuf};
+    use std::process::Command;
+
+    /// `DIR/NAME.iso`, or None (said aloud) when QEMU or the script's tools
+    /// are missing outside CI; under `CI=true` a missing prerequisite fails.
+    pub fn livecd(dir: &Path, name: &str, init: &str) -> Option<PathBuf> {
+        let ci = std::env::var("CI").as_deref() == Ok("true");
+        if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
+            assert!(!ci, "qemu-system-x86 is needed under CI");
+            eprintln!("skipped: no qemu-system-x86_64 (scripts/test installs qemu-system-x86)");
+            return None;
+        }
+        let payload = dir.join(format!("{name}-payload"));
+        std::fs::create_dir_all(&payload).unwrap();
+        let script = payload.join("init");
+        std::fs::write(&script, init).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        let iso = dir.join(format!("{name}.iso"));
+        let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso");
+        let out = Command::new(tool).arg(&iso).arg(&payload).output().unwrap();
+        if !out.status.success() {
+            assert!(!ci, "make-live-iso failed under CI: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!("skipped: make-live-iso failed: {}", String::from_utf8_lossy(&out.stderr));
+            return None;
+        }
+        Some(iso)
+    }
+}
