@@ -167,7 +167,10 @@ pub(crate) async fn serve(
     let iso = if from == offer.size {
         images.whole(&offer.sha256)
     } else {
-        match images.finish(&offer.sha256, offer.size) {
+        // Hashing a large image takes seconds: not on the runtime's threads,
+        // where it would stall this seller's relays and heartbeats.
+        let (store, sha, size) = (images.clone(), offer.sha256.clone(), offer.size);
+        match tokio::task::spawn_blocking(move || store.finish(&sha, size)).await? {
             Ok(p) => p,
             Err(why) => {
                 out.send(job::frame(Job::Outcome(refuse(why)))).await?;
