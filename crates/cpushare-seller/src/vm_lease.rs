@@ -183,7 +183,7 @@ pub(crate) async fn serve(
     let _ = std::fs::remove_dir_all(&setup.work);
     std::fs::create_dir_all(&setup.work)?;
     // The scratch disk lives in RAM (tmpfs), as sparse as the guest leaves it.
-    let _scratch = match offer.scratch_mib {
+    let scratch_file = match offer.scratch_mib {
         0 => None,
         mib => {
             let shm = Path::new("/dev/shm");
@@ -193,7 +193,7 @@ pub(crate) async fn serve(
             Some(RemoveOnDrop(at))
         }
     };
-    let scratch = _scratch.as_ref().map(|s| s.0.clone());
+    let scratch = scratch_file.as_ref().map(|s| s.0.clone());
     let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false, scratch };
     let mut machine = match vm::start(&spec).await {
         Ok(m) => m,
