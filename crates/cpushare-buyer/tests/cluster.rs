@@ -21,7 +21,14 @@ async fn one_node(buyer: &cpushare_exchange::node::NodeConfig, iso: &Path, logs:
     let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
     let mut booted = None;
     let mut stopped: Option<String> = None;
-    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("the cluster moves on") {
+    let consoles = |logs: &Path| -> String {
+        std::fs::read_dir(logs).map(|d| d.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect::<Vec<_>>().join("\n---\n")).unwrap_or_default()
+    };
+    loop {
+        let Ok(e) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await else {
+            panic!("the cluster did not move on for 120 s; booted {booted:?}; consoles:\n{}", consoles(logs));
+        };
+        let Some(e) = e else { break };
         match e {
             Event::Booted(n) => booted = Some(n),
             Event::Stopped { why, .. } => {
