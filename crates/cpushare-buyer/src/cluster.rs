@@ -4,14 +4,13 @@
 //! uploads nothing; an interrupted upload resumes), every node's serial
 //! console written to a log file as the guest writes it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
 use cpushare_exchange::client::Connection;
 use cpushare_exchange::job::{self, next};
 use cpushare_proto::v1::{self as pb, job_message::Body as Say};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -61,28 +60,12 @@ pub enum Event {
     Stopped { lease: u64, why: String },
 }
 
-/// The SHA-256 of a file, read in 1 MiB pieces.
-fn sha256_of(path: &Path) -> anyhow::Result<([u8; 32], u64)> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read the image {}", path.display()))?;
-    let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok((h.finalize().into(), size));
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-}
-
 /// Starts the cluster and runs until its order is cancelled (`stop`) or every
 /// node has stopped; tells `events` what happens. The order is cancelled on
 /// the way out, whatever ends it.
 pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Sender<Event>, progress: Arc<dyn Progress>) -> anyhow::Result<()> {
-    let (sha, size) = sha256_of(&spec.iso)?;
+    let file = std::fs::File::open(&spec.iso).with_context(|| format!("cannot read the image {}", spec.iso.display()))?;
+    let (sha, size) = cpushare_sandbox::vm::image_sha256(file)?;
     // ISO 9660 says "CD001" at byte 32769: catch a wrong file here, not on a seller.
     let mut magic = [0u8; 5];
     let readable = std::fs::File::open(&spec.iso).and_then(|mut f| {

@@ -6,14 +6,13 @@
 //! its first sign of life on the console.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use cpushare_exchange::job;
 use cpushare_proto::v1::{self as pb, job_message::Body as Job, seller_message::Body as Say};
 use cpushare_sandbox::vm::{self, Accel, Boot, VmSpec};
-use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
@@ -66,21 +65,12 @@ impl Images {
     pub fn finish(&self, sha: &[u8], size: u64) -> Result<PathBuf, String> {
         let part = self.part(sha);
         let verified = (|| {
-            let mut file = File::open(&part).map_err(|e| format!("the image: {e}"))?;
-            let len = file.metadata().map_err(|e| e.to_string())?.len();
+            let file = File::open(&part).map_err(|e| format!("the image: {e}"))?;
+            let (digest, len) = vm::image_sha256(file).map_err(|e| e.to_string())?;
             if len != size {
                 return Err(format!("the image is {len} bytes, not the {size} offered"));
             }
-            let mut h = Sha256::new();
-            let mut buf = vec![0u8; 1 << 20];
-            loop {
-                let n = file.read(&mut buf).map_err(|e| e.to_string())?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
-            }
-            if h.finalize().as_slice() != sha {
+            if digest.as_slice() != sha {
                 return Err("the image does not match its SHA-256: refused, not booted".into());
             }
             Ok(())
@@ -280,6 +270,7 @@ pub fn host_kernel() -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     #[test]
     fn an_interrupted_upload_resumes_and_a_corrupt_image_is_refused() {

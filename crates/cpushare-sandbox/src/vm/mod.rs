@@ -16,6 +16,23 @@ mod qemu;
 
 pub use qemu::{boots, kvm_boots, start, Accel, Boot, Vm, VmSpec};
 
+/// An image's SHA-256 and size, read in 1 MiB pieces: what images are
+/// addressed and checked by, on both sides of a VM lease.
+pub fn image_sha256(mut from: impl std::io::Read) -> std::io::Result<([u8; 32], u64)> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            return Ok((h.finalize().into(), size));
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+}
+
 /// For tests and benchmarks: a livecd built by this repository's
 /// `scripts/make-live-iso`, with `init` as its payload's init script.
 #[doc(hidden)]
