@@ -2,7 +2,10 @@
 //! order for N nodes of kind `vm-tcg` (or `vm-kvm`), the image sent to each
 //! seller once (a seller that has it, from an earlier lease of anyone's,
 //! uploads nothing; an interrupted upload resumes), every node's serial
-//! console written to a log file as the guest writes it.
+//! console written to a log file as the guest writes it. A node is trusted
+//! only once its seller's signed statement of what it booted checks out
+//! ([`crate::attestation`]); a seller that vanishes is replaced (the exchange
+//! reopens the order) unless the spec says not to.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::attestation::{self, Attested, Expected};
 use crate::{status, Progress};
 
 /// What to start.
@@ -34,6 +38,8 @@ pub struct ClusterSpec {
     pub kvm_only: bool,
     /// Where each node's console goes: `console-LEASE.log`.
     pub logs: PathBuf,
+    /// Boot a replacement when a node's seller vanishes.
+    pub replace: bool,
 }
 
 /// One node, once it has booted.
@@ -48,6 +54,8 @@ pub struct Node {
     /// Bytes of the image sent to this seller (0: it had it).
     pub uploaded: u64,
     pub console_log: PathBuf,
+    /// The seller's signed statement, checked: what the node runs.
+    pub attested: Attested,
 }
 
 /// What happens to a cluster, as it happens.
@@ -55,6 +63,8 @@ pub struct Node {
 pub enum Event {
     /// The order is on the book.
     Placed { order: u64 },
+    /// Image bytes sent to a node's seller so far, of `total` to send.
+    Uploading { lease: u64, sent: u64, total: u64 },
     Booted(Node),
     /// A node's VM stopped (the guest powered off or crashed), or its lease ended.
     Stopped { lease: u64, why: String },
@@ -64,16 +74,10 @@ pub enum Event {
 /// node has stopped; tells `events` what happens. The order is cancelled on
 /// the way out, whatever ends it.
 pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Sender<Event>, progress: Arc<dyn Progress>) -> anyhow::Result<()> {
-    let file = std::fs::File::open(&spec.iso).with_context(|| format!("cannot read the image {}", spec.iso.display()))?;
-    let (sha, size) = cpushare_sandbox::vm::image_sha256(file)?;
-    // ISO 9660 says "CD001" at byte 32769: catch a wrong file here, not on a seller.
-    let mut magic = [0u8; 5];
-    let readable = std::fs::File::open(&spec.iso).and_then(|mut f| {
-        use std::io::{Read, Seek, SeekFrom};
-        f.seek(SeekFrom::Start(32769))?;
-        f.read_exact(&mut magic)
-    });
-    anyhow::ensure!(readable.is_ok() && &magic == b"CD001", "{} is not an ISO 9660 image (a livecd)", spec.iso.display());
+    let ca = conn.ca().cloned().context("this connection does not trust the exchange's CA by its certificate, so nodes' attestations cannot be checked: use an enrolled node's configuration")?;
+    let iso = spec.iso.clone();
+    let (sha, size, expected) = tokio::task::spawn_blocking(move || image_facts(&iso)).await??;
+    let expected = Arc::new(expected);
     std::fs::create_dir_all(&spec.logs).with_context(|| format!("cannot create {}", spec.logs.display()))?;
     let mut ex = conn.exchange.clone();
     let mut lease_events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
@@ -98,19 +102,28 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                 let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
                 for id in pending.drain(..) {
                     let Some(l) = leases.iter().find(|l| l.id == id && l.buy_order == order) else { continue };
-                    if !started.insert(id) {
+                    if started.contains(&id) {
                         continue;
                     }
+                    if !spec.replace && started.len() >= spec.nodes as usize {
+                        // A replacement the buyer did not want: ended before anything is billed.
+                        progress.note(&format!("lease {id} would replace a lost node: ended (no replacements asked for)"));
+                        let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease: id }).await;
+                        continue;
+                    }
+                    started.insert(id);
                     progress.note(&format!("lease {id} on seller node {}", l.seller_node));
-                    let (conn, spec, events, node) = (conn.clone(), spec.clone(), events.clone(), l.seller_node);
+                    let (conn, spec, events, node, ca, expected) = (conn.clone(), spec.clone(), events.clone(), l.seller_node, ca.clone(), expected.clone());
                     workers.spawn(async move {
-                        let (why, finished) = match boot_node(&conn, id, node, &spec, sha, size, &events).await {
+                        let facts = Facts { ca: &ca, sha, size, expected: &expected };
+                        let (why, end) = match boot_node(&conn, id, node, &spec, &facts, &events).await {
                             Ok(Stop::Finished(why)) => (why, true),
+                            Ok(Stop::Untrusted(why)) => (format!("not trusted, lease ended: {why}"), true),
                             Ok(Stop::LeaseEnded) => ("the lease ended".to_string(), false),
                             Err(e) => (format!("{e:#}"), false),
                         };
                         let _ = events.send(Event::Stopped { lease: id, why }).await;
-                        (id, finished)
+                        (id, end)
                     });
                 }
             }
@@ -122,15 +135,20 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                     None => anyhow::bail!("the exchange closed the lease events"),
                 },
                 Some(done) = workers.join_next() => {
-                    // A VM that stopped by itself is done: its lease ends, billing with it.
-                    // A node whose lease ended otherwise (its seller vanished) is
-                    // replaced: the exchange reopens the order, and a new lease comes.
-                    if let Ok((lease, true)) = done {
-                        let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease }).await;
-                        finished += 1;
-                        if finished >= spec.nodes {
-                            return Ok(());
+                    // A VM that stopped by itself (or that the buyer does not trust) is
+                    // done: its lease ends, billing with it. A node whose lease ended
+                    // otherwise (its seller vanished) is replaced: the exchange reopens
+                    // the order, and a new lease comes, unless replacements are off.
+                    match done {
+                        Ok((lease, true)) => {
+                            let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease }).await;
+                            finished += 1;
                         }
+                        Ok((_, false)) if !spec.replace => finished += 1,
+                        _ => {}
+                    }
+                    if finished >= spec.nodes {
+                        return Ok(());
                     }
                     let orders = ex.list_orders(pb::ListOrdersRequest {}).await.map_err(status)?.into_inner().orders;
                     if !orders.iter().any(|o| o.id == order) && workers.is_empty() {
@@ -150,13 +168,53 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
 enum Stop {
     /// It stopped by itself (powered off, crashed) or was refused (a corrupt image): why.
     Finished(String),
+    /// Its seller's attestation did not check out: why. The buyer ends the lease.
+    Untrusted(String),
     /// Its lease ended under it.
     LeaseEnded,
 }
 
+/// The image's SHA-256 and size, checked to be a livecd, and what its nodes must attest.
+fn image_facts(iso: &std::path::Path) -> anyhow::Result<([u8; 32], u64, Expected)> {
+    let file = std::fs::File::open(iso).with_context(|| format!("cannot read the image {}", iso.display()))?;
+    let (sha, size) = cpushare_sandbox::vm::image_sha256(file)?;
+    // ISO 9660 says "CD001" at byte 32769: catch a wrong file here, not on a seller.
+    let mut magic = [0u8; 5];
+    let readable = std::fs::File::open(iso).and_then(|mut f| {
+        use std::io::{Read, Seek, SeekFrom};
+        f.seek(SeekFrom::Start(32769))?;
+        f.read_exact(&mut magic)
+    });
+    anyhow::ensure!(readable.is_ok() && &magic == b"CD001", "{} is not an ISO 9660 image (a livecd)", iso.display());
+    Ok((sha, size, Expected::of(iso, sha)))
+}
+
+/// What every node is checked against.
+struct Facts<'a> {
+    ca: &'a rustls::pki_types::CertificateDer<'static>,
+    sha: [u8; 32],
+    size: u64,
+    expected: &'a Expected,
+}
+
+/// A reader that counts what has been read from it.
+struct Counted<R> {
+    inner: R,
+    count: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
 /// One node: the image to its seller (as much as it lacks), then its console
 /// into the log until the VM stops.
-async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &ClusterSpec, sha: [u8; 32], size: u64, events: &mpsc::Sender<Event>) -> anyhow::Result<Stop> {
+async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &ClusterSpec, facts: &Facts<'_>, events: &mpsc::Sender<Event>) -> anyhow::Result<Stop> {
+    let (sha, size) = (facts.sha, facts.size);
     let mut conn = conn.another().await?;
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
     out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
@@ -171,14 +229,33 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
         use std::io::{Seek, SeekFrom};
         let mut file = std::fs::File::open(&spec.iso)?;
         file.seek(SeekFrom::Start(from))?;
-        job::send_file(&out, Say::Image, 0, file, size - from).await?;
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = Counted { inner: file, count: count.clone() };
+        let total = size - from;
+        let send = job::send_file(&out, Say::Image, 0, reader, total);
+        tokio::pin!(send);
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        loop {
+            tokio::select! {
+                r = &mut send => { r?; break }
+                _ = tick.tick() => {
+                    let sent = count.load(std::sync::atomic::Ordering::Relaxed);
+                    let _ = events.try_send(Event::Uploading { lease, sent, total });
+                }
+            }
+        }
+        let _ = events.send(Event::Uploading { lease, sent: total, total }).await;
     }
     let log_path = spec.logs.join(format!("console-{lease}.log"));
     let mut log = tokio::fs::File::create(&log_path).await?;
     loop {
         match next(&mut inbound).await? {
             Some(Say::VmBooted(b)) => {
-                let node = Node { lease, seller_node, boot: b.boot, accel: b.accel, uploaded: size - from, console_log: log_path.clone() };
+                let attested = match attestation::check(facts.ca, seller_node, lease, facts.expected, b.attestation.as_ref()) {
+                    Ok(a) => a,
+                    Err(why) => return Ok(Stop::Untrusted(why)),
+                };
+                let node = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: size - from, console_log: log_path.clone(), attested };
                 let _ = events.send(Event::Booted(node)).await;
             }
             Some(Say::Console(c)) => {

@@ -10,6 +10,7 @@
 //! that disagreed. [`run_local`] runs the same program in the same jail on this
 //! machine, with no exchange and no money.
 
+pub mod attestation;
 pub mod cluster;
 mod unmodified;
 

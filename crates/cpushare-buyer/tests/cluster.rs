@@ -16,7 +16,7 @@ fn livecd(dir: &Path) -> Option<std::path::PathBuf> {
 
 /// Runs a one-node cluster to its end; returns the node and why it stopped.
 async fn one_node(buyer: &cpushare_exchange::node::NodeConfig, iso: &Path, logs: &Path) -> (Node, String) {
-    let spec = ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.into() };
+    let spec = ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.into(), replace: true };
     let (tx, mut rx) = mpsc::channel(16);
     let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
     let mut booted = None;
@@ -35,7 +35,7 @@ async fn one_node(buyer: &cpushare_exchange::node::NodeConfig, iso: &Path, logs:
                 assert!(stopped.is_none(), "one node stops once: {stopped:?}, then {why}");
                 stopped = Some(why)
             }
-            Event::Placed { .. } => {}
+            Event::Placed { .. } | Event::Uploading { .. } => {}
         }
     }
     running.await.unwrap().unwrap();
@@ -53,6 +53,9 @@ async fn a_livecd_boots_on_a_seller_and_its_console_comes_back() {
 
     let (node, why) = one_node(&buyer, &iso, &dir.path().join("logs1")).await;
     assert_eq!((node.boot.as_str(), node.accel.as_str(), node.uploaded), ("direct", "tcg", size), "{node:?}");
+    // The seller's signed statement checked out against this image and the exchange's CA.
+    assert!(node.attested.qemu_version.starts_with("QEMU emulator version"), "{node:?}");
+    assert_eq!((node.attested.boot.as_str(), node.attested.accel.as_str()), ("direct", "tcg"));
     let console = std::fs::read_to_string(&node.console_log).unwrap();
     assert!(console.contains("cpushare-livecd: up") && console.contains("hello from node"), "{console}");
     assert!(why.contains("the VM stopped"), "{why}");
@@ -65,7 +68,86 @@ async fn a_livecd_boots_on_a_seller_and_its_console_comes_back() {
     // A file that is not a livecd never leaves the buyer.
     let junk = dir.path().join("junk.iso");
     std::fs::write(&junk, vec![7u8; 100_000]).unwrap();
-    let spec = ClusterSpec { iso: junk, nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: dir.path().join("logs3") };
+    let spec = ClusterSpec { iso: junk, nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: dir.path().join("logs3"), replace: true };
     let err = run_cluster(buyer.connect().await.unwrap(), spec, mpsc::channel(4).0, Arc::new(())).await.unwrap_err();
     assert!(format!("{err:#}").contains("is not an ISO 9660 image"), "{err:#}");
+}
+
+/// Waits for the next event other than upload progress.
+async fn next_event(rx: &mut mpsc::Receiver<Event>, logs: &Path) -> Option<Event> {
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.unwrap_or_else(|_| {
+            let consoles: Vec<String> = std::fs::read_dir(logs).map(|d| d.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap_or_default()).collect()).unwrap_or_default();
+            panic!("the cluster did not move on for 120 s; consoles:\n{}", consoles.join("\n---\n"))
+        });
+        match e {
+            Some(Event::Uploading { .. }) => continue,
+            other => return other,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_whose_seller_vanishes_is_replaced_unless_told_not_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(iso) = cpushare_sandbox::vm::testing::livecd(dir.path(), "live", "#!/bin/sh\necho node up; sleep 600\n") else { return };
+    let mut tb = Testbed::start(&dir.path().join("tb"), 3).await.unwrap();
+    // Cheapest first: each cluster's first node goes to the cheapest seller alive.
+    for (name, price) in [("s1", 1000), ("s2", 2000), ("s3", 3000)] {
+        tb.seller(name, 1, price, |c| c.ram_per_slot_mib = 512).await.unwrap();
+    }
+    let buyer = tb.member("buyer", 1_000_000).await.unwrap();
+    let node_of = |tb: &Testbed, name: &str| tb.sellers.iter().find(|s| s.name == name).unwrap().node.node;
+    let (s1, s2, s3) = (node_of(&tb, "s1"), node_of(&tb, "s2"), node_of(&tb, "s3"));
+    let spec = |logs: &Path, replace| ClusterSpec { iso: iso.clone(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.into(), replace };
+
+    // Replacements on: s1's node is lost, a new one boots on s2.
+    let logs = dir.path().join("replaced");
+    let (tx, mut rx) = mpsc::channel(64);
+    let conn = buyer.connect().await.unwrap();
+    let running = tokio::spawn(run_cluster(conn.clone(), spec(&logs, true), tx, Arc::new(())));
+    let Some(Event::Placed { order }) = next_event(&mut rx, &logs).await else { panic!("the order first") };
+    let Some(Event::Booted(first)) = next_event(&mut rx, &logs).await else { panic!("then a node") };
+    assert_eq!(first.seller_node, s1);
+    let at = tb.sellers.iter().position(|s| s.node.node == s1).unwrap();
+    tb.sellers.remove(at).kill();
+    let Some(Event::Stopped { lease, why }) = next_event(&mut rx, &logs).await else { panic!("the lost node stops") };
+    assert_eq!(lease, first.lease, "{why}");
+    let Some(Event::Booted(second)) = next_event(&mut rx, &logs).await else { panic!("a replacement boots") };
+    assert_eq!(second.seller_node, s2, "{second:?}");
+    // Booted means its first console byte; its payload speaks a little later.
+    let mut console = String::new();
+    for _ in 0..600 {
+        console = std::fs::read_to_string(&second.console_log).unwrap();
+        if console.contains("node up") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(console.contains("node up"), "{console}");
+    conn.exchange.clone().cancel_order(cpushare_proto::v1::CancelOrderRequest { order }).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), running).await.expect("the cluster ends with its order").unwrap().unwrap();
+
+    // Replacements off: s2's node is lost and the cluster ends, though s3 is free.
+    let logs = dir.path().join("not-replaced");
+    let (tx, mut rx) = mpsc::channel(64);
+    let running = tokio::spawn(run_cluster(conn.clone(), spec(&logs, false), tx, Arc::new(())));
+    let Some(Event::Placed { .. }) = next_event(&mut rx, &logs).await else { panic!("the order first") };
+    let Some(Event::Booted(only)) = next_event(&mut rx, &logs).await else { panic!("then a node") };
+    assert_eq!(only.seller_node, s2);
+    let at = tb.sellers.iter().position(|s| s.node.node == s2).unwrap();
+    tb.sellers.remove(at).kill();
+    let Some(Event::Stopped { lease, .. }) = next_event(&mut rx, &logs).await else { panic!("the lost node stops") };
+    assert_eq!(lease, only.lease);
+    tokio::time::timeout(Duration::from_secs(60), running).await.expect("the cluster ends").unwrap().unwrap();
+    while let Some(e) = rx.recv().await {
+        assert!(!matches!(e, Event::Booted(_)), "no replacement may boot: {e:?}");
+    }
+    // Whatever s3 was offered, it never ran, so nobody paid for it.
+    let mut ops = tb.operator.clone();
+    let audit = ops.admin.audit(cpushare_proto::v1::AuditRequest {}).await.unwrap().into_inner();
+    assert!(audit.ok, "{}", audit.problem);
+    let s3_conn = tb.sellers.iter().find(|s| s.node.node == s3).unwrap().node.connect().await.unwrap();
+    let earned = s3_conn.exchange.clone().balance(cpushare_proto::v1::BalanceRequest {}).await.unwrap().into_inner();
+    assert_eq!(earned.available_cents, 0, "s3 earned nothing");
 }

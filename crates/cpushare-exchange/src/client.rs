@@ -53,6 +53,14 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The exchange's CA certificate, when this connection was made trusting it
+    /// (an enrolled node's): what nodes' signed statements are checked against.
+    pub fn ca(&self) -> Option<&CertificateDer<'static>> {
+        self.dialer.ca.as_ref()
+    }
+}
+
+impl Connection {
     /// A second connection with the same identity and trust. One HTTP/2
     /// connection is one TLS stream, handled on one core at each end: bulk
     /// transfers in parallel (a buyer's relays to several sellers) each want
@@ -70,6 +78,7 @@ struct Dialer {
     port: u16,
     tls: tokio_rustls::TlsConnector,
     server_name: ServerName<'static>,
+    ca: Option<CertificateDer<'static>>,
 }
 
 impl Dialer {
@@ -132,6 +141,10 @@ pub async fn connect(url: &str, trust: Trust, identity: Option<&Identity>) -> an
     provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     let provider = Arc::new(provider);
     let seen_ca: SeenCa = Arc::default();
+    let trusted = match &trust {
+        Trust::Ca(ca) => Some(ca.clone()),
+        _ => None,
+    };
     let verifier: Arc<dyn ServerCertVerifier> = match trust {
         Trust::Ca(ca) => {
             *seen_ca.lock().unwrap() = Some(fingerprint(&ca));
@@ -153,7 +166,7 @@ pub async fn connect(url: &str, trust: Trust, identity: Option<&Identity>) -> an
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     let server_name = ServerName::try_from(host.clone())?;
-    Dialer { url: url.to_string(), host, port, tls, server_name }.dial(seen_ca).await
+    Dialer { url: url.to_string(), host, port, tls, server_name, ca: trusted }.dial(seen_ca).await
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -9,6 +9,10 @@ use prost::Message;
 
 use crate::RELAY_CHUNK;
 
+/// What a seller's signed statement of the VM it booted is called (the
+/// protocol's `VmAttestation`; see [`crate::pki::verify_statement`]).
+pub const VM_BOOT_STATEMENT: &str = "vm-boot";
+
 /// One job message as a relay frame.
 pub fn frame(body: pb::job_message::Body) -> pb::RelayFrame {
     pb::RelayFrame { lease: 0, data: pb::JobMessage { body: Some(body) }.encode_to_vec().into() }

@@ -98,6 +98,7 @@ impl Authority {
 }
 
 /// A certificate and its private key (PKCS#8 DER).
+#[derive(Clone)]
 pub struct Identity {
     pub cert: CertificateDer<'static>,
     pub key_pkcs8: Vec<u8>,
@@ -121,6 +122,50 @@ impl Identity {
         std::fs::write(dir.join(format!("{stem}.crt")), pem("CERTIFICATE", &self.cert))?;
         Ok(())
     }
+
+    /// Signs a statement of kind `what` (see [`verify_statement`]).
+    pub fn sign_statement(&self, what: &str, statement: &[u8]) -> anyhow::Result<Vec<u8>> {
+        use rcgen::SigningKey;
+        let key = KeyPair::try_from(self.key_pkcs8.as_slice())?;
+        Ok(key.sign(&signed_bytes(what, statement))?)
+    }
+}
+
+/// What a statement's signature covers: its kind, then the statement. The
+/// node key also signs TLS handshakes; the prefix keeps a signature made for
+/// one purpose from being passed off as the other.
+fn signed_bytes(what: &str, statement: &[u8]) -> Vec<u8> {
+    let mut m = format!("cpushare signed statement: {what}\0").into_bytes();
+    m.extend_from_slice(statement);
+    m
+}
+
+/// Checks a node's signed statement: `certificate` must be issued by `ca` to
+/// node `node` and `signature` must be its key's over (`what`, `statement`).
+/// The error says which check failed.
+pub fn verify_statement(ca: &CertificateDer<'_>, certificate: &[u8], node: u64, what: &str, statement: &[u8], signature: &[u8]) -> Result<(), String> {
+    let anchor = webpki::anchor_from_trusted_cert(ca).map_err(|e| format!("the exchange's CA certificate is unusable: {e}"))?;
+    let der = CertificateDer::from(certificate);
+    let cert = webpki::EndEntityCert::try_from(&der).map_err(|e| format!("the signer's certificate is malformed: {e}"))?;
+    let algs = rustls::crypto::ring::default_provider().signature_verification_algorithms.all;
+    cert.verify_for_usage(algs, &[anchor], &[], rustls::pki_types::UnixTime::now(), webpki::KeyUsage::client_auth(), None, None)
+        .map_err(|e| format!("the signer's certificate is not one the exchange's CA issued: {e}"))?;
+    let named = node_of(certificate).ok_or("the signer's certificate names no cpushare node")?;
+    if named != node {
+        return Err(format!("signed by node {named}, not by node {node}"));
+    }
+    cert.verify_signature(webpki::ring::ECDSA_P256_SHA256, &signed_bytes(what, statement), signature)
+        .map_err(|_| "the signature does not match the statement: it was altered or signed by another key".to_string())
+}
+
+/// The node a certificate names (its `cpushare:node:N` URI), as [`Authority::sign_node`] writes it.
+pub fn node_of(certificate: &[u8]) -> Option<u64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(certificate).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => u.strip_prefix("cpushare:node:")?.parse().ok(),
+        _ => None,
+    })
 }
 
 /// A node's new key and the signing request for it.
@@ -184,6 +229,30 @@ mod tests {
         let (_, ca_parsed) = x509_parser::parse_x509_certificate(ca.cert_der()).unwrap();
         parsed.verify_signature(Some(ca_parsed.public_key())).unwrap();
         assert_eq!(fingerprint(&cert).len(), 95);
+    }
+
+    #[test]
+    fn a_signed_statement_verifies_only_as_it_was_signed() {
+        let ca = Authority::create("test").unwrap();
+        let (key, csr) = node_request("seller").unwrap();
+        let id = Identity { cert: ca.sign_node(&csr, 7).unwrap(), key_pkcs8: key.serialize_der() };
+        assert_eq!(node_of(&id.cert), Some(7));
+        let sig = id.sign_statement("vm", b"booted abc").unwrap();
+        verify_statement(ca.cert_der(), &id.cert, 7, "vm", b"booted abc", &sig).unwrap();
+        let e = verify_statement(ca.cert_der(), &id.cert, 7, "vm", b"booted abd", &sig).unwrap_err();
+        assert!(e.contains("does not match the statement"), "{e}");
+        let e = verify_statement(ca.cert_der(), &id.cert, 7, "other", b"booted abc", &sig).unwrap_err();
+        assert!(e.contains("does not match the statement"), "another kind of statement: {e}");
+        let e = verify_statement(ca.cert_der(), &id.cert, 8, "vm", b"booted abc", &sig).unwrap_err();
+        assert!(e.contains("not by node 8"), "{e}");
+        // The same node number from another CA is not the exchange's node.
+        let other = Authority::create("other").unwrap();
+        let (key2, csr2) = node_request("impostor").unwrap();
+        let forged = Identity { cert: other.sign_node(&csr2, 7).unwrap(), key_pkcs8: key2.serialize_der() };
+        let sig2 = forged.sign_statement("vm", b"booted abc").unwrap();
+        let e = verify_statement(ca.cert_der(), &forged.cert, 7, "vm", b"booted abc", &sig2).unwrap_err();
+        assert!(e.contains("not one the exchange's CA issued"), "{e}");
+        assert!(verify_statement(ca.cert_der(), b"junk", 7, "vm", b"x", &sig).unwrap_err().contains("malformed"));
     }
 
     #[test]

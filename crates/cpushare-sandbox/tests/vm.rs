@@ -68,12 +68,12 @@ async fn the_kvm_probe_says_whether_a_real_guest_boots_under_kvm() {
     // The probe's own machinery (its one-program initramfs, the line it waits
     // for) works: under software emulation the kernel always boots.
     assert!(boots(&kernel, Accel::Tcg, &tmp.path().join("probe-tcg"), Duration::from_secs(120)).await, "the probe boots under TCG");
-    let says = kvm_boots(&kernel, &tmp.path().join("probe"), Duration::from_secs(30)).await;
+    let says = kvm_boots(&kernel, &tmp.path().join("probe"), Duration::from_secs(10)).await;
     // What really happens with KVM: the livecd boots, or it does not.
     let really = if Path::new("/dev/kvm").exists() {
         let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Kvm, work: tmp.path().join("kvm"), bios: false, scratch: None };
         let vm = start(&spec).await.unwrap();
-        console(vm, Duration::from_secs(30)).await.iter().any(|l| l.contains("cpushare-livecd: up"))
+        console(vm, Duration::from_secs(20)).await.iter().any(|l| l.contains("cpushare-livecd: up"))
     } else {
         false
     };

@@ -103,6 +103,8 @@ pub struct Probe {
     pub emulated: bool,
     /// Livecds run here in QEMU under software emulation.
     pub vm_tcg: bool,
+    /// QEMU's version line, named in every VM's attestation.
+    pub qemu_version: String,
     /// ... and with KVM: a real Linux kernel was seen to boot under it.
     pub vm_kvm: bool,
     pub latency_ms: u32,
@@ -116,11 +118,9 @@ pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Resu
     let score = tokio::task::spawn_blocking(move || bench::score(&dir)).await?;
     let seccomp_strict = jail_works().await;
     let emulated = seccomp_strict && emulation_works().await;
-    let vm_tcg = vm_lease::qemu_works();
-    let vm_kvm = match (vm_tcg, vm_lease::host_kernel()) {
-        (true, Some(kernel)) => cpushare_sandbox::vm::kvm_boots(&kernel, &config.cache_dir.join("kvm-probe"), Duration::from_secs(30)).await,
-        _ => false,
-    };
+    let qemu_version = cpushare_sandbox::vm::qemu_version().unwrap_or_default();
+    let vm_tcg = !qemu_version.is_empty();
+    let vm_kvm = vm_tcg && vm_lease::kvm_verdict(&config.cache_dir, &qemu_version).await;
     let kernel = kernel_release();
     let mut rtts = Vec::new();
     for _ in 0..3 {
@@ -129,7 +129,7 @@ pub async fn probe(config: &SellerConfig, conn: &mut Connection) -> anyhow::Resu
         rtts.push(t.elapsed());
     }
     rtts.sort();
-    Ok(Probe { score, kernel, seccomp_strict, emulated, vm_tcg, vm_kvm, latency_ms: rtts[1].as_millis().max(1) as u32 })
+    Ok(Probe { score, kernel, seccomp_strict, emulated, vm_tcg, qemu_version, vm_kvm, latency_ms: rtts[1].as_millis().max(1) as u32 })
 }
 
 /// Runs the same program in the emulated jail, its input on stdin: the proof
@@ -178,6 +178,15 @@ pub fn kernel_release() -> String {
         return "unknown".into();
     }
     unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy().into_owned()
+}
+
+/// A task that ends when its handle is dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Programs by SHA-256, the most recent few kept.
@@ -235,6 +244,7 @@ impl Seller {
             );
         }
         tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, emulated = probe.emulated, vm_tcg = probe.vm_tcg, vm_kvm = probe.vm_kvm, "measured");
+        vm_lease::remove_stale_scratch();
         let images = Arc::new(vm_lease::Images::new(config.cache_dir.join("images"), config.image_cache_bytes)?);
         Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images }))
     }
@@ -330,7 +340,10 @@ impl Seller {
             .await
             .map_err(|s| anyhow::anyhow!("the exchange refused the session: {}", s.message()))?
             .into_inner();
-        let beats = {
+        // Aborted however the session ends, even when this future is dropped
+        // (the seller stopped or killed): heartbeats from a dead session
+        // would keep its leases alive at the exchange.
+        let _beats = AbortOnDrop({
             let tx = tx.clone();
             tokio::spawn(async move {
                 loop {
@@ -340,7 +353,7 @@ impl Seller {
                     }
                 }
             })
-        };
+        });
         let result = async {
             while let Some(message) = inbound.next().await {
                 match message?.body {
@@ -376,7 +389,6 @@ impl Seller {
             Ok::<_, anyhow::Error>(())
         }
         .await;
-        beats.abort();
         result
     }
 
@@ -421,6 +433,8 @@ impl Seller {
                     images: self.images.clone(),
                     accel: if self.probe.vm_kvm { cpushare_sandbox::vm::Accel::Kvm } else { cpushare_sandbox::vm::Accel::Tcg },
                     slot_ram_mib: self.config.ram_per_slot_mib,
+                    identity: self.node.identity.clone(),
+                    qemu_version: self.probe.qemu_version.clone(),
                     work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
                 };
                 return vm_lease::serve(setup, image, inbound, out, session).await;

@@ -116,7 +116,41 @@ pub(crate) struct Setup {
     pub images: std::sync::Arc<Images>,
     pub accel: Accel,
     pub slot_ram_mib: u32,
+    /// The node's key and certificate, to sign what it booted.
+    pub identity: cpushare_exchange::pki::Identity,
+    pub qemu_version: String,
     pub work: PathBuf,
+}
+
+/// The signed statement of exactly what this VM runs.
+fn attest(setup: &Setup, image_sha256: &[u8], boot: &Boot) -> anyhow::Result<pb::VmAttestation> {
+    use prost::Message;
+    let mut s = pb::VmStatement {
+        lease: setup.lease,
+        image_sha256: image_sha256.to_vec(),
+        accel: accel_name(setup.accel).into(),
+        qemu_version: setup.qemu_version.clone(),
+        ..Default::default()
+    };
+    match boot {
+        Boot::Direct { cmdline, kernel_sha256, initrd_sha256 } => {
+            s.boot = "direct".into();
+            s.cmdline = cmdline.clone();
+            s.kernel_sha256 = kernel_sha256.to_vec();
+            s.initrd_sha256 = initrd_sha256.map(|d| d.to_vec()).unwrap_or_default();
+        }
+        Boot::Bios { .. } => s.boot = "bios".into(),
+    }
+    let statement = s.encode_to_vec();
+    let signature = setup.identity.sign_statement(job::VM_BOOT_STATEMENT, &statement)?;
+    Ok(pb::VmAttestation { statement, signature, certificate: setup.identity.cert.to_vec() })
+}
+
+fn accel_name(a: Accel) -> &'static str {
+    match a {
+        Accel::Kvm => "kvm",
+        Accel::Tcg => "tcg",
+    }
 }
 
 /// Serves a VM lease whose relay opened with `offer`; returns when the VM
@@ -172,13 +206,14 @@ pub(crate) async fn serve(
 
     let _ = std::fs::remove_dir_all(&setup.work);
     std::fs::create_dir_all(&setup.work)?;
-    // The scratch disk: a sparse file beside the VM, counted against the
-    // slot's RAM. (Not on tmpfs yet: under TCG, guests with a tmpfs-backed
-    // disk hung at boot about one time in four here, for a reason still to find.)
+    // The scratch disk: a sparse file in RAM (tmpfs), counted against the
+    // slot's RAM above; beside the VM only where this host has no /dev/shm.
     let scratch_file = match offer.scratch_mib {
         0 => None,
         mib => {
-            let at = setup.work.join(format!("cpushare-scratch-{}-{}", setup.lease, std::process::id()));
+            let shm = Path::new("/dev/shm");
+            let dir = if shm.is_dir() { shm } else { setup.work.as_path() };
+            let at = dir.join(format!("cpushare-scratch-{}-{}", setup.lease, std::process::id()));
             File::create(&at)?.set_len(mib as u64 * (1 << 20))?;
             Some(RemoveOnDrop(at))
         }
@@ -194,14 +229,14 @@ pub(crate) async fn serve(
         }
     };
     let (boot, cmdline) = match &machine.boot {
-        Boot::Direct { cmdline } => ("direct".to_string(), cmdline.clone()),
+        Boot::Direct { cmdline, .. } => ("direct".to_string(), cmdline.clone()),
         Boot::Bios { why } => {
             tracing::info!(lease = setup.lease, "booting through the BIOS: {why}");
             ("bios".to_string(), String::new())
         }
     };
-    let accel = if setup.accel == Accel::Kvm { "kvm" } else { "tcg" };
-    let booted = pb::VmBooted { boot, accel: accel.into(), cmdline };
+    let attestation = attest(&setup, &offer.sha256, &machine.boot)?;
+    let booted = pb::VmBooted { boot, accel: accel_name(setup.accel).into(), cmdline, attestation: Some(attestation) };
 
     // The console to the buyer. The guest has booted when it first writes
     // there (or has stayed silent a minute): the buyer is told, and metering starts.
@@ -244,6 +279,19 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// Removes the scratch disks that sellers killed before they could clean up
+/// left in RAM (their names end with the seller's process id, now dead).
+pub fn remove_stale_scratch() {
+    let Ok(entries) = std::fs::read_dir("/dev/shm") else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("cpushare-scratch-").and_then(|r| r.rsplit('-').next()) else { continue };
+        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
 struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
@@ -252,9 +300,28 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Whether QEMU is installed here.
-pub fn qemu_works() -> bool {
-    std::process::Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success())
+/// Whether a real Linux guest boots under KVM here: probed once (with a time
+/// limit) per host kernel, CPU model, QEMU and probe kernel, then read from
+/// `cache_dir/kvm-probe.json`, so that a seller restarting, or several on one
+/// host, do not each boot a probe guest.
+pub async fn kvm_verdict(cache_dir: &Path, qemu_version: &str) -> bool {
+    let Some(kernel) = host_kernel() else { return false };
+    if !Path::new("/dev/kvm").exists() {
+        return false;
+    }
+    let key = format!("{} | {} | {qemu_version} | {}", crate::kernel_release(), crate::bench::cpu_model(), kernel.display());
+    let file = cache_dir.join("kvm-probe.json");
+    let mut cache: serde_json::Map<String, serde_json::Value> =
+        std::fs::read_to_string(&file).ok().and_then(|s| serde_json::from_str(&s).ok()).unwrap_or_default();
+    if let Some(v) = cache.get(&key).and_then(|v| v.as_bool()) {
+        return v;
+    }
+    // A real KVM guest reaches the probe's line in well under a second.
+    let verdict = vm::kvm_boots(&kernel, &cache_dir.join("kvm-probe"), Duration::from_secs(10)).await;
+    cache.insert(key, verdict.into());
+    let _ = std::fs::create_dir_all(cache_dir);
+    let _ = std::fs::write(&file, serde_json::to_string_pretty(&cache).unwrap_or_default());
+    verdict
 }
 
 /// A Linux kernel of this host's to probe KVM with, if it has one.

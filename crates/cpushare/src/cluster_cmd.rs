@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use cpushare_buyer::cluster::{run_cluster, ClusterSpec, Event, Node};
 use cpushare_buyer::Progress;
 use cpushare_proto::v1 as pb;
@@ -51,6 +52,9 @@ pub struct StartArgs {
     /// Only hosts where KVM boots Linux (otherwise software emulation, about 5x slower for CPU-bound work, is fine).
     #[arg(long)]
     kvm_only: bool,
+    /// When a node's seller vanishes, carry on with fewer nodes instead of booting a replacement elsewhere.
+    #[arg(long)]
+    no_replace: bool,
     #[command(flatten)]
     dir: DirArg,
 }
@@ -115,14 +119,27 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
     anyhow::ensure!(args.nodes >= 1, "--nodes must be at least 1");
     let dir = args.dir.dir.clone();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let spec = ClusterSpec { iso: args.iso.clone(), nodes: args.nodes, max_price: args.max_price, ram_mib: args.ram, scratch_mib: args.scratch, kvm_only: args.kvm_only, logs: dir.clone() };
+    let spec = ClusterSpec {
+        iso: args.iso.clone(),
+        nodes: args.nodes,
+        max_price: args.max_price,
+        ram_mib: args.ram,
+        scratch_mib: args.scratch,
+        kvm_only: args.kvm_only,
+        logs: dir.clone(),
+        replace: !args.no_replace,
+    };
     let conn = connect(config).await?;
     let (tx, mut rx) = mpsc::channel(64);
     let cluster = tokio::spawn(run_cluster(conn.clone(), spec, tx, Arc::new(Notes)));
     let mut booted: Vec<Node> = Vec::new();
     let mut order = 0;
+    // One bar per node whose seller lacks the image (a seller that has it uploads nothing).
+    let bars = MultiProgress::new();
+    let mut uploads: std::collections::HashMap<u64, ProgressBar> = Default::default();
     let save = |order: u64, booted: &[Node]| {
-        let nodes: Vec<_> = booted.iter().map(|n| json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel})).collect();
+        let nodes: Vec<_> =
+            booted.iter().map(|n| json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel, "attested": n.attested.to_string()})).collect();
         let state = json!({"order": order, "iso": args.iso, "nodes": nodes});
         std::fs::write(state_path(&dir), serde_json::to_string_pretty(&state).unwrap())
     };
@@ -142,7 +159,18 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
                     save(order, &booted)?;
                     eprintln!("cpushare: order {o} placed for {} node(s); waiting for sellers (the image goes to each once)", args.nodes);
                 }
+                Some(Event::Uploading { lease, sent, total }) => {
+                    let bar = uploads.entry(lease).or_insert_with(|| upload_bar(&bars, lease, total));
+                    bar.set_position(sent);
+                    if sent >= total {
+                        bar.finish_and_clear();
+                    }
+                }
                 Some(Event::Booted(n)) => {
+                    if let Some(bar) = uploads.remove(&n.lease) {
+                        bar.finish_and_clear();
+                    }
+                    let _ = bars.println(format!("cpushare: lease {} {}", n.lease, n.attested));
                     eprintln!("cpushare: lease {} booted on seller node {} ({}, {}; {} bytes uploaded)", n.lease, n.seller_node, n.boot, n.accel, n.uploaded);
                     booted.push(n);
                     save(order, &booted)?;
@@ -170,6 +198,14 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
     }
 }
 
+fn upload_bar(bars: &MultiProgress, lease: u64, total: u64) -> ProgressBar {
+    let bar = bars.add(ProgressBar::new(total));
+    let style = ProgressStyle::with_template("image to lease {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, {eta} left").expect("a valid template");
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_message(lease.to_string());
+    bar
+}
+
 async fn show(dir: &Path, config: &Path, out: Output) -> anyhow::Result<()> {
     let state = read_state(dir)?;
     let order = state["order"].as_u64().context("a cluster state without its order")?;
@@ -179,16 +215,17 @@ async fn show(dir: &Path, config: &Path, out: Output) -> anyhow::Result<()> {
     let how = |lease: u64| {
         booted.iter().find(|n| n["lease"] == lease).map_or("-".to_string(), |n| format!("{} / {}", n["boot"].as_str().unwrap_or("?"), n["accel"].as_str().unwrap_or("?")))
     };
+    let attested = |lease: u64| booted.iter().find(|n| n["lease"] == lease).and_then(|n| n["attested"].as_str()).unwrap_or("not booted yet").to_string();
     let live: Vec<&pb::Lease> = leases.iter().filter(|l| l.buy_order == order).collect();
     let mut rows: Vec<Vec<serde_json::Value>> =
-        live.iter().map(|l| vec![json!(l.id), json!(l.seller_node), json!(l.state), json!(how(l.id)), json!(l.delivered_secs), json!(l.charged_cents)]).collect();
+        live.iter().map(|l| vec![json!(l.id), json!(l.seller_node), json!(l.state), json!(how(l.id)), json!(l.delivered_secs), json!(l.charged_cents), json!(attested(l.id))]).collect();
     // Nodes whose leases have ended are no longer listed by the exchange.
     for n in &booted {
         let lease = n["lease"].as_u64().unwrap_or(0);
         if !live.iter().any(|l| l.id == lease) {
-            rows.push(vec![json!(lease), n["seller_node"].clone(), json!("ended"), json!(how(lease)), json!(null), json!(null)]);
+            rows.push(vec![json!(lease), n["seller_node"].clone(), json!("ended"), json!(how(lease)), json!(null), json!(null), json!(attested(lease))]);
         }
     }
-    out.table(&["lease", "seller node", "state", "boot / accel", "delivered s", "charged cents"], rows);
+    out.table(&["lease", "seller node", "state", "boot / accel", "delivered s", "charged cents", "attestation"], rows);
     Ok(())
 }

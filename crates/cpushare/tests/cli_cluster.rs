@@ -32,6 +32,9 @@ fn a_cluster_starts_shows_its_consoles_and_stops() {
     assert!(console.contains("hello from the cluster"), "{console}");
     let status = json(&buyer, &["cluster", "status", "--dir", d1s]);
     assert_eq!(status[0]["state"], "ended", "{status}");
+    // What the seller signed it booted, checked against this image and the exchange's CA.
+    let attested = status[0]["attestation"].as_str().unwrap();
+    assert!(attested.starts_with("verified: your image, direct boot, tcg, QEMU emulator version"), "{status}");
 
     // One that stays up until `cluster stop`.
     let d2 = tmp.path().join("c2");

@@ -1,6 +1,6 @@
 //! What to boot from a buyer's livecd: the kernel, initrd and command line
 //! its isolinux/syslinux or GRUB configuration names, read straight from the
-//! ISO 9660 image, so the VM can start the kernel directly (QEMU `microvm`)
+//! ISO 9660 image, so the VM can start the kernel directly (`qemu -kernel`)
 //! instead of emulating a BIOS and a CD drive.
 
 use std::fs::File;
@@ -15,6 +15,14 @@ pub struct DirectBoot {
     pub kernel: Vec<u8>,
     pub initrd: Option<Vec<u8>>,
     pub cmdline: String,
+}
+
+impl DirectBoot {
+    /// SHA-256 of the kernel and of the initrd: what an attestation names.
+    pub fn digests(&self) -> ([u8; 32], Option<[u8; 32]>) {
+        use sha2::{Digest, Sha256};
+        (Sha256::digest(&self.kernel).into(), self.initrd.as_ref().map(|i| Sha256::digest(i).into()))
+    }
 }
 
 /// The boot entry a configuration file names (paths inside the ISO).
