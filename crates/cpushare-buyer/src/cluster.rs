@@ -51,8 +51,9 @@ pub struct Node {
     pub boot: String,
     /// "kvm" or "tcg".
     pub accel: String,
-    /// Bytes of the image sent to this seller (0: it had it).
+    /// Bytes of the image sent to this seller (0: it had it), and how long that took.
     pub uploaded: u64,
+    pub upload_time: std::time::Duration,
     pub console_log: PathBuf,
     /// The seller's signed statement, checked: what the node runs.
     pub attested: Attested,
@@ -225,6 +226,7 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
         Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("refused: {}", o.killed))),
         other => anyhow::bail!("the seller answered the image offer with {other:?}"),
     };
+    let upload_started = std::time::Instant::now();
     if from < size {
         use std::io::{Seek, SeekFrom};
         let mut file = std::fs::File::open(&spec.iso)?;
@@ -246,6 +248,7 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
         }
         let _ = events.send(Event::Uploading { lease, sent: total, total }).await;
     }
+    let upload_time = upload_started.elapsed();
     let log_path = spec.logs.join(format!("console-{lease}.log"));
     let mut log = tokio::fs::File::create(&log_path).await?;
     loop {
@@ -255,7 +258,7 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
                     Ok(a) => a,
                     Err(why) => return Ok(Stop::Untrusted(why)),
                 };
-                let node = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: size - from, console_log: log_path.clone(), attested };
+                let node = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: size - from, upload_time, console_log: log_path.clone(), attested };
                 let _ = events.send(Event::Booted(node)).await;
             }
             Some(Say::Console(c)) => {

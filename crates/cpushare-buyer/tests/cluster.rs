@@ -151,3 +151,59 @@ async fn a_node_whose_seller_vanishes_is_replaced_unless_told_not_to() {
     let earned = s3_conn.exchange.clone().balance(cpushare_proto::v1::BalanceRequest {}).await.unwrap().into_inner();
     assert_eq!(earned.available_cents, 0, "s3 earned nothing");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_interrupted_upload_resumes_with_only_what_was_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(small) = cpushare_sandbox::vm::testing::livecd(dir.path(), "live", "#!/bin/sh\necho resumed and booted\n") else { return };
+    let iso = cpushare_sandbox::vm::testing::padded(&small, 256, 1, dir.path());
+    let size = std::fs::metadata(&iso).unwrap().len();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 5).await.unwrap();
+    tb.seller("s1", 1, 1000, |c| c.ram_per_slot_mib = 512).await.unwrap();
+    let buyer = tb.member("buyer", 1_000_000).await.unwrap();
+    let conn = buyer.connect().await.unwrap();
+    let spec = |logs: &str| ClusterSpec { iso: iso.clone(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: dir.path().join(logs), replace: false };
+
+    // The buyer goes away a third of the way through the upload.
+    let (tx, mut rx) = mpsc::channel(256);
+    let first = tokio::spawn(run_cluster(conn.clone(), spec("cut"), tx, Arc::new(())));
+    let mut order = 0;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("the upload moves") {
+        match e {
+            Event::Placed { order: o } => order = o,
+            Event::Uploading { sent, .. } if sent >= size / 3 => break,
+            Event::Booted(n) => panic!("the upload was to be cut before the boot: {n:?}"),
+            _ => {}
+        }
+    }
+    first.abort();
+    conn.exchange.clone().cancel_order(cpushare_proto::v1::CancelOrderRequest { order }).await.unwrap();
+    let images = dir.path().join("tb/cache/s1/images");
+    let part = || std::fs::read_dir(&images).unwrap().flatten().find(|e| e.file_name().to_string_lossy().ends_with(".part")).map(|e| e.metadata().unwrap().len());
+    // What arrived is kept once the seller has let the lease go.
+    let mut had = 0;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = part().expect("the interrupted upload is kept");
+        if now == had && conn.exchange.clone().list_leases(cpushare_proto::v1::ListLeasesRequest {}).await.unwrap().into_inner().leases.is_empty() {
+            break;
+        }
+        had = now;
+    }
+    assert!(had > 0 && had < size, "{had} of {size}");
+
+    // Started again: only the rest crosses, and the image boots.
+    let (tx, mut rx) = mpsc::channel(256);
+    let again = tokio::spawn(run_cluster(conn.clone(), spec("resumed"), tx, Arc::new(())));
+    let mut node = None;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(120), rx.recv()).await.expect("the cluster moves") {
+        if let Event::Booted(n) = e {
+            node = Some(n);
+        }
+    }
+    again.await.unwrap().unwrap();
+    let node = node.expect("the resumed image booted");
+    assert_eq!(node.uploaded, size - had, "only what was missing was sent");
+    assert!(std::fs::read_to_string(&node.console_log).unwrap().contains("resumed and booted"));
+    assert!(part().is_none(), "the part became the whole image");
+}

@@ -45,8 +45,8 @@ async fn main() {
         for bios_path in [false, true] {
             let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("w{round}{bios_path}")), bios: bios_path, scratch: None };
             let t = Instant::now();
-            let vm = start(&spec).await.unwrap();
-            assert!(until_up(vm.console).await);
+            let mut vm = start(&spec).await.unwrap();
+            assert!(until_up(&mut vm.console).await);
             if bios_path {
                 bios.push(t.elapsed())
             } else {
@@ -57,8 +57,9 @@ async fn main() {
         let t = Instant::now();
         let mut child = tokio::process::Command::new("qemu-system-x86_64")
             .args([
+                // The machine the runner boots TCG guests on (see `direct_machine`).
                 "-M",
-                "microvm,acpi=on",
+                "pc",
                 "-accel",
                 "tcg",
                 "-cpu",

@@ -14,8 +14,8 @@ fn livecd(dir: &Path) -> Option<PathBuf> {
 }
 
 /// The console's lines until the guest powers off (or `limit` passes).
-async fn console(vm: cpushare_sandbox::vm::Vm, limit: Duration) -> Vec<String> {
-    let mut lines = BufReader::new(vm.console).lines();
+async fn console(vm: &mut cpushare_sandbox::vm::Vm, limit: Duration) -> Vec<String> {
+    let mut lines = BufReader::new(&mut vm.console).lines();
     let mut seen = Vec::new();
     let _ = tokio::time::timeout(limit, async {
         while let Ok(Some(line)) = lines.next_line().await {
@@ -42,9 +42,9 @@ async fn a_livecd_boots_directly_and_through_the_bios_under_tcg() {
         let scratch = tmp.path().join(format!("scratch-{bios}"));
         std::fs::File::create(&scratch).unwrap().set_len(64 << 20).unwrap();
         let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("vm-{bios}")), bios, scratch: Some(scratch) };
-        let vm = start(&spec).await.unwrap();
+        let mut vm = start(&spec).await.unwrap();
         assert_eq!(matches!(vm.boot, Boot::Direct { .. }), !bios, "{:?}", vm.boot);
-        let lines = console(vm, Duration::from_secs(120)).await;
+        let lines = console(&mut vm, Duration::from_secs(120)).await;
         let text = lines.join("\n");
         assert!(text.contains("cpushare-livecd: up (kernel 6."), "bios={bios}: {text}");
         assert!(text.contains("hello from the payload"), "bios={bios}: {text}");
@@ -72,13 +72,60 @@ async fn the_kvm_probe_says_whether_a_real_guest_boots_under_kvm() {
     // What really happens with KVM: the livecd boots, or it does not.
     let really = if Path::new("/dev/kvm").exists() {
         let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Kvm, work: tmp.path().join("kvm"), bios: false, scratch: None };
-        let vm = start(&spec).await.unwrap();
-        console(vm, Duration::from_secs(20)).await.iter().any(|l| l.contains("cpushare-livecd: up"))
+        let mut vm = start(&spec).await.unwrap();
+        console(&mut vm, Duration::from_secs(20)).await.iter().any(|l| l.contains("cpushare-livecd: up"))
     } else {
         false
     };
     assert_eq!(says, really, "the probe must agree with a real boot");
     eprintln!("KVM boots a real guest here: {says} (otherwise sellers offer vm-tcg only)");
+}
+
+/// Reads the console until a line contains `what`.
+async fn until(lines: &mut tokio::io::Lines<BufReader<&mut tokio::process::ChildStdout>>, what: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let found = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let hit = line.contains(what);
+            seen.push(line);
+            if hit {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert!(matches!(found, Ok(true)), "no {what:?} on the console: {seen:?}");
+    seen
+}
+
+#[tokio::test]
+async fn a_vm_shut_down_gets_its_power_button_and_is_killed_if_it_ignores_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    use cpushare_sandbox::vm::testing::livecd;
+    let Some(listens) = livecd(tmp.path(), "listens", "#!/bin/sh\necho staying up\nsleep 600\n") else { return };
+    let deaf = livecd(tmp.path(), "deaf", "#!/bin/sh\nkillall acpid\necho staying up\nsleep 600\n").unwrap();
+    let spec = |iso: &PathBuf, work: &str| VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(work), bios: false, scratch: None };
+
+    // A guest that listens for the button shuts down by itself.
+    let mut vm = start(&spec(&listens, "clean")).await.unwrap();
+    until(&mut BufReader::new(&mut vm.console).lines(), "staying up").await;
+    let t = std::time::Instant::now();
+    let status = vm.shutdown(Duration::from_secs(60)).await.unwrap();
+    assert!(status.success(), "QEMU exits cleanly when the guest powers off: {status:?}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
+    let mut rest = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut vm.console, &mut rest).await.unwrap();
+    assert!(rest.contains("cpushare-livecd: power button: shutting down"), "{rest}");
+
+    // One that does not (its acpid is gone) is killed once the grace is over.
+    let mut vm = start(&spec(&deaf, "deaf")).await.unwrap();
+    until(&mut BufReader::new(&mut vm.console).lines(), "staying up").await;
+    let t = std::time::Instant::now();
+    let status = vm.shutdown(Duration::from_secs(2)).await.unwrap();
+    let took = t.elapsed();
+    assert!(!status.success() && took >= Duration::from_secs(2), "killed, not powered off: {status:?} after {took:?}");
+    assert!(took < Duration::from_secs(10), "killed soon after the grace: {took:?}");
 }
 
 #[test]

@@ -15,6 +15,9 @@ use tokio::task::JoinHandle;
 
 use crate::{Seller, SellerConfig};
 
+/// What a seller measures of its machine once and caches (see [`crate::bench`], [`crate::vm_lease::kvm_verdict`]).
+const MEASURED: [&str; 2] = ["benchmark.json", "kvm-probe.json"];
+
 pub struct Testbed {
     pub dir: PathBuf,
     pub exchange: Running,
@@ -84,10 +87,24 @@ impl Testbed {
     pub async fn seller(&mut self, name: &str, cpus: u32, price: u64, tune: impl FnOnce(&mut SellerConfig)) -> anyhow::Result<&SellerHandle> {
         let node = self.member(name, 0).await?;
         let mut config = SellerConfig::new(node.dir.clone(), cpus, price);
-        config.cache_dir = self.dir.join("cache");
+        // Each seller a cache of its own (its images, files, VMs), as on its
+        // own machine; what it measured of this one machine is shared, so
+        // that the benchmark and the KVM probe run once per testbed.
+        let shared = self.dir.join("cache");
+        config.cache_dir = shared.join(name);
+        std::fs::create_dir_all(&config.cache_dir)?;
+        for measured in MEASURED {
+            let _ = std::fs::copy(shared.join(measured), config.cache_dir.join(measured));
+        }
         config.ram_per_slot_mib = 256;
         tune(&mut config);
+        let cache_dir = config.cache_dir.clone();
         let seller = Seller::start(config).await?;
+        for measured in MEASURED {
+            if !shared.join(measured).exists() {
+                let _ = std::fs::copy(cache_dir.join(measured), shared.join(measured));
+            }
+        }
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn({
             let seller = seller.clone();

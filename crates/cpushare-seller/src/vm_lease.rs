@@ -55,9 +55,27 @@ impl Images {
         std::fs::metadata(self.part(sha)).map_or(0, |m| m.len().min(size))
     }
 
+    /// Holds the image for one receiver: waits while another lease (of this
+    /// seller, or of another process sharing the cache) is receiving it, so
+    /// that two uploads never append to one part. Held until dropped.
+    pub async fn receiving(&self, sha: &[u8]) -> io::Result<File> {
+        let path = self.dir.join(format!("{}.lock", hex(sha)));
+        tokio::task::spawn_blocking(move || {
+            let f = File::options().create(true).truncate(false).write(true).open(path)?;
+            f.lock()?;
+            Ok(f)
+        })
+        .await?
+    }
+
+    /// Where arriving bytes are appended.
+    pub fn part_file(&self, sha: &[u8]) -> io::Result<File> {
+        File::options().create(true).append(true).open(self.part(sha))
+    }
+
     /// Appends arriving bytes.
     pub fn append(&self, sha: &[u8], data: &[u8]) -> io::Result<()> {
-        File::options().create(true).append(true).open(self.part(sha))?.write_all(data)
+        self.part_file(sha)?.write_all(data)
     }
 
     /// The whole image, verified: its size and SHA-256 must be the offer's,
@@ -94,7 +112,7 @@ impl Images {
         let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
         let mut whole: Vec<(SystemTime, u64, PathBuf)> = entries
             .flatten()
-            .filter(|e| !e.file_name().to_string_lossy().ends_with(".part"))
+            .filter(|e| !e.file_name().to_string_lossy().ends_with(".part") && !e.file_name().to_string_lossy().ends_with(".lock"))
             .filter_map(|e| e.metadata().ok().map(|m| (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len(), e.path())))
             .collect();
         let mut total: u64 = whole.iter().map(|w| w.1).sum();
@@ -174,20 +192,23 @@ pub(crate) async fn serve(
         return Ok(());
     }
     let images = setup.images.clone();
+    let receiving = images.receiving(&offer.sha256).await?;
     let from = images.have(&offer.sha256, offer.size);
     out.send(job::frame(Job::ImageWanted(pb::ImageWanted { from }))).await?;
     let mut got = from;
+    let mut part = if from < offer.size { Some(images.part_file(&offer.sha256)?) } else { None };
     while got < offer.size {
         match job::next(&mut inbound).await? {
             Some(Job::Image(c)) => {
                 anyhow::ensure!(got + c.data.len() as u64 <= offer.size, "the buyer sent more image than offered");
-                images.append(&offer.sha256, &c.data)?;
+                part.as_mut().expect("open while bytes are missing").write_all(&c.data)?;
                 got += c.data.len() as u64;
             }
             None => anyhow::bail!("the buyer left during the upload (it resumes from {got} bytes)"),
             other => anyhow::bail!("expected the image, got {other:?}"),
         }
     }
+    drop(part);
     let iso = if from == offer.size {
         images.whole(&offer.sha256)
     } else {
@@ -202,6 +223,7 @@ pub(crate) async fn serve(
             }
         }
     };
+    drop(receiving);
     images.used(&offer.sha256);
 
     let _ = std::fs::remove_dir_all(&setup.work);
@@ -270,7 +292,7 @@ pub(crate) async fn serve(
             }
         }
     }
-    let status = machine.child.wait().await?;
+    let status = machine.wait().await?;
     let _ = std::fs::remove_dir_all(&setup.work);
     let outcome = pb::Outcome { success: status.success(), exit_code: status.code().unwrap_or(-1), ..Default::default() };
     let _ = out.send(job::frame(Job::Outcome(outcome))).await;

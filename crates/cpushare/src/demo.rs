@@ -37,6 +37,10 @@ pub struct DemoArgs {
     width: u32,
     #[arg(long, default_value_t = 1200)]
     height: u32,
+    /// Instead: a cluster of two VMs booting a small livecd (built with
+    /// scripts/make-live-iso; needs QEMU), one replaced when its seller vanishes.
+    #[arg(long)]
+    vm: bool,
 }
 
 const TILE_W: u32 = 200;
@@ -83,6 +87,13 @@ impl Progress for Chaos {
 }
 
 pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<()> {
+    // Quiet by default: the demo tells its own story. RUST_LOG=info shows every actor's log.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).try_init();
+    }
+    if args.vm {
+        return crate::demo_vm::run(&args.out, args.no_faults, out).await;
+    }
     anyhow::ensure!(args.width >= TILE_W && args.height >= TILE_H, "the image must be at least {TILE_W}x{TILE_H}");
     let started = Instant::now();
     let tmp = std::env::temp_dir().join(format!("cpushare-demo-{}", std::process::id()));
@@ -213,7 +224,7 @@ fn stitch(results: &[cpushare_buyer::FragmentResult], cols: u32, rows: u32, path
 }
 
 /// Removes the demo's temporary directory at the end.
-struct Cleanup(PathBuf);
+pub(crate) struct Cleanup(pub PathBuf);
 
 impl Drop for Cleanup {
     fn drop(&mut self) {

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod cluster_cmd;
 mod demo;
+mod demo_vm;
 mod emulate_cmd;
 mod examples_cmd;
 mod exchange_cmd;

@@ -65,4 +65,31 @@ pub mod testing {
         }
         Some(iso)
     }
+
+    /// `iso` followed by data up to `mib` MiB, in `dir`: a bigger image, still
+    /// the same ISO 9660. Written, not a sparse hole (which would read as
+    /// zeroed pages rather than file data), and synced, so that an upload
+    /// timed next does not race its writeback; `tag` gives each its own SHA-256.
+    pub fn padded(iso: &Path, mib: usize, tag: u8, dir: &Path) -> PathBuf {
+        use std::io::Write;
+        let out = dir.join(format!("padded-{tag}.iso"));
+        std::fs::copy(iso, &out).unwrap();
+        let mut f = std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(&out).unwrap());
+        let mut left = ((mib as u64) << 20).saturating_sub(std::fs::metadata(iso).unwrap().len());
+        let mut block = vec![0u8; 1 << 20];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ tag as u64;
+        while left > 0 {
+            for w in block.chunks_exact_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                w.copy_from_slice(&x.to_le_bytes());
+            }
+            let n = left.min(block.len() as u64) as usize;
+            f.write_all(&block[..n]).unwrap();
+            left -= n as u64;
+        }
+        f.into_inner().unwrap().sync_all().unwrap();
+        out
+    }
 }

@@ -43,12 +43,89 @@ pub struct VmSpec {
     pub scratch: Option<PathBuf>,
 }
 
-/// A running VM; killed when dropped.
+/// A running VM. Dropped, it is shut down as [`Vm::shutdown`] does, in the
+/// background (or killed at once outside a runtime).
 pub struct Vm {
-    pub child: Child,
+    child: Option<Child>,
     /// The serial console, as the guest writes it.
     pub console: ChildStdout,
     pub boot: Boot,
+    /// QEMU's monitor (QMP) socket.
+    qmp: PathBuf,
+}
+
+/// How long a guest asked to power off has before it is killed.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+impl Vm {
+    /// Waits until QEMU exits (the guest powered off, crashed or was killed).
+    pub async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        self.child.as_mut().expect("a VM not shut down yet").wait().await
+    }
+
+    /// Presses the guest's power button (ACPI, over QMP) so it can shut down
+    /// cleanly, and kills it if it has not within `grace`, whatever the guest does.
+    /// The console stays readable to its end.
+    pub async fn shutdown(&mut self, grace: Duration) -> io::Result<std::process::ExitStatus> {
+        let child = self.child.take().expect("a VM is shut down once");
+        shut_down(child, &self.qmp, grace).await
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                let qmp = self.qmp.clone();
+                rt.spawn(async move { shut_down(child, &qmp, SHUTDOWN_GRACE).await });
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
+async fn shut_down(mut child: Child, qmp: &Path, grace: Duration) -> io::Result<std::process::ExitStatus> {
+    if let Ok(None) = child.try_wait() {
+        // A monitor that does not answer gets the guest killed at once.
+        if power_button(qmp).await.is_ok() {
+            if let Ok(status) = tokio::time::timeout(grace, child.wait()).await {
+                return status;
+            }
+        }
+    }
+    child.kill().await?;
+    child.wait().await
+}
+
+/// `system_powerdown` over QMP: the greeting, capabilities, then the button.
+async fn power_button(socket: &Path) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let talk = async {
+        let mut stream = BufReader::new(tokio::net::UnixStream::connect(socket).await?);
+        let mut line = String::new();
+        stream.read_line(&mut line).await?;
+        for command in ["{\"execute\":\"qmp_capabilities\"}\n", "{\"execute\":\"system_powerdown\"}\n"] {
+            stream.get_mut().write_all(command.as_bytes()).await?;
+            // The answer, after any events QEMU sends first.
+            loop {
+                line.clear();
+                if stream.read_line(&mut line).await? == 0 {
+                    return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "QMP closed"));
+                }
+                if line.contains("\"return\"") {
+                    break;
+                }
+                if line.contains("\"error\"") {
+                    return Err(io::Error::other(format!("QMP: {}", line.trim())));
+                }
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(5), talk).await.map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "QMP did not answer"))?
 }
 
 const QEMU: &str = "qemu-system-x86_64";
@@ -120,9 +197,13 @@ pub async fn start(spec: &VmSpec) -> io::Result<Vm> {
             Boot::Bios { why }
         }
     };
+    std::fs::create_dir_all(&spec.work)?;
+    let qmp = spec.work.join("qmp.sock");
+    let _ = std::fs::remove_file(&qmp);
+    args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", path(&qmp)?.replace(',', ",,"))]);
     let mut child = Command::new(QEMU).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn()?;
     let console = child.stdout.take().expect("piped");
-    Ok(Vm { child, console, boot })
+    Ok(Vm { child: Some(child), console, boot, qmp })
 }
 
 /// The first line of `qemu-system-x86_64 --version`, what attestations name.
