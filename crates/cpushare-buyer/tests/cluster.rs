@@ -50,6 +50,17 @@ async fn a_livecd_boots_on_a_seller_and_its_console_comes_back() {
     tb.seller("s1", 1, 3600, |c| c.ram_per_slot_mib = 512).await.unwrap();
     let buyer = tb.member("buyer", 100_000).await.unwrap();
     let size = std::fs::metadata(&iso).unwrap().len();
+    // The seller offers software-emulated VMs at a fifth of its ask.
+    let depth = |kind: cpushare_proto::v1::SandboxKind| {
+        let mut ex = tb.operator.exchange.clone();
+        async move { ex.book_depth(cpushare_proto::v1::BookDepthRequest { kind: kind as i32 }).await.unwrap().into_inner().asks }
+    };
+    let level = |price| vec![cpushare_proto::v1::PriceLevel { price, cpus: 1 }];
+    assert_eq!(depth(cpushare_proto::v1::SandboxKind::VmTcg).await, level(720));
+    assert_eq!(depth(cpushare_proto::v1::SandboxKind::SeccompStrict).await, level(3600));
+    // vm-kvm only where the probe saw a real kernel boot under KVM (not here: it falls back to TCG).
+    let kvm = tb.sellers[0].seller.probe().vm_kvm;
+    assert_eq!(depth(cpushare_proto::v1::SandboxKind::VmKvm).await.is_empty(), !kvm);
 
     let (node, why) = one_node(&buyer, &iso, &dir.path().join("logs1")).await;
     assert_eq!((node.boot.as_str(), node.accel.as_str(), node.uploaded), ("direct", "tcg", size), "{node:?}");

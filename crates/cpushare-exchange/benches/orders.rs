@@ -63,7 +63,7 @@ async fn run(label: &str, db: String, clients: usize, secs: u64) {
                             inbound_udp: rng.gen_bool(0.4),
                             latency_ms: rng.gen_range(5..200),
                         };
-                        conn.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot), ask: rng.gen_range(25..60) }).await.unwrap();
+                        conn.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot), ask: rng.gen_range(25..60), kind_asks: vec![] }).await.unwrap();
                     } else {
                         let request = pb::PlaceBuyRequest {
                             cpus: 1,

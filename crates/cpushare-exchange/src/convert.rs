@@ -3,7 +3,7 @@
 
 use cpushare_market::money::SECONDS_PER_HOUR;
 use cpushare_market::{
-    BuyRequest, EndReason, KindSet, Lease, LeaseState, MarketError, Requirements, SandboxKind, SlotAttributes,
+    BuyRequest, EndReason, KindAsks, KindSet, Lease, LeaseState, MarketError, Requirements, SandboxKind, SlotAttributes,
 };
 use cpushare_proto::v1 as pb;
 use tonic::Status;
@@ -75,6 +75,26 @@ pub fn slot_from(s: Option<pb::SlotAttributes>) -> Result<SlotAttributes, Status
         inbound_udp: s.inbound_udp,
         latency_ms: s.latency_ms,
     })
+}
+
+/// A slot's own asks for some kinds; at most one per kind.
+pub fn kind_asks_from(asks: &[pb::KindAsk]) -> Result<KindAsks, Status> {
+    let mut out = KindAsks::default();
+    for a in asks {
+        let kind = kind_from(a.kind)?;
+        if out.get(kind).is_some() {
+            return Err(Status::invalid_argument(format!("two asks for {kind}")));
+        }
+        if a.ask == 0 {
+            return Err(Status::invalid_argument(format!("the {kind} ask must be at least 1 cent per CPU-hour")));
+        }
+        out = out.with(kind, a.ask);
+    }
+    Ok(out)
+}
+
+pub fn kind_asks_to(asks: &KindAsks) -> Vec<pb::KindAsk> {
+    SandboxKind::ALL.into_iter().filter_map(|k| asks.get(k).map(|ask| pb::KindAsk { kind: kind_to(k) as i32, ask })).collect()
 }
 
 pub fn slot_to(s: &SlotAttributes) -> pb::SlotAttributes {

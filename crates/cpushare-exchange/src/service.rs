@@ -286,7 +286,7 @@ impl Exchange for Handler {
         let c = self.caller(&req)?;
         self.rate_limit(c.account)?;
         let r = req.into_inner();
-        let request = SellRequest { node: c.node, slot: slot_from(r.slot)?, ask: r.ask };
+        let request = SellRequest { node: c.node, slot: slot_from(r.slot)?, ask: r.ask, kind_asks: kind_asks_from(&r.kind_asks)? };
         let reply = self
             .call(move |core| {
                 let now = core.now();
@@ -331,6 +331,7 @@ impl Exchange for Handler {
                     requirements: Some(requirements_to(&o.request.requirements)),
                     slot: None,
                     withdrawn: false,
+                    kind_asks: Vec::new(),
                 });
                 let sells = m.sell_orders().filter(|o| o.account == c.account).map(|o| pb::Order {
                     id: o.id.0,
@@ -342,6 +343,7 @@ impl Exchange for Handler {
                     requirements: None,
                     slot: Some(slot_to(&o.slot)),
                     withdrawn: o.withdrawn,
+                    kind_asks: kind_asks_to(&o.kind_asks),
                 });
                 buys.chain(sells).collect::<Vec<_>>()
             })
@@ -443,7 +445,7 @@ impl Exchange for Handler {
         let offers = register
             .slots
             .iter()
-            .map(|o| Ok(SellRequest { node: c.node, slot: slot_from(o.slot.clone())?, ask: o.ask }))
+            .map(|o| Ok(SellRequest { node: c.node, slot: slot_from(o.slot.clone())?, ask: o.ask, kind_asks: kind_asks_from(&o.kind_asks)? }))
             .collect::<Result<Vec<_>, Status>>()?;
         if offers.len() > 1024 {
             return Err(Status::invalid_argument("a node offers at most 1,024 slots"));

@@ -84,7 +84,7 @@ async fn nodes_enroll_trade_and_see_their_statements() {
 
     // Bob's node opens its session and offers one slot.
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let register = pb::Register { kernel: "6.1.0".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot()), ask: 100 }] };
+    let register = pb::Register { kernel: "6.1.0".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot()), ask: 100, kind_asks: vec![] }] };
     tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) }).await.unwrap();
     let mut session = b.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     let Some(pb::session_message::Body::Registered(reg)) = session.next().await.unwrap().unwrap().body else { panic!() };
@@ -234,7 +234,7 @@ async fn a_silent_seller_is_lost_and_its_buyer_pays_only_for_time_delivered() {
     let (_a, mut a) = ex.member("alice", 10_000).await;
     let (_b, mut b) = ex.member("bob", 0).await;
     let (tx, rx) = tokio::sync::mpsc::channel(8);
-    let register = pb::Register { kernel: "6.1".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot()), ask: 3600 }] };
+    let register = pb::Register { kernel: "6.1".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot()), ask: 3600, kind_asks: vec![] }] };
     tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) }).await.unwrap();
     let mut session = b.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
     session.next().await.unwrap().unwrap();
@@ -264,7 +264,7 @@ async fn the_relay_joins_a_leases_buyer_and_seller_only() {
     let (_a, mut a) = ex.member("alice", 10_000).await;
     let (_b, mut b) = ex.member("bob", 0).await;
     let (_c, mut c) = ex.member("carol", 0).await;
-    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10 }).await.unwrap();
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10, kind_asks: vec![] }).await.unwrap();
     let lease = a.exchange.place_buy(buy(1, 10)).await.unwrap().into_inner().leases[0];
 
     let frame = |data: &[u8]| pb::RelayFrame { lease, data: data.to_vec().into() };
@@ -306,7 +306,7 @@ async fn halting_ends_every_lease_and_resuming_trades_again() {
     let mut ex = Exchange::start(|_| {}).await;
     let (_a, mut a) = ex.member("alice", 10_000).await;
     let (_b, mut b) = ex.member("bob", 0).await;
-    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10 }).await.unwrap();
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 10, kind_asks: vec![] }).await.unwrap();
     a.exchange.place_buy(buy(1, 10)).await.unwrap();
     let halted = ex.admin.admin.halt(pb::HaltRequest {}).await.unwrap().into_inner();
     assert_eq!(halted.leases_ended, 1);
@@ -346,13 +346,24 @@ async fn a_restart_from_a_snapshot_and_the_log_tail_keeps_everything() {
 async fn restart_keeps_everything(snapshot_every: u64) {
     let mut ex = Exchange::start(|s| s.snapshot_every_records = snapshot_every).await;
     let (alice, mut a) = ex.member("alice", 10_000).await;
-    let (_b, mut b) = ex.member("bob", 0).await;
-    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 40 }).await.unwrap();
+    let (bob, mut b) = ex.member("bob", 0).await;
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 40, kind_asks: vec![] }).await.unwrap();
     a.exchange.place_buy(buy(3, 50)).await.unwrap();
     for price in 1..=10 {
-        b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 100 + price }).await.unwrap();
+        b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 100 + price, kind_asks: vec![] }).await.unwrap();
     }
+    // A slot with an ask of its own for software-emulated VMs.
+    let both = pb::SlotAttributes { kinds: vec![pb::SandboxKind::SeccompStrict as i32, pb::SandboxKind::VmTcg as i32], ..slot() };
+    let tcg = |ask| vec![pb::KindAsk { kind: pb::SandboxKind::VmTcg as i32, ask }];
+    b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(both.clone()), ask: 200, kind_asks: tcg(30) }).await.unwrap();
+    let depth = b.exchange.book_depth(pb::BookDepthRequest { kind: pb::SandboxKind::VmTcg as i32 }).await.unwrap().into_inner();
+    assert_eq!(depth.asks, vec![pb::PriceLevel { price: 30, cpus: 1 }]);
+    let refused = b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 200, kind_asks: tcg(30) }).await.unwrap_err();
+    assert!(refused.message().contains("which the slot does not offer"), "{}", refused.message());
+    let refused = b.exchange.place_sell(pb::PlaceSellRequest { slot: Some(both), ask: 200, kind_asks: [tcg(30), tcg(31)].concat() }).await.unwrap_err();
+    assert!(refused.message().contains("two asks for vm-tcg"), "{}", refused.message());
     let before = (
+        b.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
         a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
         a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner(),
         a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner(),
@@ -367,11 +378,16 @@ async fn restart_keeps_everything(snapshot_every: u64) {
     let mut cfg = alice;
     cfg.url = format!("https://127.0.0.1:{}", running.listening.addr.port());
     let mut a = cfg.connect().await.unwrap();
+    let mut bcfg = bob;
+    bcfg.url = cfg.url.clone();
+    let mut b = bcfg.connect().await.unwrap();
     let after = (
+        b.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
         a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner(),
         a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner(),
         a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner(),
     );
     assert_eq!(before, after);
+    assert!(after.0.orders.iter().any(|o| o.kind_asks == tcg(30)), "the vm-tcg ask survives the restart");
     running.listening.shutdown().await;
 }

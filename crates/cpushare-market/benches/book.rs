@@ -31,6 +31,7 @@ fn filtered_query(c: &mut Criterion) {
             node: NodeId(0),
             slot,
             ask,
+            kind_asks: Default::default(),
             placed_at: 0,
             seq,
             lease: None,

@@ -18,6 +18,11 @@ fn slot_attrs(s: &SlotAttributes) -> [u32; DIMS] {
     ordered([s.kinds.bits() as u32, s.inbound_udp as u32, s.ram_mib, s.score, s.latency_ms])
 }
 
+/// The attributes of a slot's entry for some of its kinds.
+fn tier_attrs(s: &SlotAttributes, kinds: KindSet) -> [u32; DIMS] {
+    slot_attrs(&SlotAttributes { kinds, ..*s })
+}
+
 /// What a buy order requires, in the same order.
 fn requirement_attrs(r: &Requirements) -> [u32; DIMS] {
     ordered([1 << r.kind.index(), r.inbound_udp_only as u32, r.min_ram_mib, r.min_score, r.max_latency_ms])
@@ -49,7 +54,8 @@ impl Depth {
 }
 
 /// Asks, best first: lowest price, then earliest. A slot offering several
-/// kinds is one entry, found by a buyer of any of them.
+/// kinds at one price is one entry, found by a buyer of any of them; a slot
+/// with its own ask for some kinds has one entry per price (`SellOrder::tiers`).
 #[derive(Debug, Clone)]
 pub struct AskBook {
     index: FilterIndex,
@@ -65,22 +71,22 @@ impl Default for AskBook {
 }
 
 impl AskBook {
-    fn key(o: &SellOrder) -> Key {
-        key(o.ask, o.seq)
-    }
-
     pub fn insert(&mut self, o: &SellOrder) {
-        self.index.insert(Self::key(o), o.id, slot_attrs(&o.slot));
-        self.depth.add(o.slot.kinds, o.ask, 1);
+        for (kinds, price) in o.tiers() {
+            self.index.insert(key(price, o.seq), o.id, tier_attrs(&o.slot, kinds));
+            self.depth.add(kinds, price, 1);
+        }
         for kind in o.slot.kinds.iter() {
             self.slots[kind.index()] += 1;
         }
     }
 
     pub fn remove(&mut self, o: &SellOrder) {
-        let removed = self.index.remove(Self::key(o), slot_attrs(&o.slot));
-        assert!(removed, "{} was not in the ask book", o.id);
-        self.depth.add(o.slot.kinds, o.ask, -1);
+        for (kinds, price) in o.tiers() {
+            let removed = self.index.remove(key(price, o.seq), tier_attrs(&o.slot, kinds));
+            assert!(removed, "{} was not in the ask book at {price}", o.id);
+            self.depth.add(kinds, price, -1);
+        }
         for kind in o.slot.kinds.iter() {
             self.slots[kind.index()] -= 1;
         }
@@ -101,8 +107,12 @@ impl AskBook {
         self.slots[kind.index()]
     }
 
+    /// The slots in the book (each once, however many prices it has).
     pub(crate) fn entries(&self) -> Vec<OrderId> {
-        self.index.entries().into_iter().map(|e| e.1).collect()
+        let mut ids: Vec<OrderId> = self.index.entries().into_iter().map(|e| e.1).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
     }
 
     pub(crate) fn check(&self) -> Result<(), String> {
@@ -154,7 +164,17 @@ impl BidBook {
 
     /// The best bid at or over `min_price` that `slot` satisfies, in any kind the slot offers.
     pub fn best(&self, slot: &SlotAttributes, min_price: u64) -> Option<OrderId> {
-        self.index.best(slot_attrs(slot), key(u64::MAX - min_price, u64::MAX)).map(|(_, id)| id)
+        self.best_keyed(slot, min_price).map(|(_, id)| id)
+    }
+
+    /// The best bid for a slot (with its priority key: smaller is better),
+    /// across the slot's prices: each price meets bids of its own kinds.
+    pub fn best_for(&self, o: &SellOrder) -> Option<OrderId> {
+        o.tiers().into_iter().filter_map(|(kinds, price)| self.best_keyed(&SlotAttributes { kinds, ..o.slot }, price)).min().map(|(_, id)| id)
+    }
+
+    fn best_keyed(&self, slot: &SlotAttributes, min_price: u64) -> Option<(Key, OrderId)> {
+        self.index.best(slot_attrs(slot), key(u64::MAX - min_price, u64::MAX))
     }
 
     /// (price, CPUs) from the best bid down.

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    AccountId, BuyRequest, Cents, EndReason, LeaseId, NodeId, OrderId, PriceSide, SlotAttributes, Time,
+    AccountId, BuyRequest, Cents, EndReason, KindAsks, LeaseId, NodeId, OrderId, PriceSide, SlotAttributes, Time,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,7 +23,16 @@ pub enum Event {
     Resumed { at: Time },
 
     /// A slot enters the book.
-    SellPlaced { order: OrderId, account: AccountId, node: NodeId, slot: SlotAttributes, ask: u64, at: Time },
+    SellPlaced {
+        order: OrderId,
+        account: AccountId,
+        node: NodeId,
+        slot: SlotAttributes,
+        ask: u64,
+        #[serde(default, skip_serializing_if = "KindAsks::is_empty")]
+        kind_asks: KindAsks,
+        at: Time,
+    },
     /// A new ask; a resting order loses its time priority.
     SellRepriced { order: OrderId, ask: u64, at: Time },
     /// The slot leaves the market: at once if resting, when its lease ends if leased.

@@ -35,4 +35,4 @@ pub use event::Event;
 pub use lease::{EndReason, Lease, LeaseState, PriceSide};
 pub use market::{Balance, Bucket, Market, MarketConfig, Posting, Snapshot};
 pub use order::{BuyOrder, BuyRequest, SellOrder, SellRequest};
-pub use types::{AccountId, Cents, KindSet, LeaseId, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
+pub use types::{AccountId, Cents, KindAsks, KindSet, LeaseId, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};

@@ -253,6 +253,7 @@ impl Market {
             node: req.node,
             slot: req.slot,
             ask: req.ask,
+            kind_asks: req.kind_asks,
             at: now,
         });
         self.match_resting_sell(order, now);
@@ -336,7 +337,7 @@ impl Market {
         if o.withdrawn {
             return Err(MarketError::AlreadyWithdrawn { order });
         }
-        SellRequest { node: o.node, slot: o.slot, ask }.validate()?;
+        SellRequest { node: o.node, slot: o.slot, ask, kind_asks: o.kind_asks }.validate()?;
         let resting = o.is_resting();
         self.emit(Event::SellRepriced { order, ask, at: now });
         if resting {
@@ -515,7 +516,7 @@ impl Market {
                 return;
             }
             let Some(sell) = self.asks.best(&o.request.requirements, o.max_price()) else { break };
-            let ask = self.sells[&sell].ask;
+            let ask = self.sells[&sell].ask_for(o.request.requirements.kind);
             self.open_lease(order, sell, ask, PriceSide::Ask, now);
         }
         if !self.buys[&order].resting {
@@ -528,8 +529,7 @@ impl Market {
         if self.halted {
             return;
         }
-        let o = &self.sells[&order];
-        if let Some(buy) = self.bids.best(&o.slot, o.ask) {
+        if let Some(buy) = self.bids.best_for(&self.sells[&order]) {
             let price = self.buys[&buy].max_price();
             self.open_lease(buy, order, price, PriceSide::Bid, now);
         }
@@ -581,11 +581,12 @@ impl Market {
         if order.request.periods.is_some_and(|n| l.renewals + 1 >= n) {
             return self.end_lease(lease, EndReason::Completed, end, now);
         }
-        if slot.withdrawn || slot.ask > order.max_price() {
+        let ask = slot.ask_for(order.request.requirements.kind);
+        if slot.withdrawn || ask > order.max_price() {
             return self.end_lease(lease, EndReason::SellerWithdrew, end, now);
         }
         let price = match l.side {
-            PriceSide::Ask => slot.ask,
+            PriceSide::Ask => ask,
             PriceSide::Bid => l.price,
         };
         let escrow = period_ceiling(price, l.period);
@@ -644,10 +645,10 @@ impl Market {
             }
             Event::Halted { .. } => self.halted = true,
             Event::Resumed { .. } => self.halted = false,
-            Event::SellPlaced { order, account, node, slot, ask, at } => {
+            Event::SellPlaced { order, account, node, slot, ask, kind_asks, at } => {
                 self.take_id(order.0);
                 let seq = self.take_seq();
-                let o = SellOrder { id: order, account, node, slot, ask, placed_at: at, seq, lease: None, withdrawn: false };
+                let o = SellOrder { id: order, account, node, slot, ask, kind_asks, placed_at: at, seq, lease: None, withdrawn: false };
                 self.asks.insert(&o);
                 self.sells.insert(order, o);
                 self.slots_of_node.entry(node).or_default().push(order);
@@ -1054,7 +1055,7 @@ impl Market {
         // No resting bid could trade with a resting ask: the book is uncrossed
         // (unless matching is halted).
         for s in self.sells.values().filter(|s| s.is_resting() && !self.halted) {
-            if let Some(b) = self.bids.best(&s.slot, s.ask) {
+            if let Some(b) = self.bids.best_for(s) {
                 return Err(format!("resting {} and {} could trade", s.id, b));
             }
         }

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::money::{period_ceiling, MAX_CPUS, MAX_PERIOD, MAX_PRICE, MIN_PERIOD};
-use crate::{AccountId, Cents, LeaseId, MarketError, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
+use crate::{AccountId, Cents, KindAsks, KindSet, LeaseId, MarketError, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
 
 /// What a seller asks to place: one slot at an ask in cents per CPU-hour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -13,11 +13,27 @@ pub struct SellRequest {
     pub slot: SlotAttributes,
     /// Cents per CPU-hour.
     pub ask: u64,
+    /// Other asks for some of the kinds the slot offers.
+    #[serde(default, skip_serializing_if = "KindAsks::is_empty")]
+    pub kind_asks: KindAsks,
 }
 
 impl SellRequest {
+    /// One slot at one ask for every kind it offers.
+    pub fn new(node: NodeId, slot: SlotAttributes, ask: u64) -> Self {
+        SellRequest { node, slot, ask, kind_asks: KindAsks::default() }
+    }
+
     pub(crate) fn validate(&self) -> Result<(), MarketError> {
         validate_price("ask", self.ask)?;
+        for kind in SandboxKind::ALL {
+            if let Some(ask) = self.kind_asks.get(kind) {
+                validate_price(&format!("{kind} ask"), ask)?;
+                if !self.slot.kinds.contains(kind) {
+                    return Err(MarketError::InvalidOrder(format!("an ask for {kind}, which the slot does not offer")));
+                }
+            }
+        }
         if self.slot.kinds.is_empty() {
             return Err(MarketError::InvalidOrder("a slot must offer at least one sandbox kind".into()));
         }
@@ -97,6 +113,8 @@ pub struct SellOrder {
     pub node: NodeId,
     pub slot: SlotAttributes,
     pub ask: u64,
+    #[serde(default, skip_serializing_if = "KindAsks::is_empty")]
+    pub kind_asks: KindAsks,
     pub placed_at: Time,
     /// Time priority in the book: renewed whenever the order (re-)enters it.
     pub seq: u64,
@@ -109,6 +127,16 @@ pub struct SellOrder {
 impl SellOrder {
     pub fn is_resting(&self) -> bool {
         self.lease.is_none()
+    }
+
+    /// What a lease of this slot for `kind` costs per CPU-hour.
+    pub fn ask_for(&self, kind: SandboxKind) -> u64 {
+        self.kind_asks.get(kind).unwrap_or(self.ask)
+    }
+
+    /// The slot's kinds grouped by price: its entries in the ask book.
+    pub fn tiers(&self) -> smallvec::SmallVec<[(KindSet, u64); 2]> {
+        self.kind_asks.tiers(self.slot.kinds, self.ask)
     }
 }
 

@@ -257,7 +257,7 @@ impl<'a> Sim<'a> {
         let (account, node) = (self.sellers[s as usize].account, self.sellers[s as usize].node);
         for i in 0..self.sellers[s as usize].slots.len() {
             let (slot, ask) = self.sellers[s as usize].slots[i];
-            self.op(|m| m.place_sell(account, SellRequest { node, slot, ask }, t))?;
+            self.op(|m| m.place_sell(account, SellRequest::new(node, slot, ask), t))?;
             self.report.slots_placed += 1;
         }
         let d = self.hours(self.config.mean_online_hours);

@@ -124,6 +124,42 @@ impl KindSet {
     }
 }
 
+/// A slot's own ask for some of the kinds it offers, where it differs from
+/// the slot's ask (cents per CPU-hour; 0: the slot's ask). A seller asks less
+/// for software-emulated VMs, which run CPU-bound work about five times
+/// slower, than for the jail on the same CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct KindAsks(pub [u64; 4]);
+
+impl KindAsks {
+    pub fn with(mut self, kind: SandboxKind, ask: u64) -> Self {
+        self.0[kind.index()] = ask;
+        self
+    }
+
+    pub fn get(&self, kind: SandboxKind) -> Option<u64> {
+        Some(self.0[kind.index()]).filter(|&a| a != 0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0 == [0; 4]
+    }
+
+    /// The kinds of `kinds` grouped by what they cost, `ask` where not set:
+    /// each group is one entry of the ask book.
+    pub fn tiers(&self, kinds: KindSet, ask: u64) -> smallvec::SmallVec<[(KindSet, u64); 2]> {
+        let mut tiers: smallvec::SmallVec<[(KindSet, u64); 2]> = smallvec::SmallVec::new();
+        for kind in kinds.iter() {
+            let price = self.get(kind).unwrap_or(ask);
+            match tiers.iter_mut().find(|t| t.1 == price) {
+                Some(t) => t.0 = KindSet(t.0 .0 | 1 << kind.index()),
+                None => tiers.push((KindSet::of(&[kind]), price)),
+            }
+        }
+        tiers
+    }
+}
+
 /// What a seller measured about one CPU slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlotAttributes {

@@ -16,7 +16,8 @@ const NODES: u64 = 4;
 enum Op {
     Deposit { account: u64, amount: i64 },
     Withdraw { account: u64, amount: i64 },
-    Sell { account: u64, node: u64, slot: SlotAttributes, ask: u64 },
+    /// `tcg_ask`: the slot's own ask for vm-tcg (0: none).
+    Sell { account: u64, node: u64, slot: SlotAttributes, ask: u64, tcg_ask: u64 },
     Buy { account: u64, request: BuyRequest },
     CancelBuy { account: u64, pick: usize },
     CancelSell { account: u64, pick: usize },
@@ -75,7 +76,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (account.clone(), prop_oneof![-10i64..400, 400i64..20_000]).prop_map(|(account, amount)| Op::Deposit { account, amount }),
         3 => (account.clone(), -10i64..5_000).prop_map(|(account, amount)| Op::Withdraw { account, amount }),
-        4 => (account.clone(), node.clone(), slot(), 0u64..300).prop_map(|(account, node, slot, ask)| Op::Sell { account, node, slot, ask }),
+        // Half of the slots ask something else for software-emulated VMs (0 there: invalid).
+        4 => (account.clone(), node.clone(), slot(), 0u64..300, prop_oneof![Just(0u64), 0u64..300])
+            .prop_map(|(account, node, slot, ask, tcg_ask)| Op::Sell { account, node, slot, ask, tcg_ask }),
         4 => (account.clone(), request()).prop_map(|(account, request)| Op::Buy { account, request }),
         1 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::CancelBuy { account, pick }),
         1 => (account.clone(), any::<usize>()).prop_map(|(account, pick)| Op::CancelSell { account, pick }),
@@ -162,8 +165,9 @@ fn execute(m: &mut Market, now: &mut Time, op: &Op) -> Option<Result<(), MarketE
     let result: Result<(), MarketError> = match *op {
         Op::Deposit { account, amount } => m.deposit(AccountId(account), amount, t),
         Op::Withdraw { account, amount } => m.withdraw(AccountId(account), amount, t),
-        Op::Sell { account, node, slot, ask } => {
-            m.place_sell(AccountId(account), SellRequest { node: NodeId(node), slot, ask }, t).map(drop)
+        Op::Sell { account, node, slot, ask, tcg_ask } => {
+            let kind_asks = KindAsks::default().with(SandboxKind::VmTcg, tcg_ask);
+            m.place_sell(AccountId(account), SellRequest { node: NodeId(node), slot, ask, kind_asks }, t).map(drop)
         }
         Op::Buy { account, request } => m.place_buy(AccountId(account), request, t).map(drop),
         Op::CancelBuy { account, pick: i } => match pick(&buys, i) {

@@ -30,7 +30,7 @@ fn slot() -> SlotAttributes {
 }
 
 fn sell(m: &mut Market, node: NodeId, slot: SlotAttributes, ask: u64, now: Time) -> OrderId {
-    m.place_sell(SELLER, SellRequest { node, slot, ask }, now).unwrap()
+    m.place_sell(SELLER, SellRequest::new(node, slot, ask), now).unwrap()
 }
 
 fn buy(cpus: u32, max_price: u64) -> BuyRequest {
@@ -133,7 +133,7 @@ fn bad_orders_are_refused_with_reasons() {
     let no_kinds = SlotAttributes { kinds: KindSet::default(), ..slot() };
     for (s, ask) in [(slot(), 0), (no_kinds, 10), (SlotAttributes { ram_mib: 0, ..slot() }, 10)] {
         let before = m.snapshot();
-        let r = m.place_sell(SELLER, SellRequest { node: NODE, slot: s, ask }, 1);
+        let r = m.place_sell(SELLER, SellRequest::new(NODE, s, ask), 1);
         assert!(matches!(r, Err(MarketError::InvalidOrder(_))));
         assert_eq!(m.snapshot(), before);
     }
@@ -162,6 +162,46 @@ fn an_incoming_sell_trades_at_the_resting_bid() {
     let s = sell(&mut m, NODE, slot(), 100, 2);
     let ls = leases_of(&m, b);
     assert_eq!((ls[0].sell, ls[0].price, ls[0].side), (s, 150, PriceSide::Bid));
+    check(&m);
+}
+
+#[test]
+fn a_slot_may_ask_less_for_software_emulated_vms_than_for_the_jail() {
+    let mut m = market();
+    let both = SlotAttributes { kinds: KindSet::of(&[SandboxKind::SeccompStrict, SandboxKind::VmTcg]), ..slot() };
+    let tcg = BuyRequest::new(1, 30, SandboxKind::VmTcg);
+    // An ask for a kind the slot does not offer, or of nothing, is refused.
+    let req = |kind_asks| SellRequest { node: NODE, slot: both, ask: 100, kind_asks };
+    let stray = KindAsks::default().with(SandboxKind::VmKvm, 20);
+    assert_refused(&mut m, |m| m.place_sell(SELLER, req(stray), 0), MarketError::InvalidOrder("an ask for vm-kvm, which the slot does not offer".into()));
+    let s = m.place_sell(SELLER, req(KindAsks::default().with(SandboxKind::VmTcg, 20)), 0).unwrap();
+    assert_eq!(m.asks().depth(SandboxKind::SeccompStrict), vec![(100, 1)]);
+    assert_eq!(m.asks().depth(SandboxKind::VmTcg), vec![(20, 1)]);
+    // A VM buyer bidding 30 gets it at its own ask, 20; it would not reach 100.
+    let b = m.place_buy(BUYER, tcg, 1).unwrap();
+    let lease = leases_of(&m, b)[0].clone();
+    assert_eq!((lease.sell, lease.price, lease.side), (s, 20, PriceSide::Ask));
+    assert!(m.asks().depth(SandboxKind::SeccompStrict).is_empty(), "a leased slot leaves every kind's book");
+    m.lease_ready(SELLER, lease.id, 1).unwrap();
+    // It renews at the vm-tcg ask, which a new base ask does not change.
+    m.reprice_sell(SELLER, s, 120, 10).unwrap();
+    m.tick(HOUR + 1).unwrap();
+    assert_eq!(m.lease(lease.id).unwrap().price, 20);
+    m.cancel_buy(BUYER, b, HOUR + 2).unwrap();
+    // Resting again: a jail bid of 110 does not reach the slot's 120 and rests.
+    let jail = m.place_buy(OTHER, buy(1, 110), HOUR + 3).unwrap();
+    assert!(leases_of(&m, jail).is_empty());
+    check(&m);
+
+    // A new slot meets resting bids at each kind's own ask: the VM bid of 30
+    // is met (at the bid) though the jail bid of 110 is not.
+    let vm = m.place_buy(BUYER, tcg, HOUR + 4).unwrap();
+    assert_eq!(leases_of(&m, vm)[0].sell, s, "the resting slot took it first, at its ask");
+    let second = m.place_buy(BUYER, tcg, HOUR + 5).unwrap();
+    let s2 = m.place_sell(SELLER, SellRequest { node: NODE2, ask: 120, ..req(KindAsks::default().with(SandboxKind::VmTcg, 20)) }, HOUR + 6).unwrap();
+    let l = leases_of(&m, second)[0].clone();
+    assert_eq!((l.sell, l.price, l.side), (s2, 30, PriceSide::Bid));
+    assert!(leases_of(&m, jail).is_empty());
     check(&m);
 }
 

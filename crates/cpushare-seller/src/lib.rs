@@ -40,6 +40,9 @@ pub struct SellerConfig {
     pub cpus: u32,
     /// Ask, cents per CPU-hour.
     pub price: u64,
+    /// Ask for VMs under software emulation (`vm-tcg`), which run CPU-bound
+    /// work about five times slower (default: [`default_vm_tcg_price`]).
+    pub vm_tcg_price: u64,
     /// RAM per slot, MiB.
     pub ram_per_slot_mib: u32,
     /// Where the benchmark score is cached.
@@ -64,6 +67,7 @@ impl SellerConfig {
             node_dir,
             cpus,
             price,
+            vm_tcg_price: default_vm_tcg_price(price),
             ram_per_slot_mib: default_ram_per_slot(cpus),
             cache_dir: default_cache_dir(),
             cpu_seconds: 3600,
@@ -74,6 +78,12 @@ impl SellerConfig {
             image_cache_bytes: 20 << 30,
         }
     }
+}
+
+/// A fifth of the ask (at least a cent): what a CPU-hour of software
+/// emulation is worth next to one of native code.
+pub fn default_vm_tcg_price(price: u64) -> u64 {
+    (price.saturating_add(2) / 5).max(1)
 }
 
 /// Half of this machine's RAM shared among the slots, at most 4 GiB each.
@@ -270,7 +280,13 @@ impl Seller {
             inbound_udp: false,
             latency_ms: self.probe.latency_ms,
         };
-        (0..self.config.cpus).map(|_| pb::SlotOffer { slot: Some(slot.clone()), ask: self.config.price }).collect()
+        // Software-emulated VMs at their own, lower ask (the same CPU).
+        let kind_asks = if self.probe.vm_tcg && self.config.vm_tcg_price != self.config.price {
+            vec![pb::KindAsk { kind: pb::SandboxKind::VmTcg as i32, ask: self.config.vm_tcg_price }]
+        } else {
+            Vec::new()
+        };
+        (0..self.config.cpus).map(|_| pb::SlotOffer { slot: Some(slot.clone()), ask: self.config.price, kind_asks: kind_asks.clone() }).collect()
     }
 
     /// Keeps a session with the exchange until `stop` fires, reconnecting with

@@ -109,7 +109,7 @@ fn main() {
                     inbound_udp: false,
                     latency_ms: 20,
                 };
-                let register = pb::Register { kernel: "6.1.0".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot), ask: 100 }] };
+                let register = pb::Register { kernel: "6.1.0".into(), seccomp_strict: true, slots: vec![pb::SlotOffer { slot: Some(slot), ask: 100, kind_asks: vec![] }] };
                 tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) }).await.unwrap();
                 let mut inbound = match conn.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await {
                     Ok(r) => r.into_inner(),

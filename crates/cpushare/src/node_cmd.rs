@@ -245,11 +245,15 @@ pub async fn orders(config: &Path, out: Output) -> anyhow::Result<()> {
         .orders
         .into_iter()
         .map(|o| {
-            let what = match (&o.requirements, &o.slot) {
+            let mut what = match (&o.requirements, &o.slot) {
                 (Some(req), _) => describe_requirements(req),
                 (_, Some(s)) => format!("{} MFLOPS, {} MiB, {} ms", s.score, s.ram_mib, s.latency_ms),
                 _ => String::new(),
             };
+            for a in &o.kind_asks {
+                let kind = cpushare_exchange::convert::kind_from(a.kind).map_or("?".to_string(), |k| k.to_string());
+                what.push_str(&format!("; {kind} at {} cents", a.ask));
+            }
             vec![json!(o.id), json!(o.side), json!(o.price), json!(o.open), json!(o.leased), json!(what)]
         })
         .collect();

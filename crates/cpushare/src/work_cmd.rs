@@ -25,6 +25,10 @@ pub struct SellArgs {
     /// Ask, in cents per CPU-hour.
     #[arg(long, default_value_t = 5)]
     price: u64,
+    /// Ask for VMs under software emulation (vm-tcg, offered when QEMU runs here), which run
+    /// CPU-bound work about five times slower than the jail [default: a fifth of --price, at least 1].
+    #[arg(long, value_name = "CENTS")]
+    vm_tcg_price: Option<u64>,
     /// RAM per slot in MiB (default: half of this machine's RAM shared among the slots).
     #[arg(long, value_name = "MIB")]
     ram_per_slot: Option<u32>,
@@ -43,6 +47,10 @@ pub async fn sell(args: SellArgs, config: &Path, out: Output) -> anyhow::Result<
         .init();
     anyhow::ensure!(args.cpus >= 1, "--cpus must be at least 1");
     let mut seller_config = SellerConfig::new(config.to_path_buf(), args.cpus, args.price);
+    if let Some(p) = args.vm_tcg_price {
+        anyhow::ensure!(p >= 1, "--vm-tcg-price is in cents per CPU-hour and must be at least 1");
+        seller_config.vm_tcg_price = p;
+    }
     if let Some(ram) = args.ram_per_slot {
         anyhow::ensure!(ram >= 16, "--ram-per-slot is in MiB and must be at least 16");
         seller_config.ram_per_slot_mib = ram;
@@ -53,6 +61,10 @@ pub async fn sell(args: SellArgs, config: &Path, out: Output) -> anyhow::Result<
         "selling {} slot(s) of {} MiB at {} cents per CPU-hour: {} MFLOPS per CPU, kernel {}, seccomp strict works, {} ms to the exchange",
         args.cpus, seller_config.ram_per_slot_mib, args.price, p.score, p.kernel, p.latency_ms
     );
+    if p.vm_tcg {
+        let kvm = if p.vm_kvm { "; vm-kvm at the full price" } else { "" };
+        println!("VMs: vm-tcg at {} cents per CPU-hour ({}){kvm}", seller_config.vm_tcg_price, p.qemu_version);
+    }
     println!("(Ctrl-C or SIGTERM stops; `cpushare sell --status` shows slots, leases and earnings)");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let task = tokio::spawn({

@@ -102,7 +102,7 @@ async fn seller(node: NodeConfig, slots: usize, stop: Instant, registered_leases
     while Instant::now() < stop {
         let mut conn = connect(&node).await;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let offers = (0..slots).map(|_| pb::SlotOffer { slot: Some(slot()), ask: 10 }).collect();
+        let offers = (0..slots).map(|_| pb::SlotOffer { slot: Some(slot()), ask: 10, kind_asks: vec![] }).collect();
         let register = pb::Register { kernel: "6.1.0".into(), seccomp_strict: true, slots: offers };
         tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(register)) }).await.unwrap();
         let Ok(response) = conn.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await else { continue };

@@ -61,7 +61,7 @@ impl Driver {
         for i in 0..RESTING {
             let account = AccountId(r.gen_range(0..SELLERS));
             let (s, ask) = slot(&mut r);
-            let id = market.place_sell(account, SellRequest { node: NodeId(i as u64 / 4), slot: s, ask }, 0).unwrap();
+            let id = market.place_sell(account, SellRequest::new(NodeId(i as u64 / 4), s, ask), 0).unwrap();
             resting.push((account, id));
         }
         let plan = (0..1 << 20)
@@ -102,7 +102,7 @@ impl Driver {
         let m = &mut self.market;
         match op {
             Planned::Churn(account, node, slot, ask, _) if kind == SELL => {
-                let id = m.place_sell(account, SellRequest { node, slot, ask }, self.now).unwrap();
+                let id = m.place_sell(account, SellRequest::new(node, slot, ask), self.now).unwrap();
                 self.resting.push((account, id));
             }
             Planned::Buy(account, request) => {
