@@ -255,6 +255,7 @@ impl Seller {
         }
         tracing::info!(score = probe.score, latency_ms = probe.latency_ms, kernel = %probe.kernel, emulated = probe.emulated, vm_tcg = probe.vm_tcg, vm_kvm = probe.vm_kvm, "measured");
         vm_lease::remove_stale_scratch();
+        vm_lease::remove_stale_vms(&config.cache_dir);
         let images = Arc::new(vm_lease::Images::new(config.cache_dir.join("images"), config.image_cache_bytes)?);
         Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images }))
     }

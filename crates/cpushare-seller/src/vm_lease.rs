@@ -301,6 +301,31 @@ pub(crate) async fn serve(
     Ok(())
 }
 
+/// Kills the VMs that sellers killed before they could stop them left
+/// running, and removes their work directories: `cache_dir/vm/lease-N-PID`,
+/// PID a seller process now dead, holding QEMU's pid file.
+pub fn remove_stale_vms(cache_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(cache_dir.join("vm")) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(seller) = name.strip_prefix("lease-").and_then(|r| r.rsplit('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
+        if Path::new("/proc").join(seller.to_string()).exists() {
+            continue;
+        }
+        let qemu = std::fs::read_to_string(e.path().join(vm::PIDFILE)).ok().and_then(|p| p.trim().parse::<i32>().ok());
+        if let Some(pid) = qemu {
+            // Only a QEMU: the pid may have been reused since.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("qemu-system") {
+                tracing::warn!(pid, "killing a VM a previous seller process left running");
+                // SAFETY: kill(2) with a pid and a signal number touches no memory.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(e.path());
+    }
+}
+
 /// Removes the scratch disks that sellers killed before they could clean up
 /// left in RAM (their names end with the seller's process id, now dead).
 pub fn remove_stale_scratch() {
@@ -382,6 +407,36 @@ mod tests {
         assert_eq!(images.have(&other, data.len() as u64), 0, "nothing of a corrupt image is kept");
         images.append(&other, &data[..10]).unwrap();
         assert!(images.finish(&other, data.len() as u64).unwrap_err().contains("not the 100000 offered"));
+    }
+
+    #[test]
+    fn a_vm_left_by_a_killed_seller_is_killed_at_the_next_start() {
+        use std::os::unix::process::CommandExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A seller process that is gone, and one that lives (this one).
+        let mut gone = std::process::Command::new("true").spawn().unwrap();
+        let dead = gone.id();
+        gone.wait().unwrap();
+        let orphan_dir = dir.path().join(format!("vm/lease-7-{dead}"));
+        let live_dir = dir.path().join(format!("vm/lease-8-{}", std::process::id()));
+        // What looks like its QEMU (only a QEMU is killed: a pid may be reused).
+        let mut qemu = std::process::Command::new("sleep").arg0("qemu-system-x86_64").arg("600").spawn().unwrap();
+        for d in [&orphan_dir, &live_dir] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join(vm::PIDFILE), format!("{}\n", qemu.id())).unwrap();
+        }
+        let mut bystander = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        let other = dir.path().join(format!("vm/lease-9-{dead}"));
+        std::fs::create_dir_all(&other).unwrap();
+        std::fs::write(other.join(vm::PIDFILE), bystander.id().to_string()).unwrap();
+
+        remove_stale_vms(dir.path());
+        let status = qemu.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
+        assert!(!orphan_dir.exists() && !other.exists(), "the dead sellers' directories are gone");
+        assert!(live_dir.exists(), "a live seller's VM is its own business");
+        assert!(bystander.try_wait().unwrap().is_none(), "a process that is not QEMU is left alone");
+        bystander.kill().unwrap();
     }
 
     #[test]

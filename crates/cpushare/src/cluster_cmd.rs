@@ -43,11 +43,11 @@ pub struct StartArgs {
     /// The most you pay, in cents per CPU-hour (per node: one vCPU each).
     #[arg(long, default_value_t = 5)]
     max_price: u64,
-    /// Guest RAM per node, MiB.
-    #[arg(long, default_value_t = 512, value_name = "MIB")]
+    /// Guest RAM per node: MiB, or with a unit (512M, 1G).
+    #[arg(long, default_value = "512", value_name = "SIZE", value_parser = mib)]
     ram: u32,
-    /// A writable scratch disk per node, MiB (kept in the seller's RAM: slots need RAM for both).
-    #[arg(long, default_value_t = 0, value_name = "MIB")]
+    /// A writable scratch disk per node, in the seller's RAM (slots need RAM for both): MiB, or 512M, 2G.
+    #[arg(long, default_value = "0", value_name = "SIZE", value_parser = mib)]
     scratch: u32,
     /// Only hosts where KVM boots Linux (otherwise software emulation, about 5x slower for CPU-bound work, is fine).
     #[arg(long)]
@@ -66,10 +66,31 @@ pub struct DirArg {
     dir: PathBuf,
 }
 
+/// A size in MiB: a number of MiB, or one with a unit (K, M, G; KiB, MiB, GiB).
+fn mib(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number.parse().map_err(|_| format!("{s:?} is not a size (examples: 512, 512M, 1G)"))?;
+    let kib = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => n << 10,
+        "g" | "gb" | "gib" => n << 20,
+        "k" | "kb" | "kib" => n,
+        other => return Err(format!("unknown unit {other:?} in {s:?}: use M or G")),
+    };
+    if kib % 1024 != 0 {
+        return Err(format!("{s} is not a whole number of MiB"));
+    }
+    u32::try_from(kib >> 10).map_err(|_| format!("{s} is too large"))
+}
+
 #[derive(Args)]
 pub struct ConsoleArgs {
     /// The node's lease id.
     lease: u64,
+    /// Keep printing what the guest writes until its lease ends (Ctrl-C stops).
+    #[arg(long, short)]
+    follow: bool,
     #[command(flatten)]
     dir: DirArg,
 }
@@ -97,13 +118,7 @@ pub async fn run(cmd: ClusterCmd, config: &Path, out: Output) -> anyhow::Result<
     match cmd {
         ClusterCmd::Start(args) => start(args, config, out).await,
         ClusterCmd::Status(d) => show(&d.dir, config, out).await,
-        ClusterCmd::Console(args) => {
-            let log = args.dir.dir.join(format!("console-{}.log", args.lease));
-            let text = std::fs::read(&log).with_context(|| format!("no console for lease {} in {}", args.lease, args.dir.dir.display()))?;
-            use std::io::Write;
-            std::io::stdout().write_all(&text)?;
-            Ok(())
-        }
+        ClusterCmd::Console(args) => console(args, config).await,
         ClusterCmd::Stop(d) => {
             let state = read_state(&d.dir)?;
             let order = state["order"].as_u64().context("a cluster state without its order")?;
@@ -111,6 +126,44 @@ pub async fn run(cmd: ClusterCmd, config: &Path, out: Output) -> anyhow::Result<
             conn.exchange.cancel_order(pb::CancelOrderRequest { order }).await.map_err(status)?;
             println!("cluster stopped: order {order} cancelled, its leases ended");
             Ok(())
+        }
+    }
+}
+
+/// A node's console log so far; with `--follow`, then what is added, until the lease ends.
+async fn console(args: ConsoleArgs, config: &Path) -> anyhow::Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let log = args.dir.dir.join(format!("console-{}.log", args.lease));
+    let mut file = std::fs::File::open(&log).with_context(|| format!("no console for lease {} in {}", args.lease, args.dir.dir.display()))?;
+    let mut stdout = std::io::stdout();
+    let mut buf = Vec::new();
+    file.read_to_end(&mut buf)?;
+    stdout.write_all(&buf)?;
+    if !args.follow {
+        return Ok(());
+    }
+    stdout.flush()?;
+    let mut conn = connect(config).await?;
+    let mut at = buf.len() as u64;
+    let mut checked = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+        buf.clear();
+        file.seek(SeekFrom::Start(at))?;
+        at += file.read_to_end(&mut buf)? as u64;
+        stdout.write_all(&buf)?;
+        stdout.flush()?;
+        // The buyer's `cluster start` writes the log; the lease's end ends it.
+        if checked.elapsed() > std::time::Duration::from_secs(2) {
+            checked = std::time::Instant::now();
+            let leases = conn.exchange.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+            if !leases.iter().any(|l| l.id == args.lease) {
+                eprintln!("cpushare: lease {} has ended", args.lease);
+                return Ok(());
+            }
         }
     }
 }
@@ -228,4 +281,20 @@ async fn show(dir: &Path, config: &Path, out: Output) -> anyhow::Result<()> {
     }
     out.table(&["lease", "seller node", "state", "boot / accel", "delivered s", "charged cents", "attestation"], rows);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_as_mib() {
+        assert_eq!(super::mib("512"), Ok(512));
+        assert_eq!(super::mib("512M"), Ok(512));
+        assert_eq!(super::mib("1G"), Ok(1024));
+        assert_eq!(super::mib("2GiB"), Ok(2048));
+        assert_eq!(super::mib("2048k"), Ok(2));
+        assert!(super::mib("1.5G").unwrap_err().contains("unknown unit"));
+        assert!(super::mib("100k").unwrap_err().contains("whole number"));
+        assert!(super::mib("lots").unwrap_err().contains("not a size"));
+        assert!(super::mib("9999999G").unwrap_err().contains("too large"));
+    }
 }

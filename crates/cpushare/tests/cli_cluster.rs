@@ -41,7 +41,7 @@ fn a_cluster_starts_shows_its_consoles_and_stops() {
     let mut start = Command::new(BIN)
         .arg("--config")
         .arg(&buyer)
-        .args(["cluster", "start", "--iso", long.to_str().unwrap(), "--max-price", "40000", "--ram", "256", "--dir", d2.to_str().unwrap()])
+        .args(["cluster", "start", "--iso", long.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", d2.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -49,14 +49,21 @@ fn a_cluster_starts_shows_its_consoles_and_stops() {
     let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
     let up = said.by_ref().map_while(Result::ok).find(|l| l.contains("node(s) up"));
     assert!(up.is_some(), "the cluster came up");
-    // Its console fills as the guest runs.
+    // Its console, followed live as the guest runs, until the lease ends.
     let lease = json(&buyer, &["cluster", "status", "--dir", d2.to_str().unwrap()])[0]["lease"].as_u64().unwrap().to_string();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while !ok(&buyer, &["cluster", "console", &lease, "--dir", d2.to_str().unwrap()]).contains("staying up") {
-        assert!(std::time::Instant::now() < deadline, "the payload's line never reached the console");
-        std::thread::sleep(std::time::Duration::from_millis(200));
-    }
+    let mut follow = Command::new(BIN)
+        .arg("--config")
+        .arg(&buyer)
+        .args(["cluster", "console", &lease, "--follow", "--dir", d2.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut live = BufReader::new(follow.stdout.take().unwrap()).lines();
+    assert!(live.by_ref().map_while(Result::ok).any(|l| l.contains("staying up")), "the payload's line reached the console");
     ok(&buyer, &["cluster", "stop", "--dir", d2.to_str().unwrap()]);
+    let followed = follow.wait().unwrap();
+    assert!(followed.success(), "--follow ends with the lease: {followed:?}");
     let ended = start.wait().unwrap();
     let rest: Vec<String> = said.map_while(Result::ok).collect();
     assert!(ended.success(), "{ended:?}: {rest:?}");
@@ -67,6 +74,7 @@ fn a_cluster_starts_shows_its_consoles_and_stops() {
     assert_eq!(json(&operator, &["exchange", "audit"])["ok"], true);
     // Not a livecd: refused before anything is rented.
     fails(&buyer, &["cluster", "start", "--iso", "/etc/hostname", "--dir", tmp.path().join("c3").to_str().unwrap()], "is not an ISO 9660 image");
+    fails(&buyer, &["cluster", "start", "--iso", long.to_str().unwrap(), "--ram", "lots"], "is not a size");
 }
 
 #[test]

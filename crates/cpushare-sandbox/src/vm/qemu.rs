@@ -54,6 +54,9 @@ pub struct Vm {
     qmp: PathBuf,
 }
 
+/// QEMU's process id, in the VM's work directory.
+pub const PIDFILE: &str = "qemu.pid";
+
 /// How long a guest asked to power off has before it is killed.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -201,6 +204,8 @@ pub async fn start(spec: &VmSpec) -> io::Result<Vm> {
     let qmp = spec.work.join("qmp.sock");
     let _ = std::fs::remove_file(&qmp);
     args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", path(&qmp)?.replace(',', ",,"))]);
+    // For whoever finds this VM orphaned (its seller killed): see `PIDFILE`.
+    args.extend(["-pidfile".into(), path(&spec.work.join(PIDFILE))?.replace(',', ",,")]);
     let mut child = Command::new(QEMU).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn()?;
     let console = child.stdout.take().expect("piped");
     Ok(Vm { child: Some(child), console, boot, qmp })
