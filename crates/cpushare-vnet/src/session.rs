@@ -81,6 +81,11 @@ impl Session {
         out.extend_from_slice(tag.as_ref());
     }
 
+    /// Whether `counter` has not been seen (a replay needs no decryption to refuse).
+    pub fn replay_fresh(&self, counter: u64) -> bool {
+        self.replay.fresh(counter)
+    }
+
     /// Opens a data packet in place; returns its plaintext's length (the
     /// plaintext starts at `sealed[0]`). None if it does not authenticate or
     /// is a replay.
