@@ -1,7 +1,20 @@
-//! The virtual network: one encrypted Ethernet switch per cluster.
+//! The virtual network: one encrypted Ethernet switch per cluster, over UDP.
+//!
+//! - [`node`]: a member of a cluster's network as a state machine (switch,
+//!   paths direct or through the buyer's relay, handshakes, timers), no I/O.
+//! - [`handshake`], [`session`], [`replay`], [`wire`]: Noise IKpsk2 with
+//!   WireGuard's cookies, ChaCha20-Poly1305 data packets, replay windows,
+//!   the datagram formats.
+//! - [`frames`], [`gso`]: Ethernet frames (64 KiB offload frames included)
+//!   in datagram-sized pieces, and cut to MTU size where a port needs it.
+//! - [`io`], [`run`]: the UDP socket (GSO/GRO, batches), the tap, QEMU's
+//!   datagram sockets, and the loop around a node.
 pub mod frames;
+pub mod gso;
 pub mod handshake;
+pub mod io;
 pub mod node;
 pub mod replay;
+pub mod run;
 pub mod session;
 pub mod wire;

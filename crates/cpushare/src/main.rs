@@ -13,6 +13,7 @@ mod exchange_cmd;
 mod node_cmd;
 mod sim;
 mod table;
+mod vnet_cmd;
 mod work_cmd;
 
 /// cpushare: an open exchange where anyone sells the idle CPUs of a Linux
@@ -50,6 +51,9 @@ enum Command {
     /// Machines that boot your livecd on sellers' hosts: start, status, console, stop.
     #[command(subcommand)]
     Cluster(cluster_cmd::ClusterCmd),
+    /// The virtual network's parts on their own: run a node, bridge a tap to a VM port, plan a cluster.
+    #[command(subcommand)]
+    Vnet(vnet_cmd::VnetCmd),
     /// Write the SDK's example programs (mandelbrot, crack) and inputs for
     /// them, ready for `cpushare run`.
     Examples(examples_cmd::ExamplesArgs),
@@ -110,6 +114,7 @@ fn main() -> anyhow::Result<()> {
                     Command::Sell(args) => work_cmd::sell(args, &config, out).await,
                     Command::Run(args) => work_cmd::run(args, &config, out).await,
                     Command::Cluster(cmd) => cluster_cmd::run(cmd, &config, out).await,
+                    Command::Vnet(cmd) => vnet_cmd::run(cmd).await,
                     Command::Exchange(cmd) => exchange_cmd::run(cmd, &config, out).await,
                     Command::Account(cmd) => node_cmd::account(cmd, &config, out).await,
                     Command::Enroll(args) => node_cmd::enroll(args, &config, out).await,
