@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::convert::*;
 use crate::engine::{Caller, Core, Engine, Notice, ToSeller};
 use crate::pki::{fingerprint, Authority};
+use crate::networks::{resolve_endpoint, view, Leave, Networks, VNET_KEY_STATEMENT};
 use crate::relay::Relays;
 use crate::state::Record;
 
@@ -44,6 +45,7 @@ pub struct Api {
     limits: Limits,
     buckets: Mutex<FxHashMap<AccountId, (f64, Instant)>>,
     relays: Arc<Relays>,
+    networks: Arc<Networks>,
     sessions: AtomicU64,
 }
 
@@ -63,9 +65,11 @@ impl std::ops::Deref for Handler {
 impl Api {
     pub fn new(engine: Engine, authority: Arc<Authority>, limits: Limits) -> Arc<Api> {
         let relays = Arc::new(Relays::default());
-        // Sides still waiting when their lease ends are let go.
+        let networks = Arc::new(Networks::new().expect("a UDP socket for inbound probes"));
+        // Sides still waiting when their lease ends are let go; so are network members.
         let mut notices = engine.shared.notices.subscribe();
         let weak = Arc::downgrade(&relays);
+        let weak_networks = Arc::downgrade(&networks);
         tokio::spawn(async move {
             loop {
                 match notices.recv().await {
@@ -73,6 +77,9 @@ impl Api {
                         if let Notice::Lease { lease, kind: "ended", .. } = *n {
                             let Some(relays) = weak.upgrade() else { break };
                             relays.lease_ended(lease);
+                            if let Some(n) = weak_networks.upgrade() {
+                                n.lease_ended(lease.0);
+                            }
                         }
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
@@ -86,6 +93,7 @@ impl Api {
             limits,
             buckets: Mutex::new(FxHashMap::default()),
             relays,
+            networks,
             sessions: AtomicU64::new(1),
         })
     }
@@ -427,6 +435,61 @@ impl Exchange for Handler {
         })))
     }
 
+    async fn probe_inbound(&self, req: Request<pb::ProbeInboundRequest>) -> Result<Response<pb::ProbeInboundReply>, Status> {
+        let c = self.caller(&req)?;
+        let seen = req.remote_addr();
+        let endpoint = resolve_endpoint(&req.into_inner().endpoint, seen)?;
+        let probe = self.networks.probe(c.node, endpoint)?;
+        Ok(Response::new(pb::ProbeInboundReply { probe, endpoint: endpoint.to_string() }))
+    }
+
+    async fn confirm_inbound(&self, req: Request<pb::ConfirmInboundRequest>) -> Result<Response<pb::ConfirmInboundReply>, Status> {
+        let c = self.caller(&req)?;
+        let r = req.into_inner();
+        self.networks.confirm(c.node, r.probe, &r.token)?;
+        Ok(Response::new(pb::ConfirmInboundReply {}))
+    }
+
+    type JoinNetworkStream = Stream_<pb::NetworkView>;
+
+    async fn join_network(&self, req: Request<pb::JoinNetworkRequest>) -> Result<Response<Self::JoinNetworkStream>, Status> {
+        use prost::Message;
+        use tokio_stream::StreamExt;
+        let c = self.caller(&req)?;
+        let seen = req.remote_addr();
+        let r = req.into_inner();
+        let (order, lease) = (r.order, r.lease);
+        let allowed = self
+            .call(move |core| {
+                let m = &core.state.market;
+                if lease == 0 {
+                    m.buy_order(OrderId(order)).is_some_and(|o| o.account == c.account)
+                } else {
+                    m.lease(LeaseId(lease)).is_some_and(|l| l.buy == OrderId(order) && l.node == c.node)
+                }
+            })
+            .await?;
+        if !allowed {
+            return Err(Status::permission_denied(format!("only the buyer of order {order} and the sellers of its leases may join its network")));
+        }
+        let key = r.key.ok_or_else(|| Status::invalid_argument("the network key's signed statement is missing"))?;
+        crate::pki::verify_statement(self.authority.cert_der(), &key.certificate, c.node.0, VNET_KEY_STATEMENT, &key.statement, &key.signature).map_err(Status::permission_denied)?;
+        let stated = pb::VnetKey::decode(key.statement.as_slice()).map_err(|e| Status::invalid_argument(format!("the key statement is malformed: {e}")))?;
+        if stated.order != order || stated.public != r.public || r.public.len() != 32 {
+            return Err(Status::invalid_argument("the key statement is for another network or another key"));
+        }
+        let endpoint = resolve_endpoint(&r.endpoint, seen)?;
+        let member = pb::NetworkMember { node: c.node.0, public: r.public, key: Some(key), endpoint: endpoint.to_string(), lease, ..Default::default() };
+        let (id, views) = self.networks.join(order, member, r.probe, lease == 0);
+        let psk = self.networks.psk(order).expect("a network someone just joined");
+        let leave = Leave { networks: self.networks.clone(), order, id };
+        let stream = tokio_stream::wrappers::WatchStream::new(views).map(move |members| {
+            let _ = &leave;
+            Ok(view(psk, id, members))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
     type SellerSessionStream = Stream_<pb::SessionMessage>;
 
     async fn seller_session(
@@ -442,11 +505,16 @@ impl Exchange for Handler {
         let Some(pb::seller_message::Body::Register(register)) = first.body else {
             return Err(Status::invalid_argument("a seller session starts with Register"));
         };
-        let offers = register
+        let mut offers = register
             .slots
             .iter()
             .map(|o| Ok(SellRequest { node: c.node, slot: slot_from(o.slot.clone())?, ask: o.ask, kind_asks: kind_asks_from(&o.kind_asks)? }))
             .collect::<Result<Vec<_>, Status>>()?;
+        // Inbound UDP is what the exchange saw, not what a node says.
+        let takes_inbound = self.networks.takes_inbound(c.node);
+        for o in &mut offers {
+            o.slot.inbound_udp &= takes_inbound;
+        }
         if offers.len() > 1024 {
             return Err(Status::invalid_argument("a node offers at most 1,024 slots"));
         }

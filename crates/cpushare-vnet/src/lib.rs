@@ -9,6 +9,7 @@
 //!   in datagram-sized pieces, and cut to MTU size where a port needs it.
 //! - [`io`], [`run`]: the UDP socket (GSO/GRO, batches), the tap, QEMU's
 //!   datagram sockets, and the loop around a node.
+pub mod dhcp;
 pub mod frames;
 pub mod gso;
 pub mod handshake;

@@ -212,49 +212,16 @@ pub struct Node {
 impl Node {
     pub fn new(config: &Config, ports: Vec<PortId>, now: Instant) -> anyhow::Result<Node> {
         let keys = StaticKeys { secret: config.secret, public: config.public };
-        let mut peers = HashMap::new();
-        let mut by_key = HashMap::new();
-        let mut relay = None;
-        for m in &config.members {
-            if m.relay {
-                anyhow::ensure!(relay.replace(m.node).is_none(), "two relays in the member list");
-            }
-            if m.node == config.me {
-                anyhow::ensure!(m.public == config.public, "the member list has another key for this node");
-                continue;
-            }
-            anyhow::ensure!(by_key.insert(m.public, m.node).is_none(), "two members with one key");
-            peers.insert(
-                m.node,
-                Peer {
-                    member: m.clone(),
-                    endpoint: m.endpoint,
-                    sessions: Vec::new(),
-                    pending: None,
-                    cookie: None,
-                    last_timestamp: [0; 12],
-                    queue: VecDeque::new(),
-                    direct_failed: None,
-                    last_rx: None,
-                    last_tx: None,
-                    probe: None,
-                    reassembly: Reassembly::default(),
-                    next_frame: 0,
-                    counters: PeerCounters::default(),
-                },
-            );
-        }
-        anyhow::ensure!(config.members.iter().any(|m| m.node == config.me), "this node ({}) is not in the member list", config.me);
-        Ok(Node {
+        let mut node = Node {
             cluster: config.cluster,
             psk: config.psk,
             me: config.me,
             mac1_key: handshake::mac1_key(&keys.public),
             keys,
-            relay,
-            peers,
+            relay: None,
+            peers: HashMap::new(),
             by_index: HashMap::new(),
-            by_key,
+            by_key: HashMap::new(),
             macs: HashMap::new(),
             ports,
             cookies: CookieJar::new(now),
@@ -265,7 +232,76 @@ impl Node {
             counters: Counters::default(),
             transmits: Vec::new(),
             deliveries: Vec::new(),
-        })
+        };
+        node.set_members(&config.members)?;
+        Ok(node)
+    }
+
+    /// Takes a new member list (the control plane's, as members join and
+    /// leave): peers that stay keep their sessions; new ones are added; gone
+    /// ones are forgotten, with everything learnt about them. Refused (and
+    /// nothing changed) if the list is inconsistent.
+    pub fn set_members(&mut self, members: &[Member]) -> anyhow::Result<()> {
+        let mut relay = None;
+        let mut keys = HashMap::new();
+        for m in members {
+            if m.relay {
+                anyhow::ensure!(relay.replace(m.node).is_none(), "two relays in the member list");
+            }
+            if m.node == self.me {
+                anyhow::ensure!(m.public == self.keys.public, "the member list has another key for this node");
+            } else {
+                anyhow::ensure!(keys.insert(m.public, m.node).is_none(), "two members with one key");
+            }
+        }
+        anyhow::ensure!(members.iter().any(|m| m.node == self.me), "this node ({}) is not in the member list", self.me);
+        let gone: Vec<NodeId> = self.peers.keys().filter(|id| !members.iter().any(|m| m.node == **id && m.public == self.peers[id].member.public)).copied().collect();
+        for id in gone {
+            if let Some(p) = self.peers.remove(&id) {
+                for s in &p.sessions {
+                    self.by_index.remove(&s.local_index);
+                }
+                if let Some(q) = &p.pending {
+                    self.by_index.remove(&q.state.local_index);
+                }
+            }
+            self.macs.retain(|_, (place, _)| *place != Place::Peer(id));
+        }
+        for m in members.iter().filter(|m| m.node != self.me) {
+            match self.peers.get_mut(&m.node) {
+                // Its endpoint may have moved; what it accepts may have been found out since.
+                Some(p) => {
+                    if p.member.endpoint != m.endpoint {
+                        p.endpoint = m.endpoint;
+                    }
+                    p.member = m.clone();
+                }
+                None => {
+                    self.peers.insert(
+                        m.node,
+                        Peer {
+                            member: m.clone(),
+                            endpoint: m.endpoint,
+                            sessions: Vec::new(),
+                            pending: None,
+                            cookie: None,
+                            last_timestamp: [0; 12],
+                            queue: VecDeque::new(),
+                            direct_failed: None,
+                            last_rx: None,
+                            last_tx: None,
+                            probe: None,
+                            reassembly: Reassembly::default(),
+                            next_frame: 0,
+                            counters: PeerCounters::default(),
+                        },
+                    );
+                }
+            }
+        }
+        self.by_key = keys;
+        self.relay = relay;
+        Ok(())
     }
 
     pub fn cluster(&self) -> u64 {

@@ -29,16 +29,35 @@ pub struct TapSpec {
     pub mac: [u8; 6],
 }
 
-/// A VM's card: our socket and QEMU's.
+/// A VM's card: our socket and QEMU's, and the address its DHCP client gets.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PortSpec {
     pub path: PathBuf,
     pub peer: PathBuf,
+    #[serde(default)]
+    pub dhcp: Option<crate::dhcp::Lease>,
 }
 
 pub struct Attachments {
     pub tap: Option<TapSpec>,
     pub ports: Vec<PortSpec>,
+}
+
+/// What the control plane says while a node runs.
+#[derive(Default)]
+pub struct Control {
+    /// New member lists, as members join and leave.
+    pub members: Option<std::sync::mpsc::Receiver<Vec<crate::node::Member>>>,
+    /// Where the exchange's inbound probes (their tokens) go.
+    pub probes: Option<std::sync::mpsc::Sender<[u8; 16]>>,
+}
+
+/// What the exchange sends to check that a node takes unsolicited UDP: this, then a 16-byte token.
+pub const PROBE_MAGIC: &[u8; 16] = b"cpushare probe\0\0";
+
+/// The token of an inbound probe datagram.
+pub fn probe_token(d: &[u8]) -> Option<[u8; 16]> {
+    (d.len() == 32 && d.starts_with(PROBE_MAGIC)).then(|| d[16..].try_into().expect("16 bytes"))
 }
 
 enum Local {
@@ -70,7 +89,13 @@ impl Local {
 /// Runs a node until `stop` is set; writes its counters to `stats` (JSON)
 /// every half second if asked.
 pub fn run(config: &Config, listen: SocketAddr, attach: Attachments, stats: Option<PathBuf>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let mut udp = Udp::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    let udp = Udp::bind(listen).with_context(|| format!("binding UDP {listen}"))?;
+    run_on(config, udp, attach, Control::default(), stats, stop)
+}
+
+/// [`run`] on a socket already bound (its address is what the control plane was told).
+pub fn run_on(config: &Config, mut udp: Udp, attach: Attachments, control: Control, stats: Option<PathBuf>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    let dhcp: Vec<Option<crate::dhcp::Lease>> = attach.tap.iter().map(|_| None).chain(attach.ports.iter().map(|p| p.dhcp)).collect();
     let mut locals = Vec::new();
     if let Some(t) = &attach.tap {
         locals.push(Local::Tap(Tap::create(&t.name, &t.address, t.mac).with_context(|| format!("creating the interface {} (it needs CAP_NET_ADMIN)", t.name))?));
@@ -97,7 +122,14 @@ pub fn run(config: &Config, listen: SocketAddr, attach: Attachments, stats: Opti
                 for (i, r) in got.iter().enumerate() {
                     let buf = &mut udp.bufs[i][..r.len];
                     for d in buf.chunks_mut(r.segment) {
-                        node.from_network(r.from, d, now);
+                        match probe_token(d) {
+                            Some(token) => {
+                                if let Some(p) = &control.probes {
+                                    let _ = p.send(token);
+                                }
+                            }
+                            None => node.from_network(r.from, d, now),
+                        }
                     }
                 }
                 flush(&mut node, &mut udp, &locals)?;
@@ -109,8 +141,20 @@ pub fn run(config: &Config, listen: SocketAddr, attach: Attachments, stats: Opti
             }
             for _ in 0..BUDGET {
                 let Some(n) = l.read(&mut frame)? else { break };
+                // A VM asking for its address is answered here, on its own port.
+                if let Some(reply) = dhcp[i].as_ref().and_then(|lease| crate::dhcp::answer(&frame[..n], lease)) {
+                    let _ = l.write(&reply);
+                    continue;
+                }
                 node.from_port(i as PortId, &frame[..n], now);
                 flush(&mut node, &mut udp, &locals)?;
+            }
+        }
+        if let Some(updates) = &control.members {
+            while let Ok(members) = updates.try_recv() {
+                if let Err(e) = node.set_members(&members) {
+                    tracing::warn!("a member list refused: {e:#}");
+                }
             }
         }
         if now.duration_since(last_tick) >= TICK {

@@ -125,7 +125,7 @@ pub async fn run(cmd: VnetCmd) -> anyhow::Result<()> {
                 .iter()
                 .map(|p| {
                     let (ours, vm) = p.split_once(':').with_context(|| format!("--port {p:?}: expected OURS:VMS (two socket paths)"))?;
-                    Ok(PortSpec { path: ours.into(), peer: vm.into() })
+                    Ok(PortSpec { path: ours.into(), peer: vm.into(), dhcp: None })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             anyhow::ensure!(tap.is_some() || !ports.is_empty(), "nothing to attach: give --tap or --port");
