@@ -40,6 +40,11 @@ pub struct ClusterSpec {
     pub logs: PathBuf,
     /// Boot a replacement when a node's seller vanishes.
     pub replace: bool,
+    /// Put the nodes and this host on one private network (10.77.0.0/16, this host at .1).
+    pub network: bool,
+    /// This host's interface on it (needs CAP_NET_ADMIN; without, the
+    /// network runs, relaying for nodes that need it, but this host is not on it).
+    pub tap: Option<String>,
 }
 
 /// One node, once it has booted.
@@ -57,6 +62,8 @@ pub struct Node {
     pub console_log: PathBuf,
     /// The seller's signed statement, checked: what the node runs.
     pub attested: Attested,
+    /// Its address on the cluster's network (empty without one).
+    pub ip: String,
 }
 
 /// What happens to a cluster, as it happens.
@@ -91,6 +98,18 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
         .into_inner();
     let order = placed.order;
     let _ = events.send(Event::Placed { order }).await;
+    // The cluster's network, with this host as its relay (and on it, given an interface).
+    let _network = if spec.network {
+        match join_as_buyer(&conn, order, spec.tap.clone(), &spec.logs, &progress).await {
+            Ok(a) => Some(a),
+            Err(e) => {
+                let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+                return Err(e);
+            }
+        }
+    } else {
+        None
+    };
     let spec = Arc::new(spec);
     let mut workers = tokio::task::JoinSet::new();
     let mut pending = placed.leases.clone();
@@ -116,7 +135,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                     progress.note(&format!("lease {id} on seller node {}", l.seller_node));
                     let (conn, spec, events, node, ca, expected) = (conn.clone(), spec.clone(), events.clone(), l.seller_node, ca.clone(), expected.clone());
                     workers.spawn(async move {
-                        let facts = Facts { ca: &ca, sha, size, expected: &expected };
+                        let facts = Facts { order, ca: &ca, sha, size, expected: &expected };
                         let (why, end) = match boot_node(&conn, id, node, &spec, &facts, &events).await {
                             Ok(Stop::Finished(why)) => (why, true),
                             Ok(Stop::Untrusted(why)) => (format!("not trusted, lease ended: {why}"), true),
@@ -165,6 +184,24 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     result
 }
 
+/// Joins the cluster's network as its buyer; without CAP_NET_ADMIN for the
+/// interface, as a relay only.
+async fn join_as_buyer(conn: &Connection, order: u64, tap: Option<String>, logs: &std::path::Path, progress: &Arc<dyn Progress>) -> anyhow::Result<cpushare_exchange::netclient::Attached> {
+    use cpushare_exchange::netclient::{attach, Local};
+    let (identity, ca) = (conn.identity().context("the buyer's connection has no identity")?.clone(), conn.ca().context("no CA")?.clone());
+    let stats = Some(logs.join("network.json"));
+    if let Some(name) = tap {
+        match attach(conn, &identity, &ca, order, 0, Local::Tap(name.clone()), stats.clone()).await {
+            Ok(a) => {
+                progress.note(&format!("this host is {} on the cluster's network ({name})", a.me.ip));
+                return Ok(a);
+            }
+            Err(e) => progress.note(&format!("no {name} here ({e:#}): the network runs and relays, but this host is not on it")),
+        }
+    }
+    attach(conn, &identity, &ca, order, 0, Local::Nothing, stats).await
+}
+
 /// How a node's VM ended.
 enum Stop {
     /// It stopped by itself (powered off, crashed) or was refused (a corrupt image): why.
@@ -192,6 +229,7 @@ fn image_facts(iso: &std::path::Path) -> anyhow::Result<([u8; 32], u64, Expected
 
 /// What every node is checked against.
 struct Facts<'a> {
+    order: u64,
     ca: &'a rustls::pki_types::CertificateDer<'static>,
     sha: [u8; 32],
     size: u64,
@@ -220,7 +258,7 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
     out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
     let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
-    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib }))).await?;
+    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib, network_order: if spec.network { facts.order } else { 0 } }))).await?;
     let from = match next(&mut inbound).await? {
         Some(Say::ImageWanted(w)) => w.from.min(size),
         Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("refused: {}", o.killed))),
@@ -258,7 +296,7 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
                     Ok(a) => a,
                     Err(why) => return Ok(Stop::Untrusted(why)),
                 };
-                let node = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: size - from, upload_time, console_log: log_path.clone(), attested };
+                let node = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: size - from, upload_time, console_log: log_path.clone(), attested, ip: b.ip.clone() };
                 let _ = events.send(Event::Booted(node)).await;
             }
             Some(Say::Console(c)) => {

@@ -53,6 +53,11 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// The node identity this connection presents, if any.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.dialer.identity.as_ref()
+    }
+
     /// The exchange's CA certificate, when this connection was made trusting it
     /// (an enrolled node's): what nodes' signed statements are checked against.
     pub fn ca(&self) -> Option<&CertificateDer<'static>> {
@@ -79,6 +84,7 @@ struct Dialer {
     tls: tokio_rustls::TlsConnector,
     server_name: ServerName<'static>,
     ca: Option<CertificateDer<'static>>,
+    identity: Option<Identity>,
 }
 
 impl Dialer {
@@ -166,7 +172,7 @@ pub async fn connect(url: &str, trust: Trust, identity: Option<&Identity>) -> an
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config));
     let server_name = ServerName::try_from(host.clone())?;
-    Dialer { url: url.to_string(), host, port, tls, server_name, ca: trusted }.dial(seen_ca).await
+    Dialer { url: url.to_string(), host, port, tls, server_name, ca: trusted, identity: identity.cloned() }.dial(seen_ca).await
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -5,6 +5,7 @@ pub mod convert;
 pub mod datadir;
 pub mod engine;
 pub mod job;
+pub mod netclient;
 pub mod networks;
 pub mod node;
 pub mod pki;

@@ -43,7 +43,7 @@ async fn main() {
     let (mut direct, mut bios, mut plain) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..boots {
         for bios_path in [false, true] {
-            let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("w{round}{bios_path}")), bios: bios_path, scratch: None };
+            let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("w{round}{bios_path}")), bios: bios_path, scratch: None, net: None };
             let t = Instant::now();
             let mut vm = start(&spec).await.unwrap();
             assert!(until_up(&mut vm.console).await);

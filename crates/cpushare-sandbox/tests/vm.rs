@@ -41,7 +41,7 @@ async fn a_livecd_boots_directly_and_through_the_bios_under_tcg() {
     for bios in [false, true] {
         let scratch = tmp.path().join(format!("scratch-{bios}"));
         std::fs::File::create(&scratch).unwrap().set_len(64 << 20).unwrap();
-        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("vm-{bios}")), bios, scratch: Some(scratch) };
+        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(format!("vm-{bios}")), bios, scratch: Some(scratch), net: None };
         let mut vm = start(&spec).await.unwrap();
         assert_eq!(matches!(vm.boot, Boot::Direct { .. }), !bios, "{:?}", vm.boot);
         let lines = console(&mut vm, Duration::from_secs(120)).await;
@@ -71,7 +71,7 @@ async fn the_kvm_probe_says_whether_a_real_guest_boots_under_kvm() {
     let says = kvm_boots(&kernel, &tmp.path().join("probe"), Duration::from_secs(10)).await;
     // What really happens with KVM: the livecd boots, or it does not.
     let really = if Path::new("/dev/kvm").exists() {
-        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Kvm, work: tmp.path().join("kvm"), bios: false, scratch: None };
+        let spec = VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Kvm, work: tmp.path().join("kvm"), bios: false, scratch: None, net: None };
         let mut vm = start(&spec).await.unwrap();
         console(&mut vm, Duration::from_secs(20)).await.iter().any(|l| l.contains("cpushare-livecd: up"))
     } else {
@@ -105,7 +105,7 @@ async fn a_vm_shut_down_gets_its_power_button_and_is_killed_if_it_ignores_it() {
     use cpushare_sandbox::vm::testing::livecd;
     let Some(listens) = livecd(tmp.path(), "listens", "#!/bin/sh\necho staying up\nsleep 600\n") else { return };
     let deaf = livecd(tmp.path(), "deaf", "#!/bin/sh\nkillall acpid\necho staying up\nsleep 600\n").unwrap();
-    let spec = |iso: &PathBuf, work: &str| VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(work), bios: false, scratch: None };
+    let spec = |iso: &PathBuf, work: &str| VmSpec { iso: iso.clone(), ram_mib: 256, accel: Accel::Tcg, work: tmp.path().join(work), bios: false, scratch: None, net: None };
 
     // A guest that listens for the button shuts down by itself.
     let mut vm = start(&spec(&listens, "clean")).await.unwrap();

@@ -232,7 +232,7 @@ impl ProgramCache {
 /// A running seller.
 pub struct Seller {
     config: SellerConfig,
-    node: NodeConfig,
+    node: Arc<NodeConfig>,
     probe: Probe,
     cache: Mutex<ProgramCache>,
     leases: Mutex<HashMap<u64, JoinHandle<()>>>,
@@ -257,14 +257,14 @@ impl Seller {
         vm_lease::remove_stale_scratch();
         vm_lease::remove_stale_vms(&config.cache_dir);
         let images = Arc::new(vm_lease::Images::new(config.cache_dir.join("images"), config.image_cache_bytes)?);
-        Ok(Arc::new(Seller { config, node, probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images }))
+        Ok(Arc::new(Seller { config, node: Arc::new(node), probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images }))
     }
 
     pub fn probe(&self) -> &Probe {
         &self.probe
     }
 
-    fn offers(&self) -> Vec<pb::SlotOffer> {
+    fn offers(&self, inbound_udp: bool) -> Vec<pb::SlotOffer> {
         let slot = pb::SlotAttributes {
             score: self.probe.score,
             ram_mib: self.config.ram_per_slot_mib,
@@ -278,7 +278,7 @@ impl Seller {
             .into_iter()
             .filter_map(|(offered, kind)| offered.then_some(kind as i32))
             .collect(),
-            inbound_udp: false,
+            inbound_udp,
             latency_ms: self.probe.latency_ms,
         };
         // Software-emulated VMs at their own, lower ask (the same CPU).
@@ -349,7 +349,15 @@ impl Seller {
         let hello = conn.exchange.hello(pb::HelloRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
         let beat_every = Duration::from_secs((hello.heartbeat_timeout_secs as u64 / 3).max(1));
         let (tx, rx) = mpsc::channel(64);
-        let register = pb::Register { kernel: self.probe.kernel.clone(), seccomp_strict: self.probe.seccomp_strict, slots: self.offers() };
+        // Slots claim inbound UDP only once the exchange has seen it arrive here.
+        let inbound_udp = match cpushare_exchange::netclient::takes_inbound_udp(&conn).await {
+            Ok(yes) => yes,
+            Err(e) => {
+                tracing::warn!("could not test for inbound UDP: {e:#}");
+                false
+            }
+        };
+        let register = pb::Register { kernel: self.probe.kernel.clone(), seccomp_strict: self.probe.seccomp_strict, slots: self.offers(inbound_udp) };
         tx.send(pb::SellerMessage { body: Some(Say::Register(register)) }).await?;
         let mut inbound = conn
             .exchange
@@ -450,7 +458,7 @@ impl Seller {
                     images: self.images.clone(),
                     accel: if self.probe.vm_kvm { cpushare_sandbox::vm::Accel::Kvm } else { cpushare_sandbox::vm::Accel::Tcg },
                     slot_ram_mib: self.config.ram_per_slot_mib,
-                    identity: self.node.identity.clone(),
+                    node: self.node.clone(),
                     qemu_version: self.probe.qemu_version.clone(),
                     work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
                 };

@@ -134,8 +134,8 @@ pub(crate) struct Setup {
     pub images: std::sync::Arc<Images>,
     pub accel: Accel,
     pub slot_ram_mib: u32,
-    /// The node's key and certificate, to sign what it booted.
-    pub identity: cpushare_exchange::pki::Identity,
+    /// The node (its key and certificate sign what it booted; it joins networks).
+    pub node: std::sync::Arc<cpushare_exchange::node::NodeConfig>,
     pub qemu_version: String,
     pub work: PathBuf,
 }
@@ -160,8 +160,8 @@ fn attest(setup: &Setup, image_sha256: &[u8], boot: &Boot) -> anyhow::Result<pb:
         Boot::Bios { .. } => s.boot = "bios".into(),
     }
     let statement = s.encode_to_vec();
-    let signature = setup.identity.sign_statement(job::VM_BOOT_STATEMENT, &statement)?;
-    Ok(pb::VmAttestation { statement, signature, certificate: setup.identity.cert.to_vec() })
+    let signature = setup.node.identity.sign_statement(job::VM_BOOT_STATEMENT, &statement)?;
+    Ok(pb::VmAttestation { statement, signature, certificate: setup.node.identity.cert.to_vec() })
 }
 
 fn accel_name(a: Accel) -> &'static str {
@@ -241,7 +241,26 @@ pub(crate) async fn serve(
         }
     };
     let scratch = scratch_file.as_ref().map(|s| s.0.clone());
-    let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false, scratch };
+    // The cluster's network: this seller joins it for the lease, and the VM's
+    // card is a socket pair with the node (no tap, no root).
+    let network = match offer.network_order {
+        0 => None,
+        order => {
+            let (ours, vm) = (setup.work.join("net.sock"), setup.work.join("vm.sock"));
+            let conn = setup.node.connect().await?;
+            let local = cpushare_exchange::netclient::Local::Vm { ours: ours.clone(), vm: vm.clone() };
+            match cpushare_exchange::netclient::attach(&conn, &setup.node.identity, &setup.node.ca, order, setup.lease, local, Some(setup.work.join("vnet.json"))).await {
+                Ok(a) => Some((a, vm, ours)),
+                Err(e) => {
+                    let outcome = pb::Outcome { killed: format!("the seller could not join the cluster's network: {e:#}"), seller_fault: true, ..Default::default() };
+                    out.send(job::frame(Job::Outcome(outcome))).await?;
+                    return Ok(());
+                }
+            }
+        }
+    };
+    let net = network.as_ref().map(|(a, vm, ours)| vm::VmNet { vm: vm.clone(), node: ours.clone(), mac: a.me.mac });
+    let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false, scratch, net };
     let mut machine = match vm::start(&spec).await {
         Ok(m) => m,
         Err(e) => {
@@ -258,7 +277,8 @@ pub(crate) async fn serve(
         }
     };
     let attestation = attest(&setup, &offer.sha256, &machine.boot)?;
-    let booted = pb::VmBooted { boot, accel: accel_name(setup.accel).into(), cmdline, attestation: Some(attestation) };
+    let (ip, mac) = network.as_ref().map_or((String::new(), Vec::new()), |(a, _, _)| (a.me.ip.to_string(), a.me.mac.to_vec()));
+    let booted = pb::VmBooted { boot, accel: accel_name(setup.accel).into(), cmdline, attestation: Some(attestation), ip, mac };
 
     // The console to the buyer. The guest has booted when it first writes
     // there (or has stayed silent a minute): the buyer is told, and metering starts.

@@ -125,8 +125,12 @@ pub struct PeerCounters {
     pub frames_in: u64,
     pub frames_out: u64,
     pub handshakes: u64,
-    /// How this node reaches the peer now: "direct" or "relayed".
+    /// How this node reaches the peer now: "direct" or "relayed" (for one
+    /// that left, how it was reached last).
     pub path: String,
+    /// The peer has left the network; these are its final counts.
+    #[serde(default)]
+    pub left: bool,
 }
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -233,15 +237,16 @@ impl Node {
             transmits: Vec::new(),
             deliveries: Vec::new(),
         };
-        node.set_members(&config.members)?;
+        node.set_members(&config.members, now)?;
         Ok(node)
     }
 
     /// Takes a new member list (the control plane's, as members join and
     /// leave): peers that stay keep their sessions; new ones are added; gone
-    /// ones are forgotten, with everything learnt about them. Refused (and
+    /// ones are forgotten, with everything learnt about them but their final
+    /// counts. Refused (and
     /// nothing changed) if the list is inconsistent.
-    pub fn set_members(&mut self, members: &[Member]) -> anyhow::Result<()> {
+    pub fn set_members(&mut self, members: &[Member], now: Instant) -> anyhow::Result<()> {
         let mut relay = None;
         let mut keys = HashMap::new();
         for m in members {
@@ -250,14 +255,18 @@ impl Node {
             }
             if m.node == self.me {
                 anyhow::ensure!(m.public == self.keys.public, "the member list has another key for this node");
-            } else {
-                anyhow::ensure!(keys.insert(m.public, m.node).is_none(), "two members with one key");
             }
+            anyhow::ensure!(keys.insert(m.public, m.node).is_none(), "two members with one key");
         }
         anyhow::ensure!(members.iter().any(|m| m.node == self.me), "this node ({}) is not in the member list", self.me);
         let gone: Vec<NodeId> = self.peers.keys().filter(|id| !members.iter().any(|m| m.node == **id && m.public == self.peers[id].member.public)).copied().collect();
         for id in gone {
             if let Some(p) = self.peers.remove(&id) {
+                // What it carried stays in the counters.
+                let mut last = p.counters.clone();
+                last.path = self.path_name(&p, now).into();
+                last.left = true;
+                self.counters.peers.insert(id, last);
                 for s in &p.sessions {
                     self.by_index.remove(&s.local_index);
                 }
@@ -299,6 +308,7 @@ impl Node {
                 }
             }
         }
+        keys.remove(&self.keys.public);
         self.by_key = keys;
         self.relay = relay;
         Ok(())
@@ -312,13 +322,17 @@ impl Node {
         let mut c = self.counters.clone();
         for (id, p) in &self.peers {
             let mut pc = p.counters.clone();
-            pc.path = match self.path(p, now) {
-                Path::Direct => "direct".into(),
-                Path::Relayed => "relayed".into(),
-            };
+            pc.path = self.path_name(p, now).into();
             c.peers.insert(*id, pc);
         }
         c
+    }
+
+    fn path_name(&self, p: &Peer, now: Instant) -> &'static str {
+        match self.path(p, now) {
+            Path::Direct => "direct",
+            Path::Relayed => "relayed",
+        }
     }
 
     // ---- frames from local ports ----

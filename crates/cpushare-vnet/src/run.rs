@@ -50,6 +50,23 @@ pub struct Control {
     pub members: Option<std::sync::mpsc::Receiver<Vec<crate::node::Member>>>,
     /// Where the exchange's inbound probes (their tokens) go.
     pub probes: Option<std::sync::mpsc::Sender<[u8; 16]>>,
+    /// Told once the attachments are made (or why they could not be).
+    pub ready: Option<std::sync::mpsc::Sender<Result<(), String>>>,
+}
+
+/// Waits up to `limit` for the exchange's probe on `udp`; its token.
+pub fn await_probe(udp: &mut Udp, limit: Duration) -> Option<[u8; 16]> {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        crate::io::wait(udp.fd(), libc::POLLIN, until.saturating_duration_since(Instant::now()).as_millis().max(1) as i32);
+        let got = udp.recv().ok()?;
+        for (i, r) in got.iter().enumerate() {
+            if let Some(t) = probe_token(&udp.bufs[i][..r.len]) {
+                return Some(t);
+            }
+        }
+    }
+    None
 }
 
 /// What the exchange sends to check that a node takes unsolicited UDP: this, then a 16-byte token.
@@ -96,13 +113,20 @@ pub fn run(config: &Config, listen: SocketAddr, attach: Attachments, stats: Opti
 /// [`run`] on a socket already bound (its address is what the control plane was told).
 pub fn run_on(config: &Config, mut udp: Udp, attach: Attachments, control: Control, stats: Option<PathBuf>, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let dhcp: Vec<Option<crate::dhcp::Lease>> = attach.tap.iter().map(|_| None).chain(attach.ports.iter().map(|p| p.dhcp)).collect();
-    let mut locals = Vec::new();
-    if let Some(t) = &attach.tap {
-        locals.push(Local::Tap(Tap::create(&t.name, &t.address, t.mac).with_context(|| format!("creating the interface {} (it needs CAP_NET_ADMIN)", t.name))?));
+    let locals = (|| {
+        let mut locals = Vec::new();
+        if let Some(t) = &attach.tap {
+            locals.push(Local::Tap(Tap::create(&t.name, &t.address, t.mac).with_context(|| format!("creating the interface {} (it needs CAP_NET_ADMIN)", t.name))?));
+        }
+        for p in &attach.ports {
+            locals.push(Local::Port(Port::bind(&p.path, &p.peer).with_context(|| format!("binding {}", p.path.display()))?));
+        }
+        anyhow::Ok(locals)
+    })();
+    if let Some(ready) = &control.ready {
+        let _ = ready.send(locals.as_ref().map(drop).map_err(|e| format!("{e:#}")));
     }
-    for p in &attach.ports {
-        locals.push(Local::Port(Port::bind(&p.path, &p.peer).with_context(|| format!("binding {}", p.path.display()))?));
-    }
+    let locals = locals?;
     let now = Instant::now();
     let mut node = Node::new(config, (0..locals.len() as PortId).collect(), now)?;
     let mut frame = vec![0u8; MAX_FRAME + 64];
@@ -152,7 +176,7 @@ pub fn run_on(config: &Config, mut udp: Udp, attach: Attachments, control: Contr
         }
         if let Some(updates) = &control.members {
             while let Ok(members) = updates.try_recv() {
-                if let Err(e) = node.set_members(&members) {
+                if let Err(e) = node.set_members(&members, now) {
                     tracing::warn!("a member list refused: {e:#}");
                 }
             }

@@ -306,3 +306,59 @@ fn a_handshake_flood_gets_cookies_not_diffie_hellman() {
     assert_eq!(c.cookies_sent as usize, replies);
     assert_eq!(c.dropped_rate_limited, 150 - cpushare_vnet::node::UNDER_LOAD as u64);
 }
+
+#[test]
+fn members_leave_and_join_while_the_others_carry_on() {
+    let mut sim = Sim::new(&[true, true, true, true]);
+    for i in 0..4 {
+        sim.send(i, &frame(i, None, b"hello"));
+    }
+    for i in 0..4 {
+        sim.took(i);
+    }
+    for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
+        sim.send(a, &frame(a, Some(b), b"before"));
+        assert_eq!(sim.took(b).len(), 1, "{a} to {b}");
+    }
+    let members = |sim: &Sim, keep: &[usize]| -> Vec<Member> {
+        keep.iter().map(|&i| Member { node: id(i), public: sim.keys[i].public, endpoint: addr(i), inbound: true, relay: i == 0 }).collect()
+    };
+    let handshakes = sim.counters(1).peers[&id(2)].handshakes;
+
+    // 3 leaves (its lease ended): the others forget it, and it gets nothing through.
+    let now = sim.now;
+    let without = members(&sim, &[0, 1, 2]);
+    for i in 0..3 {
+        sim.hosts[i].node.set_members(&without, now).unwrap();
+    }
+    sim.send(3, &frame(3, Some(1), b"after leaving"));
+    assert!(sim.took(1).is_empty(), "a node that left reaches nobody");
+    let c1 = sim.counters(1);
+    assert!(c1.peers[&id(3)].left && c1.peers[&id(3)].frames_in == 2, "its final counts stay (a hello and a frame): {c1:?}");
+    // 1 and 2 carry on in the session they had.
+    sim.send(1, &frame(1, Some(2), b"still here"));
+    assert_eq!(sim.took(2), vec![frame(1, Some(2), b"still here")]);
+    assert_eq!(sim.counters(1).peers[&id(2)].handshakes, handshakes, "no new handshake for a member list change");
+
+    // A fifth node joins (a replacement): told of the others, and they of it.
+    sim.keys.push(StaticKeys::generate());
+    let with = members(&sim, &[0, 1, 2, 4]);
+    let config = Config { cluster: 7, psk: [3; 32], me: id(4), secret: sim.keys[4].secret, public: sim.keys[4].public, members: with.clone() };
+    assert!(Node::new(&Config { members: without.clone(), ..config.clone() }, vec![PORT], now).is_err(), "a node is refused a member list without itself");
+    sim.hosts.push(Host { node: Node::new(&config, vec![PORT], now).unwrap(), addr: addr(4), open: true, contacted: HashSet::new(), got: Vec::new() });
+    for i in 0..3 {
+        sim.hosts[i].node.set_members(&with, now).unwrap();
+    }
+    for (a, b) in [(4, 1), (1, 4), (2, 4), (4, 0)] {
+        sim.send(a, &frame(a, Some(b), b"welcome"));
+        assert_eq!(sim.took(b), vec![frame(a, Some(b), b"welcome")], "{a} to {b}");
+    }
+    let c4 = sim.counters(4);
+    assert!([1, 2].iter().all(|&p| c4.peers[&id(p)].path == "direct" && !c4.peers[&id(p)].left), "{c4:?}");
+    // An inconsistent list (two members with one key) is refused and changes nothing.
+    let mut bad = with.clone();
+    bad[2].public = bad[1].public;
+    assert!(sim.hosts[1].node.set_members(&bad, now).is_err());
+    sim.send(1, &frame(1, Some(2), b"unchanged"));
+    assert_eq!(sim.took(2).len(), 1);
+}

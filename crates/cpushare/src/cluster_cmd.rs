@@ -55,6 +55,12 @@ pub struct StartArgs {
     /// When a node's seller vanishes, carry on with fewer nodes instead of booting a replacement elsewhere.
     #[arg(long)]
     no_replace: bool,
+    /// No private network among the nodes (by default they and this host share 10.77.0.0/16, this host at .1).
+    #[arg(long)]
+    no_network: bool,
+    /// This host's interface on the cluster's network (needs CAP_NET_ADMIN; without it the network still runs, relaying, but this host is not on it).
+    #[arg(long, default_value = "cpushare0", value_name = "NAME")]
+    tap: String,
     #[command(flatten)]
     dir: DirArg,
 }
@@ -181,6 +187,8 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
         kvm_only: args.kvm_only,
         logs: dir.clone(),
         replace: !args.no_replace,
+        network: !args.no_network,
+        tap: Some(args.tap.clone()),
     };
     let conn = connect(config).await?;
     let (tx, mut rx) = mpsc::channel(64);
@@ -192,7 +200,7 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
     let mut uploads: std::collections::HashMap<u64, ProgressBar> = Default::default();
     let save = |order: u64, booted: &[Node]| {
         let nodes: Vec<_> =
-            booted.iter().map(|n| json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel, "attested": n.attested.to_string()})).collect();
+            booted.iter().map(|n| json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel, "ip": n.ip, "attested": n.attested.to_string()})).collect();
         let state = json!({"order": order, "iso": args.iso, "nodes": nodes});
         std::fs::write(state_path(&dir), serde_json::to_string_pretty(&state).unwrap())
     };
@@ -228,8 +236,8 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
                     booted.push(n);
                     save(order, &booted)?;
                     if booted.len() == args.nodes as usize {
-                        let rows = booted.iter().map(|n| vec![json!(n.lease), json!(n.seller_node), json!(n.boot), json!(n.accel), json!(n.console_log.display().to_string())]).collect();
-                        out.table(&["lease", "seller node", "boot", "accel", "console"], rows);
+                        let rows = booted.iter().map(|n| vec![json!(n.lease), json!(n.seller_node), json!(n.ip), json!(n.boot), json!(n.accel), json!(n.console_log.display().to_string())]).collect();
+                        out.table(&["lease", "seller node", "ip", "boot", "accel", "console"], rows);
                         eprintln!("cpushare: all {} node(s) up; Ctrl-C or `cpushare cluster stop --dir {}` ends the cluster", args.nodes, dir.display());
                     }
                 }

@@ -15,7 +15,7 @@
 pub mod boot;
 mod qemu;
 
-pub use qemu::{boots, kvm_boots, qemu_version, start, Accel, Boot, Vm, VmSpec, PIDFILE};
+pub use qemu::{boots, kvm_boots, qemu_version, start, Accel, Boot, Vm, VmNet, VmSpec, PIDFILE};
 
 /// An image's SHA-256 and size, read in 1 MiB pieces: what images are
 /// addressed and checked by, on both sides of a VM lease.

@@ -41,6 +41,26 @@ pub struct VmSpec {
     pub bios: bool,
     /// A writable scratch disk (a file, RAM-backed on a seller), attached after the image.
     pub scratch: Option<PathBuf>,
+    /// A network card on a unix datagram socket (QEMU's `-netdev dgram`).
+    pub net: Option<VmNet>,
+}
+
+/// A VM's network card: frames go to `node` (the seller's socket) from `vm` (QEMU's).
+#[derive(Debug, Clone)]
+pub struct VmNet {
+    pub vm: PathBuf,
+    pub node: PathBuf,
+    pub mac: [u8; 6],
+}
+
+fn net_args(net: &VmNet, device: &str) -> io::Result<Vec<String>> {
+    let mac = net.mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":");
+    Ok(vec![
+        "-netdev".into(),
+        format!("dgram,id=net0,local.type=unix,local.path={},remote.type=unix,remote.path={}", path(&net.vm)?.replace(',', ",,"), path(&net.node)?.replace(',', ",,")),
+        "-device".into(),
+        format!("{device},netdev=net0,mac={mac}"),
+    ])
 }
 
 /// A running VM. Dropped, it is shut down as [`Vm::shutdown`] does, in the
@@ -190,12 +210,18 @@ pub async fn start(spec: &VmSpec) -> io::Result<Vm> {
                 let scratch = path(scratch)?.replace(',', ",,");
                 args.extend(["-drive".into(), format!("file={scratch},if=none,id=scratch,format=raw"), "-device".into(), format!("{disk},drive=scratch")]);
             }
+            if let Some(net) = &spec.net {
+                args.extend(net_args(net, if disk == "virtio-blk-pci" { "virtio-net-pci" } else { "virtio-net-device" })?);
+            }
             Boot::Direct { cmdline: d.cmdline, kernel_sha256, initrd_sha256 }
         }
         Err(why) => {
             args.extend(["-M".into(), "pc".into(), "-drive".into(), format!("file={iso},media=cdrom,readonly=on,if=ide,format=raw"), "-boot".into(), "d".into()]);
             if let Some(scratch) = &spec.scratch {
                 args.extend(["-drive".into(), format!("file={},if=ide,format=raw", path(scratch)?.replace(',', ",,"))]);
+            }
+            if let Some(net) = &spec.net {
+                args.extend(net_args(net, "virtio-net-pci")?);
             }
             Boot::Bios { why }
         }
@@ -239,7 +265,7 @@ pub async fn boots(kernel: &Path, accel: Accel, work: &Path, limit: Duration) ->
         std::fs::create_dir_all(work)?;
         let initrd = work.join("probe-initrd");
         std::fs::write(&initrd, probe_initramfs()?)?;
-        let spec = VmSpec { iso: PathBuf::new(), ram_mib: 128, accel, work: work.to_path_buf(), bios: false, scratch: None };
+        let spec = VmSpec { iso: PathBuf::new(), ram_mib: 128, accel, work: work.to_path_buf(), bios: false, scratch: None, net: None };
         let mut args = common(&spec);
         args.extend(["-M".into(), direct_machine(accel).0.into(), "-kernel".into(), path(kernel)?, "-initrd".into(), path(&initrd)?]);
         args.extend(["-append".into(), "console=ttyS0 quiet panic=-1".into()]);

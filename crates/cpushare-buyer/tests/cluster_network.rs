@@ -1,0 +1,96 @@
+//! A cluster's private network with real VMs: two livecd nodes on two local
+//! sellers under software emulation get their addresses by DHCP from their
+//! sellers' network nodes and ping each other (and, as root, the buyer's own
+//! interface); the counters show the frames crossing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cpushare_buyer::cluster::{run_cluster, ClusterSpec, Event, Node};
+use cpushare_seller::testbed::Testbed;
+use tokio::sync::mpsc;
+
+/// Each node pings every other member (ids 1..=3: the buyer, then the two
+/// nodes) until it answers or a minute passes, then stays up a while so that
+/// the other node can reach it too.
+const PAYLOAD: &str = r#"#!/bin/sh
+me=$(ifconfig eth0 | sed -n 's/.*inet addr:\([0-9.]*\).*/\1/p')
+echo "node at $me"
+for peer in 10.77.0.1 10.77.0.2 10.77.0.3; do
+    [ "$peer" = "$me" ] && continue
+    n=0
+    until ping -c 1 -W 1 $peer >/dev/null 2>&1; do
+        n=$((n+1))
+        [ $n -ge 60 ] && break
+    done
+    if [ $n -lt 60 ]; then echo "reached $peer"; else echo "could not reach $peer"; fi
+done
+echo "pings done"
+sleep 20
+"#;
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_vms_on_a_cluster_network_reach_each_other_and_the_buyer() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(iso) = cpushare_sandbox::vm::testing::livecd(dir.path(), "net", PAYLOAD) else { return };
+    let mut tb = Testbed::start(&dir.path().join("tb"), 5).await.unwrap();
+    for (name, price) in [("s1", 1000), ("s2", 2000)] {
+        tb.seller(name, 1, price, |c| c.ram_per_slot_mib = 512).await.unwrap();
+    }
+    // The sellers proved at start that UDP reaches them unasked, so their slots say so.
+    for s in &tb.sellers {
+        let orders = s.node.connect().await.unwrap().exchange.clone().list_orders(cpushare_proto::v1::ListOrdersRequest {}).await.unwrap().into_inner().orders;
+        assert!(orders.iter().all(|o| o.slot.as_ref().is_some_and(|a| a.inbound_udp)), "{orders:?}");
+    }
+    let buyer = tb.member("buyer", 1_000_000).await.unwrap();
+    // As root the buyer has an interface on the network (a name of this test's own).
+    let tap = format!("cpst{}", std::process::id() % 100_000);
+    let logs = dir.path().join("logs");
+    let spec = ClusterSpec { iso, nodes: 2, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.clone(), replace: false, network: true, tap: Some(tap.clone()) };
+    let (tx, mut rx) = mpsc::channel(64);
+    let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut stopped = Vec::new();
+    let consoles = |nodes: &[Node]| nodes.iter().map(|n| std::fs::read_to_string(&n.console_log).unwrap_or_default()).collect::<Vec<_>>();
+    loop {
+        let Ok(e) = tokio::time::timeout(Duration::from_secs(180), rx.recv()).await else {
+            panic!("the cluster did not move on for 180 s; consoles:\n{}", consoles(&nodes).join("\n---\n"));
+        };
+        match e {
+            Some(Event::Booted(n)) => nodes.push(n),
+            Some(Event::Stopped { why, .. }) => stopped.push(why),
+            Some(_) => {}
+            None => break,
+        }
+    }
+    running.await.unwrap().unwrap();
+    assert_eq!(nodes.len(), 2, "{stopped:?}");
+    let consoles = consoles(&nodes);
+    let mut ips: Vec<&str> = nodes.iter().map(|n| n.ip.as_str()).collect();
+    ips.sort();
+    assert_eq!(ips, ["10.77.0.2", "10.77.0.3"], "the sellers' members after the buyer's");
+    for (node, console) in nodes.iter().zip(&consoles) {
+        // Its DHCP client took the address the exchange gave its member.
+        assert!(console.contains(&format!("cpushare-livecd: network eth0 {}", node.ip)), "{console}");
+        assert!(console.contains("pings done"), "{console}");
+        let other = ips.iter().find(|ip| **ip != node.ip).unwrap();
+        assert!(console.contains(&format!("reached {other}")), "node {} reaches node {other}:\n{console}", node.ip);
+        if is_root() {
+            assert!(console.contains("reached 10.77.0.1"), "root's buyer has {tap} on the network:\n{console}");
+        }
+    }
+    // The buyer's counters: its node ran (and, with the interface, carried the pings).
+    let stats: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(logs.join("network.json")).expect("the buyer's network counters")).unwrap();
+    for peer in ["2", "3"] {
+        let c = &stats["peers"][peer];
+        assert_eq!(c["path"], "direct", "both sellers take inbound UDP: {stats}");
+        if is_root() {
+            assert!(c["frames_in"].as_u64().unwrap() > 0 && c["frames_out"].as_u64().unwrap() > 0, "{stats}");
+        }
+    }
+}
