@@ -42,9 +42,12 @@ pub struct ClusterSpec {
     pub replace: bool,
     /// Put the nodes and this host on one private network (10.77.0.0/16, this host at .1).
     pub network: bool,
-    /// This host's interface on it (needs CAP_NET_ADMIN; without, the
-    /// network runs, relaying for nodes that need it, but this host is not on it).
+    /// This host's interface on it (needs CAP_NET_ADMIN)...
     pub tap: Option<String>,
+    /// ...or, without one, a SOCKS5 proxy into the network listening here
+    /// (a userspace stack at this host's address). With neither, the
+    /// network still runs, relaying for nodes that need it.
+    pub socks: Option<std::net::SocketAddr>,
 }
 
 /// One node, once it has booted.
@@ -100,7 +103,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let _ = events.send(Event::Placed { order }).await;
     // The cluster's network, with this host as its relay (and on it, given an interface).
     let _network = if spec.network {
-        match join_as_buyer(&conn, order, spec.tap.clone(), &spec.logs, &progress).await {
+        match join_as_buyer(&conn, order, &spec, &progress).await {
             Ok(a) => Some(a),
             Err(e) => {
                 let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
@@ -184,21 +187,33 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     result
 }
 
-/// Joins the cluster's network as its buyer; without CAP_NET_ADMIN for the
-/// interface, as a relay only.
-async fn join_as_buyer(conn: &Connection, order: u64, tap: Option<String>, logs: &std::path::Path, progress: &Arc<dyn Progress>) -> anyhow::Result<cpushare_exchange::netclient::Attached> {
+/// Joins the cluster's network as its buyer: on it with an interface if
+/// this host may make one, else through a SOCKS5 proxy, else as a relay only.
+async fn join_as_buyer(conn: &Connection, order: u64, spec: &ClusterSpec, progress: &Arc<dyn Progress>) -> anyhow::Result<cpushare_exchange::netclient::Attached> {
     use cpushare_exchange::netclient::{attach, Local};
     let (identity, ca) = (conn.identity().context("the buyer's connection has no identity")?.clone(), conn.ca().context("no CA")?.clone());
-    let stats = Some(logs.join("network.json"));
-    if let Some(name) = tap {
+    let stats = Some(spec.logs.join("network.json"));
+    if let Some(name) = &spec.tap {
         match attach(conn, &identity, &ca, order, 0, Local::Tap(name.clone()), stats.clone()).await {
             Ok(a) => {
                 progress.note(&format!("this host is {} on the cluster's network ({name})", a.me.ip));
                 return Ok(a);
             }
-            Err(e) => progress.note(&format!("no {name} here ({e:#}): the network runs and relays, but this host is not on it")),
+            Err(e) => progress.note(&format!("no {name} here ({e:#})")),
         }
     }
+    if let Some(at) = spec.socks {
+        match std::net::TcpListener::bind(at) {
+            Ok(listener) => {
+                let a = attach(conn, &identity, &ca, order, 0, Local::Socks(listener), stats).await?;
+                let proxy = a.socks.expect("a proxy was asked for");
+                progress.note(&format!("a SOCKS5 proxy into the cluster's network at {proxy} (this host is {} there): curl --socks5 {proxy} http://10.77.0.2/", a.me.ip));
+                return Ok(a);
+            }
+            Err(e) => progress.note(&format!("no SOCKS5 proxy at {at} ({e})")),
+        }
+    }
+    progress.note("the cluster's network runs and this host relays for it, but is not on it");
     attach(conn, &identity, &ca, order, 0, Local::Nothing, stats).await
 }
 

@@ -133,16 +133,20 @@ pub struct Attached {
     pub me: Member,
     /// Where its counters are written (JSON), if asked.
     pub stats: Option<std::path::PathBuf>,
+    /// Where its SOCKS5 proxy takes clients, with [`Local::Socks`].
+    pub socks: Option<SocketAddr>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
     views: tokio::task::JoinHandle<()>,
+    /// The stack's sockets, removed with it.
+    _sockets: Option<tempfile::TempDir>,
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.views.abort();
-        if let Some(t) = self.thread.take() {
+        for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
@@ -154,7 +158,10 @@ pub enum Local {
     Tap(String),
     /// A VM's card: our socket and QEMU's; the VM's DHCP client gets the member's address.
     Vm { ours: std::path::PathBuf, vm: std::path::PathBuf },
-    /// Nothing (a relay that cannot have an interface here).
+    /// A userspace TCP/IP stack at the member's address with a SOCKS5 proxy
+    /// in front, taking clients on this listener (no CAP_NET_ADMIN needed).
+    Socks(std::net::TcpListener),
+    /// Nothing (a relay only).
     Nothing,
 }
 
@@ -173,13 +180,26 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
     let me = view.members.iter().find(|m| m.id == view.me).cloned().expect("verify keeps this node");
     let config = cpushare_vnet::node::Config { cluster: order, psk: view.psk, me: view.me, secret: keys.secret, public: keys.public, members: members(&view) };
     let address = format!("{}/{}", me.ip, view.prefix);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (mut socks, mut sockets, mut threads) = (None, None, Vec::new());
     let attachments = match local {
         Local::Tap(name) => Attachments { tap: Some(TapSpec { name, address, mac: me.mac }), ports: vec![] },
         Local::Vm { ours, vm } => Attachments { tap: None, ports: vec![PortSpec { path: ours, peer: vm, dhcp: Some(cpushare_vnet::dhcp::Lease { mac: me.mac, ip: me.ip, prefix: view.prefix }) }] },
+        Local::Socks(listener) => {
+            // The stack is the node's one "VM", on a socket pair of its own.
+            let dir = tempfile::Builder::new().prefix("cpushare-net-").tempdir().context("a directory for the proxy's sockets")?;
+            let (ours, stack) = (dir.path().join("node.sock"), dir.path().join("stack.sock"));
+            socks = Some(listener.local_addr()?);
+            let spec = cpushare_vnet::stack::StackSpec { mac: me.mac, address: me.ip, prefix: view.prefix };
+            let (node, stop) = (ours.clone(), stop.clone());
+            let s = stack.clone();
+            threads.push(std::thread::Builder::new().name(format!("socks-{order}")).spawn(move || cpushare_vnet::stack::socks(&spec, listener, &s, &node, stop))?);
+            sockets = Some(dir);
+            Attachments { tap: None, ports: vec![PortSpec { path: ours, peer: stack, dhcp: None }] }
+        }
         Local::Nothing => Attachments { tap: None, ports: vec![] },
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (thread_stop, thread_stats) = (stop.clone(), stats.clone());
     // Errors creating the attachment (a tap without CAP_NET_ADMIN) are the caller's to hear.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
@@ -187,13 +207,21 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
         let control = Control { members: Some(rx), probes: None, ready: Some(ready_tx) };
         cpushare_vnet::run::run_on(&config, udp, attachments, control, thread_stats, thread_stop)
     })?;
+    let failed = |threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>| {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for t in threads {
+            let _ = t.join();
+        }
+    };
     match tokio::task::spawn_blocking(move || ready_rx.recv()).await? {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => threads.push(thread),
         Ok(Err(e)) => {
+            failed(threads);
             let _ = thread.join();
             anyhow::bail!("{e}");
         }
         Err(_) => {
+            failed(threads);
             let r = thread.join().map_err(|_| anyhow::anyhow!("the network's thread panicked"))?;
             r?;
             anyhow::bail!("the network's thread ended at once");
@@ -212,5 +240,5 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
             }
         }
     });
-    Ok(Attached { me, stats, stop, thread: Some(thread), views })
+    Ok(Attached { me, stats, socks, stop, threads, views, _sockets: sockets })
 }

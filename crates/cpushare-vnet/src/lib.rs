@@ -9,6 +9,8 @@
 //!   in datagram-sized pieces, and cut to MTU size where a port needs it.
 //! - [`io`], [`run`]: the UDP socket (GSO/GRO, batches), the tap, QEMU's
 //!   datagram sockets, and the loop around a node.
+//! - [`stack`], [`socks5`]: a userspace TCP/IP stack on a node's port with
+//!   a SOCKS5 proxy in front, for a buyer without CAP_NET_ADMIN.
 pub mod dhcp;
 pub mod frames;
 pub mod gso;
@@ -18,4 +20,6 @@ pub mod node;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod socks5;
+pub mod stack;
 pub mod wire;

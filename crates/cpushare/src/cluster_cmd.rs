@@ -58,9 +58,12 @@ pub struct StartArgs {
     /// No private network among the nodes (by default they and this host share 10.77.0.0/16, this host at .1).
     #[arg(long)]
     no_network: bool,
-    /// This host's interface on the cluster's network (needs CAP_NET_ADMIN; without it the network still runs, relaying, but this host is not on it).
+    /// This host's interface on the cluster's network (needs CAP_NET_ADMIN; without it, the SOCKS5 proxy below).
     #[arg(long, default_value = "cpushare0", value_name = "NAME")]
     tap: String,
+    /// Without the interface: a SOCKS5 proxy into the cluster's network here (`curl --socks5 127.0.0.1:1080 http://10.77.0.2/`).
+    #[arg(long, default_value = "127.0.0.1:1080", value_name = "ADDR")]
+    socks: std::net::SocketAddr,
     #[command(flatten)]
     dir: DirArg,
 }
@@ -189,6 +192,7 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
         replace: !args.no_replace,
         network: !args.no_network,
         tap: Some(args.tap.clone()),
+        socks: Some(args.socks),
     };
     let conn = connect(config).await?;
     let (tx, mut rx) = mpsc::channel(64);

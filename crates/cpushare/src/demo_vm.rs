@@ -5,7 +5,9 @@
 //! the buyer rents two nodes that boot it, checks each seller's signed
 //! statement of what it booted, and follows their consoles. Halfway one
 //! seller is killed (unless `--no-faults`): its node is replaced by a new one
-//! on the third seller. Then the cluster stops and the bill is printed.
+//! on the third seller. The nodes share a private network with the buyer
+//! (whose end is a userspace stack: no root needed), and each pings the
+//! buyer across it every second. Then the cluster stops and the bill is printed.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -23,10 +25,12 @@ use crate::table::Output;
 const NODES: u32 = 2;
 /// Cents per CPU-hour: software emulation is priced below jail work.
 const SELLERS: [(&str, u64); 3] = [("alice", 600), ("bob", 800), ("carol", 1000)];
-/// What each node runs once booted: it says what it is, then counts.
+/// What each node runs once booted: it says what it is, then counts, and
+/// pings the buyer across the cluster's private network each second.
 const PAYLOAD: &str = "#!/bin/sh\n\
-echo \"node up: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vCPU, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB\"\n\
-i=0; while true; do i=$((i+1)); echo \"tick $i: $(echo $i | sha256sum | cut -c1-16)\"; sleep 1; done\n";
+me=$(ifconfig eth0 | sed -n 's/.*inet addr:\\([0-9.]*\\).*/\\1/p')\n\
+echo \"node up: kernel $(uname -r), $(grep -c ^processor /proc/cpuinfo) vCPU, $(awk '/MemTotal/ {print int($2/1024)}' /proc/meminfo) MiB, at $me\"\n\
+i=0; while true; do i=$((i+1)); rtt=$(ping -c 1 -W 1 10.77.0.1 | sed -n 's/.*time=\\(.*\\) ms/\\1 ms/p'); echo \"tick $i: $(echo $i | sha256sum | cut -c1-16), buyer 10.77.0.1 ${rtt:-unreachable}\"; sleep 1; done\n";
 
 /// The script that builds the livecd, from the source tree this binary was built in.
 fn make_live_iso() -> PathBuf {
@@ -73,7 +77,7 @@ pub async fn run(out_dir: &Path, no_faults: bool, out: Output) -> anyhow::Result
 
     let logs = out_dir.join("vm-consoles");
     let _ = std::fs::remove_dir_all(&logs);
-    let spec = ClusterSpec { iso, nodes: NODES, max_price: 2000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.clone(), replace: true, network: true, tap: None };
+    let spec = ClusterSpec { iso, nodes: NODES, max_price: 2000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.clone(), replace: true, network: true, tap: None, socks: Some(([127, 0, 0, 1], 0).into()) };
     say(format!("renting {NODES} machines that boot it (256 MiB and a 64 MiB scratch disk each)"));
     let conn = buyer.connect().await?;
     let (tx, mut rx) = mpsc::channel(256);
@@ -93,7 +97,7 @@ pub async fn run(out_dir: &Path, no_faults: bool, out: Output) -> anyhow::Result
             Event::Uploading { .. } => {}
             Event::Booted(n) => {
                 let seller = tb.sellers.iter().find(|s| s.node.node == n.seller_node).map_or("?".to_string(), |s| s.name.clone());
-                say(format!("   lease {} booted on {seller} ({} boot, {}; {} bytes of image sent): {}", n.lease, n.boot, n.accel, n.uploaded, n.attested));
+                say(format!("   lease {} booted on {seller} at {} ({} boot, {}; {} bytes of image sent): {}", n.lease, n.ip, n.boot, n.accel, n.uploaded, n.attested));
                 booted.push(n);
                 let lines = wait_for(&booted.last().unwrap().console_log, "tick 2").await;
                 say(format!("      its console: {}", lines.trim()));
@@ -134,7 +138,7 @@ pub async fn run(out_dir: &Path, no_faults: bool, out: Output) -> anyhow::Result
         println!(
             "{}",
             serde_json::json!({
-                "nodes": booted.iter().map(|n| serde_json::json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel, "attested": n.attested.to_string(), "console": n.console_log})).collect::<Vec<_>>(),
+                "nodes": booted.iter().map(|n| serde_json::json!({"lease": n.lease, "seller_node": n.seller_node, "boot": n.boot, "accel": n.accel, "ip": n.ip, "attested": n.attested.to_string(), "console": n.console_log})).collect::<Vec<_>>(),
                 "replaced": replaced,
                 "spent_cents": spent,
                 "buyer_escrow_cents": b.escrow_cents,

@@ -20,6 +20,8 @@ pub enum VnetCmd {
     Node(NodeArgs),
     /// Join a new tap (with the kernel's TCP/IP stack behind it) to a node's VM port, as QEMU's `-netdev dgram` would.
     Bridge(BridgeArgs),
+    /// Join a userspace TCP/IP stack to a node's VM port, with a SOCKS5 proxy into the network in front of it (no CAP_NET_ADMIN needed).
+    Socks(SocksArgs),
     /// Write node-N.json for a cluster of the given endpoints (the first is the buyer, the relay).
     Plan(PlanArgs),
 }
@@ -62,6 +64,24 @@ pub struct BridgeArgs {
     #[arg(long, value_name = "PATH")]
     vm: PathBuf,
     /// The node's socket for this VM.
+    #[arg(long, value_name = "PATH")]
+    node: PathBuf,
+}
+
+#[derive(Args)]
+pub struct SocksArgs {
+    /// Where SOCKS5 clients connect (`curl --socks5 127.0.0.1:1080 http://10.77.0.2/`).
+    #[arg(long, default_value = "127.0.0.1:1080")]
+    listen: SocketAddr,
+    /// The stack's address on the network (CIDR).
+    #[arg(long, value_name = "CIDR")]
+    address: String,
+    #[arg(long, value_name = "MAC")]
+    mac: String,
+    /// The stack's socket (created here).
+    #[arg(long, value_name = "PATH")]
+    vm: PathBuf,
+    /// The node's socket for it.
     #[arg(long, value_name = "PATH")]
     node: PathBuf,
 }
@@ -134,6 +154,17 @@ pub async fn run(cmd: VnetCmd) -> anyhow::Result<()> {
         VnetCmd::Bridge(a) => {
             let tap = TapSpec { name: a.tap, address: a.address, mac: parse_mac(&a.mac)? };
             until_signalled(move |stop| cpushare_vnet::run::bridge(&tap, &a.vm, &a.node, stop)).await
+        }
+        VnetCmd::Socks(a) => {
+            let (ip, prefix) = a.address.split_once('/').with_context(|| format!("--address {:?}: expected an address with its prefix, like 10.77.0.5/16", a.address))?;
+            let spec = cpushare_vnet::stack::StackSpec {
+                mac: parse_mac(&a.mac)?,
+                address: ip.parse().with_context(|| format!("--address {:?}: not an IPv4 address", a.address))?,
+                prefix: prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("--address {:?}: the prefix is 0 to 32", a.address))?,
+            };
+            let listener = std::net::TcpListener::bind(a.listen).with_context(|| format!("listening on {}", a.listen))?;
+            eprintln!("cpushare: SOCKS5 proxy into the network at {}", listener.local_addr()?);
+            until_signalled(move |stop| cpushare_vnet::stack::socks(&spec, listener, &a.vm, &a.node, stop)).await
         }
         VnetCmd::Plan(a) => {
             std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
