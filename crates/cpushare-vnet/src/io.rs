@@ -324,49 +324,134 @@ impl Tap {
     }
 }
 
-/// A VM's network card: QEMU's `-netdev dgram` with a unix socket at each
-/// end. Ours is bound at `path`; QEMU's is `peer`. Frames are plain
-/// Ethernet (no virtio-net header) both ways.
-pub struct Port {
+/// One end of a unix datagram socket pair, as QEMU's `-netdev dgram` uses:
+/// ours bound at a path, the peer's at another. Connected to the peer (once
+/// it exists) so that a full peer queue blocks sends instead of losing them
+/// (Linux holds as few as 10 datagrams, `net.unix.max_dgram_qlen`, at a
+/// receiver): what cannot go now waits here, up to [`LINK_QUEUE`] frames,
+/// until the socket polls writable.
+pub struct DgramLink {
     sock: UnixDatagram,
     peer: PathBuf,
+    connected: bool,
+    queue: std::collections::VecDeque<Vec<u8>>,
+    /// Frames lost: the peer not there, or the queue full.
+    pub dropped: u64,
 }
 
-impl Port {
-    pub fn bind(path: &Path, peer: &Path) -> io::Result<Port> {
+/// Frames a link holds for a slow peer before it drops (about 1.5 MB of full frames).
+pub const LINK_QUEUE: usize = 1024;
+
+impl DgramLink {
+    pub fn bind(path: &Path, peer: &Path) -> io::Result<DgramLink> {
         let _ = std::fs::remove_file(path);
         let sock = UnixDatagram::bind(path)?;
         sock.set_nonblocking(true)?;
-        Ok(Port { sock, peer: peer.to_path_buf() })
+        Ok(DgramLink { sock, peer: peer.to_path_buf(), connected: false, queue: Default::default(), dropped: 0 })
     }
 
     pub fn fd(&self) -> RawFd {
         self.sock.as_raw_fd()
     }
 
-    /// One frame into `buf[VNET_HDR..]` with a zero header in front; None when none waits.
-    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        match self.sock.recv(&mut buf[VNET_HDR..]) {
-            Ok(n) => {
-                buf[..VNET_HDR].fill(0);
-                Ok(Some(VNET_HDR + n))
-            }
+    /// One datagram into `buf`; None when none waits.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match self.sock.recv(buf) {
+            Ok(n) => Ok(Some(n)),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// A frame (header first): segmented and checksummed here if it needs it.
-    pub fn write(&self, frame: &[u8]) -> io::Result<()> {
-        let Some(plain) = crate::gso::plain_frames(frame) else { return Ok(()) };
-        for f in plain {
-            match self.sock.send_to(&f, &self.peer) {
-                Ok(_) => {}
-                // The VM is not there (yet), or its queue is full: a lost frame, as on a wire.
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused) => {}
+    /// Queues `frame` and sends what it can.
+    pub fn send(&mut self, frame: Vec<u8>) -> io::Result<()> {
+        if self.queue.len() >= LINK_QUEUE {
+            self.dropped += 1;
+            return Ok(());
+        }
+        self.queue.push_back(frame);
+        self.flush()
+    }
+
+    /// Whether frames wait for the socket to turn writable (poll for POLLOUT).
+    pub fn backlogged(&self) -> bool {
+        !self.queue.is_empty()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Sends what waits, until the peer's queue is full.
+    pub fn flush(&mut self) -> io::Result<()> {
+        while let Some(f) = self.queue.front() {
+            if !self.connected {
+                match self.sock.connect(&self.peer) {
+                    Ok(()) => self.connected = true,
+                    // The peer is not there (yet): what waits is lost, as on an unplugged wire.
+                    Err(_) => {
+                        self.dropped += self.queue.len() as u64;
+                        self.queue.clear();
+                        return Ok(());
+                    }
+                }
+            }
+            match self.sock.send(f) {
+                Ok(_) => drop(self.queue.pop_front()),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                // The peer went away (a VM restarted binds anew): reconnect next time.
+                Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::NotFound) => {
+                    self.connected = false;
+                    self.dropped += 1;
+                    self.queue.pop_front();
+                }
                 Err(e) => return Err(e),
             }
         }
         Ok(())
+    }
+}
+
+/// A VM's network card: QEMU's `-netdev dgram` with a unix socket at each
+/// end. Ours is bound at `path`; QEMU's is `peer`. Frames are plain
+/// Ethernet (no virtio-net header) both ways.
+pub struct Port {
+    link: std::cell::RefCell<DgramLink>,
+}
+
+impl Port {
+    pub fn bind(path: &Path, peer: &Path) -> io::Result<Port> {
+        Ok(Port { link: DgramLink::bind(path, peer)?.into() })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.link.borrow().fd()
+    }
+
+    /// One frame into `buf[VNET_HDR..]` with a zero header in front; None when none waits.
+    pub fn read(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        let n = self.link.borrow().recv(&mut buf[VNET_HDR..])?;
+        Ok(n.map(|n| {
+            buf[..VNET_HDR].fill(0);
+            VNET_HDR + n
+        }))
+    }
+
+    /// A frame (header first): segmented and checksummed here if it needs it.
+    pub fn write(&self, frame: &[u8]) -> io::Result<()> {
+        let Some(plain) = crate::gso::plain_frames(frame) else { return Ok(()) };
+        let mut link = self.link.borrow_mut();
+        for f in plain {
+            link.send(f)?;
+        }
+        Ok(())
+    }
+
+    pub fn backlogged(&self) -> bool {
+        self.link.borrow().backlogged()
+    }
+
+    pub fn flush(&self) -> io::Result<()> {
+        self.link.borrow_mut().flush()
     }
 }

@@ -101,6 +101,19 @@ impl Local {
             Local::Port(p) => p.write(frame),
         }
     }
+    /// What to poll it for: input, and room for frames waiting to go out.
+    fn events(&self) -> i16 {
+        match self {
+            Local::Port(p) if p.backlogged() => libc::POLLIN | libc::POLLOUT,
+            _ => libc::POLLIN,
+        }
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        match self {
+            Local::Tap(_) => Ok(()),
+            Local::Port(p) => p.flush(),
+        }
+    }
 }
 
 /// Runs a node until `stop` is set; writes its counters to `stats` (JSON)
@@ -132,7 +145,9 @@ pub fn run_on(config: &Config, mut udp: Udp, attach: Attachments, control: Contr
     let mut frame = vec![0u8; MAX_FRAME + 64];
     let (mut last_tick, mut last_stats) = (now, now);
     while !stop.load(Ordering::Relaxed) {
-        let mut fds: Vec<libc::pollfd> = std::iter::once(udp.fd()).chain(locals.iter().map(Local::fd)).map(|fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 }).collect();
+        let mut fds: Vec<libc::pollfd> = std::iter::once(libc::pollfd { fd: udp.fd(), events: libc::POLLIN, revents: 0 })
+            .chain(locals.iter().map(|l| libc::pollfd { fd: l.fd(), events: l.events(), revents: 0 }))
+            .collect();
         let wait = TICK.saturating_sub(last_tick.elapsed()).as_millis() as i32;
         // SAFETY: fds is a live array of pollfd.
         unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait.max(1)) };
@@ -160,6 +175,9 @@ pub fn run_on(config: &Config, mut udp: Udp, attach: Attachments, control: Contr
             }
         }
         for (i, l) in locals.iter().enumerate() {
+            if fds[i + 1].revents & libc::POLLOUT != 0 {
+                l.flush()?;
+            }
             if fds[i + 1].revents & libc::POLLIN == 0 {
                 continue;
             }
@@ -235,9 +253,13 @@ pub fn bridge(tap: &TapSpec, vm: &std::path::Path, node: &std::path::Path, stop:
     let port = Port::bind(vm, node).with_context(|| format!("binding {}", vm.display()))?;
     let mut buf = vec![0u8; MAX_FRAME + 64];
     while !stop.load(Ordering::Relaxed) {
-        let mut fds = [libc::pollfd { fd: tap.fd(), events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: port.fd(), events: libc::POLLIN, revents: 0 }];
+        let port_events = if port.backlogged() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
+        let mut fds = [libc::pollfd { fd: tap.fd(), events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: port.fd(), events: port_events, revents: 0 }];
         // SAFETY: two live pollfds.
         unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        if fds[1].revents & libc::POLLOUT != 0 {
+            port.flush()?;
+        }
         if fds[0].revents & libc::POLLIN != 0 {
             while let Some(n) = tap.read(&mut buf)? {
                 port.write(&buf[..n])?;

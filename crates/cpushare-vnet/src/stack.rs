@@ -9,8 +9,7 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,6 +21,7 @@ use smoltcp::socket::tcp;
 use smoltcp::time::Instant;
 use smoltcp::wire::{EthernetAddress, HardwareAddress, IpAddress, IpCidr};
 
+use crate::io::DgramLink;
 use crate::socks5::{self, Parsed};
 
 /// Where the stack sits on the cluster's network.
@@ -42,13 +42,12 @@ const CLIENT_AHEAD: usize = 64 << 10;
 /// The stack's card: a unix datagram socket to the node's port, one
 /// Ethernet frame per datagram (QEMU's `-netdev dgram` framing).
 struct Wire {
-    sock: UnixDatagram,
-    node: PathBuf,
+    link: DgramLink,
     buf: Vec<u8>,
 }
 
 struct Rx(Vec<u8>);
-struct Tx<'a>(&'a Wire);
+struct Tx<'a>(&'a mut DgramLink);
 
 impl RxToken for Rx {
     fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
@@ -60,8 +59,10 @@ impl TxToken for Tx<'_> {
     fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
         let mut frame = vec![0u8; len];
         let r = f(&mut frame);
-        // A full queue or a node not there yet: a lost frame, as on a wire (TCP resends).
-        let _ = self.0.sock.send_to(&frame, &self.0.node);
+        // Queued while the node is busy; lost, as on a wire, if it is not there (TCP resends).
+        if let Err(e) = self.0.send(frame) {
+            tracing::debug!("a frame to the node: {e}");
+        }
         r
     }
 }
@@ -71,12 +72,14 @@ impl Device for Wire {
     type TxToken<'a> = Tx<'a>;
 
     fn receive(&mut self, _: Instant) -> Option<(Rx, Tx<'_>)> {
-        let n = self.sock.recv(&mut self.buf).ok()?;
-        Some((Rx(self.buf[..n].to_vec()), Tx(self)))
+        let n = self.link.recv(&mut self.buf).ok()??;
+        Some((Rx(self.buf[..n].to_vec()), Tx(&mut self.link)))
     }
 
+    /// None while frames wait for the node: the stack holds back (and its
+    /// TCP paces itself) rather than pile up more.
     fn transmit(&mut self, _: Instant) -> Option<Tx<'_>> {
-        Some(Tx(self))
+        (self.link.queued() < 64).then_some(Tx(&mut self.link))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -122,11 +125,9 @@ struct Proxy {
 /// Runs the proxy until `stop` is set: the stack on the port `node` (our
 /// socket is bound at `ours`), SOCKS5 clients accepted on `listener`.
 pub fn socks(spec: &StackSpec, listener: TcpListener, ours: &Path, node: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    let _ = std::fs::remove_file(ours);
-    let sock = UnixDatagram::bind(ours).with_context(|| format!("binding {}", ours.display()))?;
-    sock.set_nonblocking(true)?;
+    let link = DgramLink::bind(ours, node).with_context(|| format!("binding {}", ours.display()))?;
     listener.set_nonblocking(true)?;
-    let mut wire = Wire { sock, node: node.to_path_buf(), buf: vec![0; 65_536] };
+    let mut wire = Wire { link, buf: vec![0; 65_536] };
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(spec.mac)));
     config.random_seed = rand::random();
     let mut iface = Interface::new(config, &mut wire, Instant::now());
@@ -163,6 +164,9 @@ pub fn socks(spec: &StackSpec, listener: TcpListener, ours: &Path, node: &Path, 
 
 impl Proxy {
     fn poll(&mut self) {
+        if let Err(e) = self.wire.link.flush() {
+            tracing::debug!("frames to the node: {e}");
+        }
         self.iface.poll(Instant::now(), &mut self.wire, &mut self.sockets);
         // What was ending has had its RST or FIN sent.
         let sockets = &mut self.sockets;
@@ -179,7 +183,8 @@ impl Proxy {
 
     /// Sleeps until the wire, the listener or a client has something, or the stack has a timer due.
     fn wait(&mut self, listener: &TcpListener, clients: &[Client]) -> io::Result<()> {
-        let mut fds = vec![libc::pollfd { fd: self.wire.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 }, libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let wire_events = if self.wire.link.backlogged() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
+        let mut fds = vec![libc::pollfd { fd: self.wire.link.fd(), events: wire_events, revents: 0 }, libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         for c in clients {
             let mut events = 0;
             if c.wants_input() {

@@ -281,17 +281,18 @@ async fn show(dir: &Path, config: &Path, out: Output) -> anyhow::Result<()> {
         booted.iter().find(|n| n["lease"] == lease).map_or("-".to_string(), |n| format!("{} / {}", n["boot"].as_str().unwrap_or("?"), n["accel"].as_str().unwrap_or("?")))
     };
     let attested = |lease: u64| booted.iter().find(|n| n["lease"] == lease).and_then(|n| n["attested"].as_str()).unwrap_or("not booted yet").to_string();
+    let ip = |lease: u64| booted.iter().find(|n| n["lease"] == lease).and_then(|n| n["ip"].as_str()).filter(|ip| !ip.is_empty()).unwrap_or("-").to_string();
     let live: Vec<&pb::Lease> = leases.iter().filter(|l| l.buy_order == order).collect();
     let mut rows: Vec<Vec<serde_json::Value>> =
-        live.iter().map(|l| vec![json!(l.id), json!(l.seller_node), json!(l.state), json!(how(l.id)), json!(l.delivered_secs), json!(l.charged_cents), json!(attested(l.id))]).collect();
+        live.iter().map(|l| vec![json!(l.id), json!(l.seller_node), json!(l.state), json!(ip(l.id)), json!(how(l.id)), json!(l.delivered_secs), json!(l.charged_cents), json!(attested(l.id))]).collect();
     // Nodes whose leases have ended are no longer listed by the exchange.
     for n in &booted {
         let lease = n["lease"].as_u64().unwrap_or(0);
         if !live.iter().any(|l| l.id == lease) {
-            rows.push(vec![json!(lease), n["seller_node"].clone(), json!("ended"), json!(how(lease)), json!(null), json!(null), json!(attested(lease))]);
+            rows.push(vec![json!(lease), n["seller_node"].clone(), json!("ended"), json!(ip(lease)), json!(how(lease)), json!(null), json!(null), json!(attested(lease))]);
         }
     }
-    out.table(&["lease", "seller node", "state", "boot / accel", "delivered s", "charged cents", "attestation"], rows);
+    out.table(&["lease", "seller node", "state", "ip", "boot / accel", "delivered s", "charged cents", "attestation"], rows);
     Ok(())
 }
 

@@ -27,11 +27,13 @@ fn a_cluster_starts_shows_its_consoles_and_stops() {
     let table = json(&buyer, &["cluster", "start", "--iso", short.to_str().unwrap(), "--nodes", "1", "--max-price", "40000", "--ram", "256", "--dir", d1s]);
     let node = &table.as_array().unwrap()[0];
     assert_eq!((node["boot"].as_str(), node["accel"].as_str()), (Some("direct"), Some("tcg")), "{table}");
+    // On the cluster's network, after the buyer at .1.
+    assert_eq!(node["ip"], "10.77.0.2", "{table}");
     let lease = node["lease"].as_u64().unwrap().to_string();
     let console = ok(&buyer, &["cluster", "console", &lease, "--dir", d1s]);
     assert!(console.contains("hello from the cluster"), "{console}");
     let status = json(&buyer, &["cluster", "status", "--dir", d1s]);
-    assert_eq!(status[0]["state"], "ended", "{status}");
+    assert_eq!((&status[0]["state"], &status[0]["ip"]), (&"ended".into(), &"10.77.0.2".into()), "{status}");
     // What the seller signed it booted, checked against this image and the exchange's CA.
     let attested = status[0]["attestation"].as_str().unwrap();
     assert!(attested.starts_with("verified: your image, direct boot, tcg, QEMU emulator version"), "{status}");
