@@ -278,10 +278,12 @@ impl Proxy {
             let remote_done = !s.may_recv() && !s.can_recv();
             let state = s.state();
             if remote_done && c.to_client.is_empty() && !*fin_passed {
+                tracing::debug!(?state, "the far end closed");
                 let _ = c.stream.shutdown(std::net::Shutdown::Write);
                 *fin_passed = true;
             }
             if state == tcp::State::Closed || (*fin_passed && *fin_sent && matches!(state, tcp::State::TimeWait | tcp::State::LastAck | tcp::State::Closing)) {
+                tracing::debug!(?state, fin_sent = *fin_sent, fin_passed = *fin_passed, "a proxied connection ended");
                 self.ending.push(socket);
                 c.phase = Phase::Closing;
             }

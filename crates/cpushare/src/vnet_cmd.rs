@@ -126,6 +126,9 @@ async fn until_signalled(work: impl FnOnce(Arc<AtomicBool>) -> anyhow::Result<()
 }
 
 pub async fn run(cmd: VnetCmd) -> anyhow::Result<()> {
+    // Warnings by default; RUST_LOG=cpushare_vnet=debug tells more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
     match cmd {
         VnetCmd::Node(a) => {
             let text = std::fs::read_to_string(&a.config).with_context(|| format!("reading {}", a.config.display()))?;
