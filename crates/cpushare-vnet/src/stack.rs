@@ -118,7 +118,7 @@ struct Proxy {
     wire: Wire,
     sockets: SocketSet<'static>,
     next_port: u16,
-    /// Sockets aborted or closed, removed after the stack has sent what ends them.
+    /// Sockets ending, removed once the stack has sent what ends them.
     ending: Vec<SocketHandle>,
 }
 
@@ -209,13 +209,9 @@ impl Proxy {
         u32::from(ip) & mask == u32::from(self.spec.address) & mask
     }
 
-    fn end(&mut self, socket: SocketHandle, abort: bool) {
-        let s = self.sockets.get_mut::<tcp::Socket>(socket);
-        if abort {
-            s.abort();
-        } else {
-            s.close();
-        }
+    /// Resets a connection (its client gave up or went away); removed once the RST is out.
+    fn abort(&mut self, socket: SocketHandle) {
+        self.sockets.get_mut::<tcp::Socket>(socket).abort();
         self.ending.push(socket);
     }
 
@@ -252,7 +248,7 @@ impl Proxy {
                     // refuse() moves the client to Closing: the socket is not ended twice.
                     c.refuse(&socks5::reply(socks5::CONNECTION_REFUSED, unspecified()));
                 } else if since.elapsed() > CONNECT_TIMEOUT {
-                    self.end(socket, true);
+                    self.abort(socket);
                     c.refuse(&socks5::reply(socks5::HOST_UNREACHABLE, unspecified()));
                 }
             }
@@ -298,7 +294,7 @@ impl Proxy {
         // A client gone mid-connection: its connection in the cluster is reset.
         if c.done {
             if let Phase::Relaying { socket, .. } | Phase::Connecting { socket, .. } = c.phase {
-                self.end(socket, true);
+                self.abort(socket);
                 c.phase = Phase::Closing;
             }
         }
