@@ -161,4 +161,27 @@ mod tests {
         assert!(answer(&request(DISCOVER, [1, 2, 3, 4, 5, 6]), &lease).is_none(), "another VM's request");
         assert!(answer(&request(7, lease.mac), &lease).is_none(), "a release gets no answer");
     }
+
+    proptest::proptest! {
+        /// What a VM sends its seller's node is the buyer's to choose: a
+        /// discover with any bytes changed, cut or added gets an answer or
+        /// none, never a panic, and an answer goes only to the lease's MAC.
+        #[test]
+        fn any_frame_from_a_vm_is_answered_or_ignored_never_a_panic(
+            changes in proptest::collection::vec((0usize..400, proptest::prelude::any::<u8>()), 0..8),
+            cut in 0usize..400,
+            extra in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64),
+        ) {
+            let lease = Lease { mac: [0x52, 0x54, 0, 0x77, 0, 2], ip: Ipv4Addr::new(10, 77, 0, 2), prefix: 16 };
+            let mut f = request(DISCOVER, lease.mac);
+            for (at, b) in changes {
+                if let Some(x) = f.get_mut(at) { *x = b; }
+            }
+            f.truncate(cut.max(1).min(f.len()));
+            f.extend_from_slice(&extra);
+            if let Some(reply) = answer(&f, &lease) {
+                proptest::prop_assert_eq!(&reply[VNET_HDR..VNET_HDR + 6], &lease.mac[..]);
+            }
+        }
+    }
 }

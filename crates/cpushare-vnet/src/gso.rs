@@ -102,7 +102,9 @@ fn segment_tcp(eth: &[u8], mss: usize) -> Option<Vec<Vec<u8>>> {
     let tcp = ip + ip_len;
     let tcp_len = ((*eth.get(tcp + 12)? >> 4) as usize) * 4;
     let payload_at = tcp + tcp_len;
-    if mss == 0 || payload_at > eth.len() || (v4 && eth[ip + 9] != 6) || (!v4 && eth[ip + 6] != 6) {
+    // Headers shorter than their fixed parts are a peer's junk (checked
+    // before anything is indexed: frames come from other buyers' VMs).
+    if mss == 0 || ip_len < 20 || tcp_len < 20 || payload_at > eth.len() || (v4 && eth[ip + 9] != 6) || (!v4 && eth[ip + 6] != 6) {
         return None;
     }
     let payload = &eth[payload_at..];
@@ -210,5 +212,40 @@ mod tests {
         framed.extend_from_slice(&partial);
         assert_eq!(plain_frames(&framed).unwrap(), vec![done]);
         assert!(plain_frames(&framed[..12]).is_none());
+    }
+
+    proptest::proptest! {
+        /// Frames come from peers, that is from other buyers' VMs: any header
+        /// and any bytes give frames or None, never a panic, and an offload
+        /// frame's pieces carry at most its segment size each.
+        #[test]
+        fn any_frame_from_a_peer_is_cut_or_refused_never_a_panic(
+            flags in 0u8..4, gso_type in proptest::sample::select(vec![GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_TCPV4 | GSO_ECN, 3, 0xff]),
+            gso_size in 0u16..2000, csum_start in 0u16..200, csum_offset in 0u16..40,
+            ihl_and_offset in proptest::prelude::any::<(u8, u8)>(),
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3000),
+            ether in proptest::sample::select(vec![0x0800u16, 0x86dd, 0x0806]),
+        ) {
+            let mut f = vec![0u8; VNET_HDR];
+            VnetHdr { flags, gso_type, hdr_len: 0, gso_size, csum_start, csum_offset }.write(&mut f);
+            f.extend_from_slice(&[0xff; 12]);
+            f.extend_from_slice(&ether.to_be_bytes());
+            let mut body = body;
+            // Make the IP and TCP header lengths (and protocol) sometimes plausible, sometimes not.
+            if let Some(b) = body.get_mut(0) { *b = 0x40 | (ihl_and_offset.0 & 0x0f); }
+            if let Some(b) = body.get_mut(9) { *b = 6; }
+            if let Some(b) = body.get_mut(6) { *b = 6; }
+            let tcp = if ether == 0x86dd { 40 } else { (ihl_and_offset.0 & 0x0f) as usize * 4 };
+            if let Some(b) = body.get_mut(tcp + 12) { *b = ihl_and_offset.1; }
+            f.extend_from_slice(&body);
+            if let Some(frames) = plain_frames(&f) {
+                if gso_type & !GSO_ECN != GSO_NONE {
+                    for p in &frames {
+                        proptest::prop_assert!(p.len() >= 14 + 20 + 20);
+                        proptest::prop_assert!(p.len() <= f.len() - VNET_HDR);
+                    }
+                }
+            }
+        }
     }
 }
