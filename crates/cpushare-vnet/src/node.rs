@@ -705,11 +705,11 @@ impl Node {
         match parsed {
             Datagram::Initiation { sender, noise, .. } => {
                 let noise = noise.to_vec();
-                self.on_initiation(from, &datagram.to_vec(), sender, &noise, via_relay_addr, now)
+                self.on_initiation(from, datagram, sender, &noise, via_relay_addr, now)
             }
             Datagram::Response { sender, receiver, noise, .. } => {
                 let noise = noise.to_vec();
-                self.on_response(from, &datagram.to_vec(), sender, receiver, &noise, via_relay_addr, now)
+                self.on_response(from, datagram, sender, receiver, &noise, via_relay_addr, now)
             }
             Datagram::CookieReply { receiver, nonce, sealed } => {
                 let (nonce, sealed) = (nonce.to_vec(), sealed.to_vec());
