@@ -131,8 +131,6 @@ pub fn members(v: &View) -> Vec<cpushare_vnet::node::Member> {
 pub struct Attached {
     /// This node as the network lists it (its id, MAC and IP).
     pub me: Member,
-    /// Where its counters are written (JSON), if asked.
-    pub stats: Option<std::path::PathBuf>,
     /// Where its SOCKS5 proxy takes clients, with [`Local::Socks`].
     pub socks: Option<SocketAddr>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -200,12 +198,12 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
         Local::Nothing => Attachments { tap: None, ports: vec![] },
     };
     let (tx, rx) = std::sync::mpsc::channel();
-    let (thread_stop, thread_stats) = (stop.clone(), stats.clone());
+    let thread_stop = stop.clone();
     // Errors creating the attachment (a tap without CAP_NET_ADMIN) are the caller's to hear.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let thread = std::thread::Builder::new().name(format!("vnet-{order}")).spawn(move || {
         let control = Control { members: Some(rx), probes: None, ready: Some(ready_tx) };
-        cpushare_vnet::run::run_on(&config, udp, attachments, control, thread_stats, thread_stop)
+        cpushare_vnet::run::run_on(&config, udp, attachments, control, stats, thread_stop)
     })?;
     let failed = |threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>| {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -240,5 +238,5 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
             }
         }
     });
-    Ok(Attached { me, stats, socks, stop, threads, views, _sockets: sockets })
+    Ok(Attached { me, socks, stop, threads, views, _sockets: sockets })
 }

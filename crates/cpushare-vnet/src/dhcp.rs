@@ -72,7 +72,7 @@ pub fn answer(frame: &[u8], lease: &Lease) -> Option<Vec<u8>> {
         _ => return None,
     };
     let server = server_ip(lease);
-    let mask = u32::MAX.checked_shl(32 - lease.prefix as u32).unwrap_or(0).to_be_bytes();
+    let mask = netmask(lease.prefix).to_be_bytes();
     let mut b = vec![0u8; 240];
     b[0] = 2; // reply
     b[1] = 1;
@@ -109,10 +109,15 @@ pub fn answer(frame: &[u8], lease: &Lease) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// The network mask of a prefix length (0 to 32).
+pub fn netmask(prefix: u8) -> u32 {
+    u32::MAX.checked_shl(32 - prefix as u32).unwrap_or(0)
+}
+
 /// The subnet's last usable address, where answers come from.
 pub fn server_ip(lease: &Lease) -> Ipv4Addr {
     let host_bits = 32 - lease.prefix as u32;
-    let net = u32::from(lease.ip) & u32::MAX.checked_shl(host_bits).unwrap_or(0);
+    let net = u32::from(lease.ip) & netmask(lease.prefix);
     Ipv4Addr::from(net | ((1u32 << host_bits) - 2))
 }
 

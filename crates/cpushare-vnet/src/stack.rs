@@ -205,7 +205,7 @@ impl Proxy {
     }
 
     fn in_cluster(&self, ip: Ipv4Addr) -> bool {
-        let mask = u32::MAX.checked_shl(32 - self.spec.prefix as u32).unwrap_or(0);
+        let mask = crate::dhcp::netmask(self.spec.prefix);
         u32::from(ip) & mask == u32::from(self.spec.address) & mask
     }
 

@@ -141,6 +141,17 @@ impl Sim {
         }
     }
 
+    /// `who` broadcast a hello each (as ARP would), so that everyone learns
+    /// where they are; what was heard is forgotten.
+    fn introduce(&mut self, who: &[usize]) {
+        for &i in who {
+            self.send(i, &frame(i, None, b"hello"));
+        }
+        for i in 0..self.hosts.len() {
+            self.took(i);
+        }
+    }
+
     fn took(&mut self, i: usize) -> Vec<Vec<u8>> {
         std::mem::take(&mut self.hosts[i].got)
     }
@@ -185,11 +196,7 @@ fn frames_go_direct_between_open_sellers_and_through_the_buyer_to_a_closed_one()
 #[test]
 fn a_64_kib_offload_frame_crosses_whole_direct_and_relayed() {
     let mut sim = Sim::new(&[true, true, false]);
-    sim.send(1, &frame(1, None, b"hi"));
-    sim.send(2, &frame(2, None, b"hi"));
-    for i in 0..3 {
-        sim.took(i);
-    }
+    sim.introduce(&[1, 2]);
     let big: Vec<u8> = (0..65_000u32).map(|i| (i * 7) as u8).collect();
     for (a, b) in [(0, 1), (1, 2), (2, 1)] {
         sim.send(a, &frame(a, Some(b), &big));
@@ -200,11 +207,7 @@ fn a_64_kib_offload_frame_crosses_whole_direct_and_relayed() {
 #[test]
 fn tampered_replayed_and_foreign_datagrams_get_nothing_through() {
     let mut sim = Sim::new(&[true, true, true]);
-    sim.send(1, &frame(1, None, b"hi"));
-    sim.send(2, &frame(2, None, b"hi"));
-    for i in 0..3 {
-        sim.took(i);
-    }
+    sim.introduce(&[1, 2]);
     // Tampered: every data datagram from 1 gets a bit flipped.
     sim.meddle = Box::new(|from, d| {
         if from == 1 && d[0] == 4 {
@@ -310,12 +313,7 @@ fn a_handshake_flood_gets_cookies_not_diffie_hellman() {
 #[test]
 fn members_leave_and_join_while_the_others_carry_on() {
     let mut sim = Sim::new(&[true, true, true, true]);
-    for i in 0..4 {
-        sim.send(i, &frame(i, None, b"hello"));
-    }
-    for i in 0..4 {
-        sim.took(i);
-    }
+    sim.introduce(&[0, 1, 2, 3]);
     for (a, b) in [(1, 2), (2, 1), (1, 3), (3, 1)] {
         sim.send(a, &frame(a, Some(b), b"before"));
         assert_eq!(sim.took(b).len(), 1, "{a} to {b}");

@@ -56,16 +56,8 @@ pub struct BridgeArgs {
     /// The tap to create.
     #[arg(long)]
     tap: String,
-    #[arg(long, value_name = "CIDR")]
-    address: String,
-    #[arg(long, value_name = "MAC")]
-    mac: String,
-    /// The VM side's socket (created here).
-    #[arg(long, value_name = "PATH")]
-    vm: PathBuf,
-    /// The node's socket for this VM.
-    #[arg(long, value_name = "PATH")]
-    node: PathBuf,
+    #[command(flatten)]
+    port: VmPortArgs,
 }
 
 #[derive(Args)]
@@ -73,12 +65,20 @@ pub struct SocksArgs {
     /// Where SOCKS5 clients connect (`curl --socks5 127.0.0.1:1080 http://10.77.0.2/`).
     #[arg(long, default_value = "127.0.0.1:1080")]
     listen: SocketAddr,
-    /// The stack's address on the network (CIDR).
+    #[command(flatten)]
+    port: VmPortArgs,
+}
+
+/// What stands where a VM would on a node's port: its address, its MAC and the socket pair.
+#[derive(Args)]
+pub struct VmPortArgs {
+    /// Its address on the network (CIDR).
     #[arg(long, value_name = "CIDR")]
     address: String,
+    /// Its MAC address (like 52:54:00:77:00:05).
     #[arg(long, value_name = "MAC")]
     mac: String,
-    /// The stack's socket (created here).
+    /// Its socket (created here).
     #[arg(long, value_name = "PATH")]
     vm: PathBuf,
     /// The node's socket for it.
@@ -155,19 +155,20 @@ pub async fn run(cmd: VnetCmd) -> anyhow::Result<()> {
             until_signalled(move |stop| cpushare_vnet::run::run(&config, listen, Attachments { tap, ports }, a.stats, stop)).await
         }
         VnetCmd::Bridge(a) => {
-            let tap = TapSpec { name: a.tap, address: a.address, mac: parse_mac(&a.mac)? };
-            until_signalled(move |stop| cpushare_vnet::run::bridge(&tap, &a.vm, &a.node, stop)).await
+            let tap = TapSpec { name: a.tap, address: a.port.address, mac: parse_mac(&a.port.mac)? };
+            until_signalled(move |stop| cpushare_vnet::run::bridge(&tap, &a.port.vm, &a.port.node, stop)).await
         }
         VnetCmd::Socks(a) => {
-            let (ip, prefix) = a.address.split_once('/').with_context(|| format!("--address {:?}: expected an address with its prefix, like 10.77.0.5/16", a.address))?;
+            let p = a.port;
+            let (ip, prefix) = p.address.split_once('/').with_context(|| format!("--address {:?}: expected an address with its prefix, like 10.77.0.5/16", p.address))?;
             let spec = cpushare_vnet::stack::StackSpec {
-                mac: parse_mac(&a.mac)?,
-                address: ip.parse().with_context(|| format!("--address {:?}: not an IPv4 address", a.address))?,
-                prefix: prefix.parse().ok().filter(|p| *p <= 32).with_context(|| format!("--address {:?}: the prefix is 0 to 32", a.address))?,
+                mac: parse_mac(&p.mac)?,
+                address: ip.parse().with_context(|| format!("--address {:?}: not an IPv4 address", p.address))?,
+                prefix: prefix.parse().ok().filter(|n| *n <= 32).with_context(|| format!("--address {:?}: the prefix is 0 to 32", p.address))?,
             };
             let listener = std::net::TcpListener::bind(a.listen).with_context(|| format!("listening on {}", a.listen))?;
             eprintln!("cpushare: SOCKS5 proxy into the network at {}", listener.local_addr()?);
-            until_signalled(move |stop| cpushare_vnet::stack::socks(&spec, listener, &a.vm, &a.node, stop)).await
+            until_signalled(move |stop| cpushare_vnet::stack::socks(&spec, listener, &p.vm, &p.node, stop)).await
         }
         VnetCmd::Plan(a) => {
             std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;
