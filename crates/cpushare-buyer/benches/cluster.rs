@@ -29,7 +29,7 @@ fn env(name: &str, default: usize) -> usize {
 }
 
 fn spec(iso: &Path, logs: &Path) -> ClusterSpec {
-    ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.into(), replace: false, network: false, tap: None, socks: None }
+    ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.into(), replace: false, network: false, tap: None, socks: None, shares: vec![] }
 }
 
 /// Starts a one-node cluster; returns its events and the task.

@@ -19,6 +19,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 
+use crate::share::ShareServer;
+
 use crate::attestation::{self, Attested, Expected};
 use crate::{status, Progress};
 
@@ -48,6 +50,9 @@ pub struct ClusterSpec {
     /// (a userspace stack at this host's address). With neither, the
     /// network still runs, relaying for nodes that need it.
     pub socks: Option<std::net::SocketAddr>,
+    /// The buyer's directories the nodes mount over the network
+    /// (`10.77.0.1:/NAME`, NFSv3): see [`crate::share`].
+    pub shares: Vec<crate::share::ShareSpec>,
 }
 
 /// One node, once it has booted.
@@ -81,6 +86,9 @@ pub enum Event {
     Stopped { lease: u64, why: String },
 }
 
+/// The buyer's address on its cluster's network (the network's member 1).
+pub const BUYER_ADDRESS: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 1);
+
 /// Starts the cluster and runs until its order is cancelled (`stop`) or every
 /// node has stopped; tells `events` what happens. The order is cancelled on
 /// the way out, whatever ends it.
@@ -90,6 +98,9 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let (sha, size, expected) = tokio::task::spawn_blocking(move || image_facts(&iso)).await??;
     let expected = Arc::new(expected);
     std::fs::create_dir_all(&spec.logs).with_context(|| format!("cannot create {}", spec.logs.display()))?;
+    // Shares are checked before any money moves.
+    anyhow::ensure!(spec.shares.is_empty() || spec.network, "a share is reached over the cluster's network: --share needs it on");
+    let shares = if spec.shares.is_empty() { None } else { Some(ShareServer::new(&spec.shares)?) };
     let mut ex = conn.exchange.clone();
     let mut lease_events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
     let kind = if spec.kvm_only { pb::SandboxKind::VmKvm } else { pb::SandboxKind::VmTcg };
@@ -103,7 +114,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let _ = events.send(Event::Placed { order }).await;
     // The cluster's network, with this host as its relay (and on it, given an interface).
     let _network = if spec.network {
-        match join_as_buyer(&conn, order, &spec, &progress).await {
+        match join_as_buyer(&conn, order, &spec, shares, &progress).await {
             Ok(a) => Some(a),
             Err(e) => {
                 let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
@@ -189,32 +200,72 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
 
 /// Joins the cluster's network as its buyer: on it with an interface if
 /// this host may make one, else through a SOCKS5 proxy, else as a relay only.
-async fn join_as_buyer(conn: &Connection, order: u64, spec: &ClusterSpec, progress: &Arc<dyn Progress>) -> anyhow::Result<cpushare_exchange::netclient::Attached> {
+/// This host on its cluster's network, with the task serving its shares;
+/// both end when it is dropped.
+struct BuyerNetwork {
+    _attached: cpushare_exchange::netclient::Attached,
+    shares: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for BuyerNetwork {
+    fn drop(&mut self) {
+        if let Some(t) = &self.shares {
+            t.abort();
+        }
+    }
+}
+
+async fn join_as_buyer(conn: &Connection, order: u64, spec: &ClusterSpec, shares: Option<Arc<ShareServer>>, progress: &Arc<dyn Progress>) -> anyhow::Result<BuyerNetwork> {
     use cpushare_exchange::netclient::{attach, Local};
+    use cpushare_vnet::stack::{Inbound, Services};
     let (identity, ca) = (conn.identity().context("the buyer's connection has no identity")?.clone(), conn.ca().context("no CA")?.clone());
     let stats = Some(spec.logs.join("network.json"));
+    let exported = || spec.shares.iter().map(|s| format!("{} as {}:/{}", s.dir.display(), BUYER_ADDRESS, s.name)).collect::<Vec<_>>().join(", ");
     if let Some(name) = &spec.tap {
         match attach(conn, &identity, &ca, order, 0, Local::Tap(name.clone()), stats.clone()).await {
             Ok(a) => {
                 progress.note(&format!("this host is {} on the cluster's network ({name})", a.me.ip));
-                return Ok(a);
+                let mut task = None;
+                if let Some(server) = shares {
+                    // Bound to the interface: only the cluster's nodes reach it, not this host's other users.
+                    let listener = crate::share::listen_on_device((a.me.ip, crate::share::NFS_PORT).into(), name).with_context(|| format!("serving the shares at {}:{} on {name}", a.me.ip, crate::share::NFS_PORT))?;
+                    task = Some(tokio::spawn(server.accept(listener)));
+                    progress.note(&format!("sharing {}", exported()));
+                }
+                return Ok(BuyerNetwork { _attached: a, shares: task });
             }
             Err(e) => progress.note(&format!("no {name} here ({e:#})")),
         }
     }
-    if let Some(at) = spec.socks {
-        match std::net::TcpListener::bind(at) {
-            Ok(listener) => {
-                let a = attach(conn, &identity, &ca, order, 0, Local::Socks(listener), stats).await?;
-                let proxy = a.socks.expect("a proxy was asked for");
-                progress.note(&format!("a SOCKS5 proxy into the cluster's network at {proxy} (this host is {} there): curl --socks5 {proxy} http://10.77.0.2/", a.me.ip));
-                return Ok(a);
-            }
-            Err(e) => progress.note(&format!("no SOCKS5 proxy at {at} ({e})")),
+    let socks = match spec.socks.map(|at| (at, std::net::TcpListener::bind(at))) {
+        Some((_, Ok(listener))) => Some(listener),
+        Some((at, Err(e))) => {
+            progress.note(&format!("no SOCKS5 proxy at {at} ({e})"));
+            None
         }
+        None => None,
+    };
+    if socks.is_none() && shares.is_none() {
+        progress.note("the cluster's network runs and this host relays for it, but is not on it");
+        let a = attach(conn, &identity, &ca, order, 0, Local::Nothing, stats).await?;
+        return Ok(BuyerNetwork { _attached: a, shares: None });
     }
-    progress.note("the cluster's network runs and this host relays for it, but is not on it");
-    attach(conn, &identity, &ca, order, 0, Local::Nothing, stats).await
+    // The userspace stack: the SOCKS5 proxy out, the shares' port in.
+    let mut services = Services { socks, inbound: Vec::new() };
+    let mut task = None;
+    if let Some(server) = shares {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        services.inbound.push(Inbound { port: crate::share::NFS_PORT, handed: Box::new(move |stream, from| drop(tx.send((stream, from.into())))) });
+        task = Some(tokio::spawn(server.take(rx)));
+    }
+    let a = attach(conn, &identity, &ca, order, 0, Local::Stack(services), stats).await?;
+    if let Some(proxy) = a.socks {
+        progress.note(&format!("a SOCKS5 proxy into the cluster's network at {proxy} (this host is {} there): curl --socks5 {proxy} http://10.77.0.2/", a.me.ip));
+    }
+    if task.is_some() {
+        progress.note(&format!("sharing {}", exported()));
+    }
+    Ok(BuyerNetwork { _attached: a, shares: task })
 }
 
 /// How a node's VM ended.

@@ -12,6 +12,7 @@
 
 pub mod attestation;
 pub mod cluster;
+pub mod share;
 mod unmodified;
 
 pub use unmodified::{run_unmodified, Finished, Unmodified};

@@ -16,7 +16,7 @@ fn livecd(dir: &Path) -> Option<std::path::PathBuf> {
 
 /// Runs a one-node cluster to its end; returns the node and why it stopped.
 async fn one_node(buyer: &cpushare_exchange::node::NodeConfig, iso: &Path, logs: &Path) -> (Node, String) {
-    let spec = ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.into(), replace: true, network: false, tap: None, socks: None };
+    let spec = ClusterSpec { iso: iso.into(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.into(), replace: true, network: false, tap: None, socks: None, shares: vec![] };
     let (tx, mut rx) = mpsc::channel(16);
     let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
     let mut booted = None;
@@ -79,7 +79,7 @@ async fn a_livecd_boots_on_a_seller_and_its_console_comes_back() {
     // A file that is not a livecd never leaves the buyer.
     let junk = dir.path().join("junk.iso");
     std::fs::write(&junk, vec![7u8; 100_000]).unwrap();
-    let spec = ClusterSpec { iso: junk, nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: dir.path().join("logs3"), replace: true, network: false, tap: None, socks: None };
+    let spec = ClusterSpec { iso: junk, nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: dir.path().join("logs3"), replace: true, network: false, tap: None, socks: None, shares: vec![] };
     let err = run_cluster(buyer.connect().await.unwrap(), spec, mpsc::channel(4).0, Arc::new(())).await.unwrap_err();
     assert!(format!("{err:#}").contains("is not an ISO 9660 image"), "{err:#}");
 }
@@ -110,7 +110,7 @@ async fn a_node_whose_seller_vanishes_is_replaced_unless_told_not_to() {
     let buyer = tb.member("buyer", 1_000_000).await.unwrap();
     let node_of = |tb: &Testbed, name: &str| tb.sellers.iter().find(|s| s.name == name).unwrap().node.node;
     let (s1, s2, s3) = (node_of(&tb, "s1"), node_of(&tb, "s2"), node_of(&tb, "s3"));
-    let spec = |logs: &Path, replace| ClusterSpec { iso: iso.clone(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.into(), replace, network: false, tap: None, socks: None };
+    let spec = |logs: &Path, replace| ClusterSpec { iso: iso.clone(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.into(), replace, network: false, tap: None, socks: None, shares: vec![] };
 
     // Replacements on: s1's node is lost, a new one boots on s2.
     let logs = dir.path().join("replaced");
@@ -173,7 +173,7 @@ async fn an_interrupted_upload_resumes_with_only_what_was_missing() {
     tb.seller("s1", 1, 1000, |c| c.ram_per_slot_mib = 512).await.unwrap();
     let buyer = tb.member("buyer", 1_000_000).await.unwrap();
     let conn = buyer.connect().await.unwrap();
-    let spec = |logs: &str| ClusterSpec { iso: iso.clone(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: dir.path().join(logs), replace: false, network: false, tap: None, socks: None };
+    let spec = |logs: &str| ClusterSpec { iso: iso.clone(), nodes: 1, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: dir.path().join(logs), replace: false, network: false, tap: None, socks: None, shares: vec![] };
 
     // The buyer goes away a third of the way through the upload.
     let (tx, mut rx) = mpsc::channel(256);

@@ -118,7 +118,7 @@ async fn two_vms_on_a_cluster_network(end: BuyerEnd) {
         BuyerEnd::Socks(at) => (None, Some(at)),
     };
     let logs = dir.path().join("logs");
-    let spec = ClusterSpec { iso, nodes: 2, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.clone(), replace: false, network: true, tap, socks };
+    let spec = ClusterSpec { iso, nodes: 2, max_price: 4000, ram_mib: 256, scratch_mib: 0, kvm_only: false, logs: logs.clone(), replace: false, network: true, tap, socks, shares: vec![] };
     let (tx, mut rx) = mpsc::channel(64);
     let running = tokio::spawn(run_cluster(buyer.connect().await.unwrap(), spec, tx, Arc::new(())));
     let mut nodes: Vec<Node> = Vec::new();

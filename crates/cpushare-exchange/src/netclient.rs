@@ -131,7 +131,7 @@ pub fn members(v: &View) -> Vec<cpushare_vnet::node::Member> {
 pub struct Attached {
     /// This node as the network lists it (its id, MAC and IP).
     pub me: Member,
-    /// Where its SOCKS5 proxy takes clients, with [`Local::Socks`].
+    /// Where its SOCKS5 proxy takes clients, with [`Local::Stack`] and a proxy.
     pub socks: Option<SocketAddr>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>,
@@ -156,9 +156,9 @@ pub enum Local {
     Tap(String),
     /// A VM's card: our socket and QEMU's; the VM's DHCP client gets the member's address.
     Vm { ours: std::path::PathBuf, vm: std::path::PathBuf },
-    /// A userspace TCP/IP stack at the member's address with a SOCKS5 proxy
-    /// in front, taking clients on this listener (no CAP_NET_ADMIN needed).
-    Socks(std::net::TcpListener),
+    /// A userspace TCP/IP stack at the member's address (no CAP_NET_ADMIN
+    /// needed), with a SOCKS5 proxy in front and ports it serves.
+    Stack(cpushare_vnet::stack::Services),
     /// Nothing (a relay only).
     Nothing,
 }
@@ -183,15 +183,15 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
     let attachments = match local {
         Local::Tap(name) => Attachments { tap: Some(TapSpec { name, address, mac: me.mac }), ports: vec![] },
         Local::Vm { ours, vm } => Attachments { tap: None, ports: vec![PortSpec { path: ours, peer: vm, dhcp: Some(cpushare_vnet::dhcp::Lease { mac: me.mac, ip: me.ip, prefix: view.prefix }) }] },
-        Local::Socks(listener) => {
+        Local::Stack(services) => {
             // The stack is the node's one "VM", on a socket pair of its own.
-            let dir = tempfile::Builder::new().prefix("cpushare-net-").tempdir().context("a directory for the proxy's sockets")?;
+            let dir = tempfile::Builder::new().prefix("cpushare-net-").tempdir().context("a directory for the stack's sockets")?;
             let (ours, stack) = (dir.path().join("node.sock"), dir.path().join("stack.sock"));
-            socks = Some(listener.local_addr()?);
+            socks = services.socks.as_ref().map(|l| l.local_addr()).transpose()?;
             let spec = cpushare_vnet::stack::StackSpec { mac: me.mac, address: me.ip, prefix: view.prefix };
             let (node, stop) = (ours.clone(), stop.clone());
             let s = stack.clone();
-            threads.push(std::thread::Builder::new().name(format!("socks-{order}")).spawn(move || cpushare_vnet::stack::socks(&spec, listener, &s, &node, stop))?);
+            threads.push(std::thread::Builder::new().name(format!("stack-{order}")).spawn(move || cpushare_vnet::stack::serve(&spec, services, &s, &node, stop))?);
             sockets = Some(dir);
             Attachments { tap: None, ports: vec![PortSpec { path: ours, peer: stack, dhcp: None }] }
         }

@@ -3,12 +3,16 @@
 //! VM is, with a SOCKS5 proxy on this host in front of it, so that
 //! `curl --socks5-hostname 127.0.0.1:1080 http://10.77.0.2/` (or ssh with a
 //! ProxyCommand, or anything that speaks SOCKS) reaches the nodes. It answers
-//! ARP and ping at the member's address like any host on the network.
+//! ARP and ping at the member's address like any host on the network, and
+//! takes connections to the ports it is told to serve there (the buyer's
+//! share), handing each to its server as one end of a socket pair: nothing
+//! listens for them on this host, so only the cluster's network reaches them.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -32,12 +36,28 @@ pub struct StackSpec {
     pub prefix: u8,
 }
 
+/// A port the stack serves at its address: each connection a node opens to
+/// it is handed, as our end's peer of a socket pair, to `handed` (with who opened it).
+pub struct Inbound {
+    pub port: u16,
+    pub handed: Box<dyn Fn(UnixStream, SocketAddrV4) + Send>,
+}
+
+/// What the stack offers: a SOCKS5 proxy out into the cluster, ports served in it, or both.
+#[derive(Default)]
+pub struct Services {
+    pub socks: Option<TcpListener>,
+    pub inbound: Vec<Inbound>,
+}
+
 /// How long a CONNECT may take before the client is told the host is unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Each connection's buffers, each way (a window's worth at cluster latencies).
 const SOCKET_BUFFER: usize = 256 << 10;
 /// At most this much read from a client ahead of what the stack has taken.
 const CLIENT_AHEAD: usize = 64 << 10;
+/// How long a node's connection to a served port may take to be established.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The stack's card: a unix datagram socket to the node's port, one
 /// Ethernet frame per datagram (QEMU's `-netdev dgram` framing).
@@ -99,9 +119,33 @@ enum Phase {
     Closing,
 }
 
-/// One SOCKS client.
+/// This host's side of a connection: a SOCKS client, or the server of a served port.
+trait Local: Read + Write + Send {
+    fn fd(&self) -> RawFd;
+    fn shutdown_write(&self);
+}
+
+impl Local for TcpStream {
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Local for UnixStream {
+    fn fd(&self) -> RawFd {
+        self.as_raw_fd()
+    }
+    fn shutdown_write(&self) {
+        let _ = self.shutdown(std::net::Shutdown::Write);
+    }
+}
+
+/// One connection through the stack: a SOCKS client's, or one a node opened to a served port.
 struct Client {
-    stream: TcpStream,
+    stream: Box<dyn Local>,
     phase: Phase,
     /// From the client, not yet taken.
     from_client: Vec<u8>,
@@ -120,13 +164,20 @@ struct Proxy {
     next_port: u16,
     /// Sockets ending, removed once the stack has sent what ends them.
     ending: Vec<SocketHandle>,
+    /// The served ports, each with its socket listening now.
+    inbound: Vec<(Inbound, SocketHandle)>,
+    /// Connections to a served port not yet established: the socket, since when, which port.
+    accepting: Vec<(SocketHandle, std::time::Instant, usize)>,
 }
 
-/// Runs the proxy until `stop` is set: the stack on the port `node` (our
-/// socket is bound at `ours`), SOCKS5 clients accepted on `listener`.
-pub fn socks(spec: &StackSpec, listener: TcpListener, ours: &Path, node: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+/// Runs the stack until `stop` is set, on the port `node` (our socket is
+/// bound at `ours`), with `services`.
+pub fn serve(spec: &StackSpec, services: Services, ours: &Path, node: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
     let link = DgramLink::bind(ours, node).with_context(|| format!("binding {}", ours.display()))?;
-    listener.set_nonblocking(true)?;
+    let listener = services.socks;
+    if let Some(l) = &listener {
+        l.set_nonblocking(true)?;
+    }
     let mut wire = Wire { link, buf: vec![0; 65_536] };
     let mut config = Config::new(HardwareAddress::Ethernet(EthernetAddress(spec.mac)));
     config.random_seed = rand::random();
@@ -134,16 +185,20 @@ pub fn socks(spec: &StackSpec, listener: TcpListener, ours: &Path, node: &Path, 
     iface.update_ip_addrs(|a| {
         let _ = a.push(IpCidr::new(IpAddress::Ipv4(spec.address), spec.prefix));
     });
-    let mut p = Proxy { spec: spec.clone(), iface, wire, sockets: SocketSet::new(Vec::new()), next_port: 49_152, ending: Vec::new() };
+    let mut p = Proxy { spec: spec.clone(), iface, wire, sockets: SocketSet::new(Vec::new()), next_port: 49_152, ending: Vec::new(), inbound: Vec::new(), accepting: Vec::new() };
+    for i in services.inbound {
+        let listening = p.listen(i.port)?;
+        p.inbound.push((i, listening));
+    }
     let mut clients: Vec<Client> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         p.poll();
-        loop {
-            match listener.accept() {
+        while let Some(l) = &listener {
+            match l.accept() {
                 Ok((stream, _)) => {
                     stream.set_nonblocking(true)?;
                     let _ = stream.set_nodelay(true);
-                    clients.push(Client { stream, phase: Phase::Greeting, from_client: Vec::new(), client_eof: false, to_client: VecDeque::new(), done: false });
+                    clients.push(Client::new(Box::new(stream), Phase::Greeting));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => {
@@ -152,14 +207,20 @@ pub fn socks(spec: &StackSpec, listener: TcpListener, ours: &Path, node: &Path, 
                 }
             }
         }
+        p.accept(&mut clients)?;
         for c in &mut clients {
             p.step(c);
         }
         clients.retain(|c| !c.done);
         p.poll();
-        p.wait(&listener, &clients)?;
+        p.wait(listener.as_ref(), &clients)?;
     }
     Ok(())
+}
+
+/// The SOCKS5 proxy alone (`cpushare vnet socks`): [`serve`] with clients taken on `listener`.
+pub fn socks(spec: &StackSpec, listener: TcpListener, ours: &Path, node: &Path, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    serve(spec, Services { socks: Some(listener), inbound: Vec::new() }, ours, node, stop)
 }
 
 impl Proxy {
@@ -181,10 +242,55 @@ impl Proxy {
         });
     }
 
+    /// A socket listening on `port` at the stack's address.
+    fn listen(&mut self, port: u16) -> anyhow::Result<SocketHandle> {
+        let mut s = tcp::Socket::new(tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]), tcp::SocketBuffer::new(vec![0; SOCKET_BUFFER]));
+        s.set_nagle_enabled(false);
+        s.listen(port).map_err(|e| anyhow::anyhow!("listening on port {port}: {e}"))?;
+        Ok(self.sockets.add(s))
+    }
+
+    /// Takes the connections nodes opened to the served ports: a socket that
+    /// left Listen is this connection's (another listens in its place); once
+    /// established, its server gets one end of a socket pair.
+    fn accept(&mut self, clients: &mut Vec<Client>) -> anyhow::Result<()> {
+        for i in 0..self.inbound.len() {
+            let (port, socket) = (self.inbound[i].0.port, self.inbound[i].1);
+            if self.sockets.get::<tcp::Socket>(socket).state() != tcp::State::Listen {
+                self.accepting.push((socket, std::time::Instant::now(), i));
+                self.inbound[i].1 = self.listen(port)?;
+            }
+        }
+        let mut still = Vec::new();
+        for (socket, since, i) in std::mem::take(&mut self.accepting) {
+            let s = self.sockets.get::<tcp::Socket>(socket);
+            match (s.state(), s.remote_endpoint()) {
+                (tcp::State::Established, Some(from)) => {
+                    let IpAddress::Ipv4(ip) = from.addr;
+                    let from = SocketAddrV4::new(ip, from.port);
+                    let (ours, theirs) = UnixStream::pair()?;
+                    ours.set_nonblocking(true)?;
+                    (self.inbound[i].0.handed)(theirs, from);
+                    tracing::debug!(%from, port = self.inbound[i].0.port, "a connection to a served port");
+                    clients.push(Client::new(Box::new(ours), Phase::Relaying { socket, fin_sent: false, fin_passed: false }));
+                }
+                // Reset before it was established (a SYN-RECEIVED socket goes back to Listen).
+                (tcp::State::Listen | tcp::State::Closed, _) => drop(self.sockets.remove(socket)),
+                _ if since.elapsed() > ACCEPT_TIMEOUT => self.abort(socket),
+                _ => still.push((socket, since, i)),
+            }
+        }
+        self.accepting = still;
+        Ok(())
+    }
+
     /// Sleeps until the wire, the listener or a client has something, or the stack has a timer due.
-    fn wait(&mut self, listener: &TcpListener, clients: &[Client]) -> io::Result<()> {
+    fn wait(&mut self, listener: Option<&TcpListener>, clients: &[Client]) -> io::Result<()> {
         let wire_events = if self.wire.link.backlogged() { libc::POLLIN | libc::POLLOUT } else { libc::POLLIN };
-        let mut fds = vec![libc::pollfd { fd: self.wire.link.fd(), events: wire_events, revents: 0 }, libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        let mut fds = vec![libc::pollfd { fd: self.wire.link.fd(), events: wire_events, revents: 0 }];
+        if let Some(l) = listener {
+            fds.push(libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
         for c in clients {
             let mut events = 0;
             if c.wants_input() {
@@ -193,7 +299,7 @@ impl Proxy {
             if !c.to_client.is_empty() {
                 events |= libc::POLLOUT;
             }
-            fds.push(libc::pollfd { fd: c.stream.as_raw_fd(), events, revents: 0 });
+            fds.push(libc::pollfd { fd: c.stream.fd(), events, revents: 0 });
         }
         let due = self.iface.poll_delay(Instant::now(), &self.sockets).map_or(100, |d| d.total_millis().min(100)) as i32;
         // SAFETY: fds is a valid array of pollfd for the duration of the call.
@@ -275,7 +381,7 @@ impl Proxy {
             let state = s.state();
             if remote_done && c.to_client.is_empty() && !*fin_passed {
                 tracing::debug!(?state, "the far end closed");
-                let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                c.stream.shutdown_write();
                 *fin_passed = true;
             }
             if state == tcp::State::Closed || (*fin_passed && *fin_sent && matches!(state, tcp::State::TimeWait | tcp::State::LastAck | tcp::State::Closing)) {
@@ -327,6 +433,10 @@ fn unspecified() -> SocketAddrV4 {
 }
 
 impl Client {
+    fn new(stream: Box<dyn Local>, phase: Phase) -> Client {
+        Client { stream, phase, from_client: Vec::new(), client_eof: false, to_client: VecDeque::new(), done: false }
+    }
+
     /// Whether to read from the client now: during the handshake, and while
     /// the stack keeps up (backpressure otherwise).
     fn wants_input(&self) -> bool {

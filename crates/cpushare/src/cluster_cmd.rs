@@ -64,6 +64,13 @@ pub struct StartArgs {
     /// Without the interface: a SOCKS5 proxy into the cluster's network here (`curl --socks5 127.0.0.1:1080 http://10.77.0.2/`).
     #[arg(long, default_value = "127.0.0.1:1080", value_name = "ADDR")]
     socks: std::net::SocketAddr,
+    /// Share a directory of this host with the nodes, read-write over NFSv3 at
+    /// 10.77.0.1:/NAME (NAME: the directory's name unless given). What a node
+    /// writes is on this disk once written, whatever becomes of the node; the
+    /// nodes act in it as your user, confined to it. Livecds made by
+    /// scripts/make-live-iso --share NAME mount it at /mnt/NAME. Repeatable.
+    #[arg(long, value_name = "DIR[:NAME]")]
+    share: Vec<cpushare_buyer::share::ShareSpec>,
     #[command(flatten)]
     dir: DirArg,
 }
@@ -193,6 +200,7 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
         network: !args.no_network,
         tap: Some(args.tap.clone()),
         socks: Some(args.socks),
+        shares: args.share.clone(),
     };
     let conn = connect(config).await?;
     let (tx, mut rx) = mpsc::channel(64);

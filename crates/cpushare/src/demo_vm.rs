@@ -77,7 +77,7 @@ pub async fn run(out_dir: &Path, no_faults: bool, out: Output) -> anyhow::Result
 
     let logs = out_dir.join("vm-consoles");
     let _ = std::fs::remove_dir_all(&logs);
-    let spec = ClusterSpec { iso, nodes: NODES, max_price: 2000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.clone(), replace: true, network: true, tap: None, socks: Some(([127, 0, 0, 1], 0).into()) };
+    let spec = ClusterSpec { iso, nodes: NODES, max_price: 2000, ram_mib: 256, scratch_mib: 64, kvm_only: false, logs: logs.clone(), replace: true, network: true, tap: None, socks: Some(([127, 0, 0, 1], 0).into()), shares: vec![] };
     say(format!("renting {NODES} machines that boot it (256 MiB and a 64 MiB scratch disk each)"));
     let conn = buyer.connect().await?;
     let (tx, mut rx) = mpsc::channel(256);

@@ -44,6 +44,11 @@ pub mod testing {
     /// `DIR/NAME.iso`, or None (said aloud) when QEMU or the script's tools
     /// are missing outside CI; under `CI=true` a missing prerequisite fails.
     pub fn livecd(dir: &Path, name: &str, init: &str) -> Option<PathBuf> {
+        livecd_with(dir, name, init, &[])
+    }
+
+    /// [`livecd`], with `options` for make-live-iso (such as `--share data`).
+    pub fn livecd_with(dir: &Path, name: &str, init: &str, options: &[&str]) -> Option<PathBuf> {
         let ci = std::env::var("CI").as_deref() == Ok("true");
         if Command::new("qemu-system-x86_64").arg("--version").output().is_err() {
             assert!(!ci, "qemu-system-x86 is needed under CI");
@@ -57,7 +62,7 @@ pub mod testing {
         std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
         let iso = dir.join(format!("{name}.iso"));
         let tool = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-live-iso");
-        let out = Command::new(tool).arg(&iso).arg(&payload).output().unwrap();
+        let out = Command::new(tool).args(options).arg(&iso).arg(&payload).output().unwrap();
         if !out.status.success() {
             assert!(!ci, "make-live-iso failed under CI: {}", String::from_utf8_lossy(&out.stderr));
             eprintln!("skipped: make-live-iso failed: {}", String::from_utf8_lossy(&out.stderr));

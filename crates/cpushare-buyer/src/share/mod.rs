@@ -1,0 +1,146 @@
+//! The buyer's directories, shared with its cluster's VMs over NFSv3
+//! (`cluster start --share DIR[:NAME]`): a userspace server in the buyer's
+//! process, reached only through the cluster's own network at the buyer's
+//! address (10.77.0.1:2049), so a VM needs nothing but its kernel's NFS
+//! client and whatever a VM writes is on the buyer's disk the moment the
+//! server answers, whatever becomes of the VM afterwards.
+//!
+//! The protocol is nfs3_server's; what is ours is the confinement ([`fs`])
+//! and where connections come from: a listener bound to the buyer's
+//! `cpushare0` device (so not even this host's other users reach it through
+//! the address), or connections the userspace stack accepts at the buyer's
+//! address (see `cpushare_vnet::stack`), handed over as socket pairs.
+
+mod fs;
+mod tree;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use nfs3_server::test_reexports::{process_socket, RPCContext};
+use rustix::fs::{Mode, OFlags};
+
+pub use fs::ShareFs;
+
+/// The port VMs mount the share at (NFS and its mount protocol both).
+pub const NFS_PORT: u16 = 2049;
+
+/// One `--share HOST_DIR[:NAME]`: a directory of the buyer's, mounted by
+/// VMs as `10.77.0.1:/NAME` (NAME: the directory's own name unless given).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShareSpec {
+    pub dir: PathBuf,
+    pub name: String,
+}
+
+impl std::str::FromStr for ShareSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ShareSpec, String> {
+        let (dir, name) = match s.rsplit_once(':') {
+            Some((dir, name)) if !dir.is_empty() => (PathBuf::from(dir), name.to_string()),
+            _ => {
+                let dir = PathBuf::from(s);
+                let name = std::path::absolute(&dir).ok().and_then(|d| d.file_name().map(|n| n.to_string_lossy().into_owned())).unwrap_or_default();
+                (dir, name)
+            }
+        };
+        let fine = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if name.is_empty() || name == "." || name == ".." || !name.chars().all(fine) {
+            return Err(format!("`{s}`: the share's name must be letters, digits, '-', '_' or '.' (give one as DIR:NAME)"));
+        }
+        Ok(ShareSpec { dir, name })
+    }
+}
+
+/// The NFS server for one cluster's shares.
+pub struct ShareServer {
+    context: RPCContext<ShareFs>,
+}
+
+impl ShareServer {
+    /// Opens the directories to export (each must be one; names must differ).
+    pub fn new(shares: &[ShareSpec]) -> anyhow::Result<Arc<ShareServer>> {
+        let mut exports = Vec::new();
+        for (i, s) in shares.iter().enumerate() {
+            anyhow::ensure!(!shares[..i].iter().any(|o| o.name == s.name), "two shares are named {}: give one another name with DIR:NAME", s.name);
+            let dir = rustix::fs::open(&s.dir, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).with_context(|| format!("cannot share {}: not a directory this user can open", s.dir.display()))?;
+            exports.push(fs::Export { name: s.name.clone(), dir });
+        }
+        // One context for every connection: one set of file handles (a VM
+        // that reconnects keeps its handles) and one record of calls done
+        // (a call sent again is not done twice).
+        let context = RPCContext::test_ctx("/", Arc::new(ShareFs::new(exports)));
+        Ok(Arc::new(ShareServer { context }))
+    }
+
+    /// Serves one connection (from `peer`) until it closes.
+    pub fn serve<IO>(&self, io: IO, peer: String)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let mut context = self.context.clone();
+        context.client_addr = peer;
+        tokio::spawn(async move {
+            if let Err(e) = process_socket(io, context).await {
+                tracing::debug!("a share connection ended: {e:#}");
+            }
+        });
+    }
+
+    /// Serves every connection `listener` takes.
+    pub async fn accept(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    self.serve(stream, peer.to_string());
+                }
+                Err(e) => {
+                    tracing::warn!("the share's listener: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// Serves the connections the cluster's userspace stack hands over.
+    pub async fn take(self: Arc<Self>, mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::os::unix::net::UnixStream, SocketAddr)>) {
+        while let Some((stream, peer)) = handed.recv().await {
+            match stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream)) {
+                Ok(s) => self.serve(s, peer.to_string()),
+                Err(e) => tracing::warn!("a share connection from {peer}: {e}"),
+            }
+        }
+    }
+}
+
+/// A listener at `addr` that takes only connections arriving on `device`
+/// (the buyer's cluster interface): not this host's own, not another interface's.
+pub fn listen_on_device(addr: SocketAddr, device: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    s.set_reuse_address(true)?;
+    s.bind_device(Some(device.as_bytes()))?;
+    s.bind(&addr.into())?;
+    s.listen(64)?;
+    s.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(s.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn share_flags_parse() {
+        let s: ShareSpec = "/srv/results:out".parse().unwrap();
+        assert_eq!(s, ShareSpec { dir: "/srv/results".into(), name: "out".into() });
+        let s: ShareSpec = "/srv/results".parse().unwrap();
+        assert_eq!(s.name, "results");
+        assert!("/srv/x:bad/name".parse::<ShareSpec>().is_err());
+        assert!("/srv/x:..".parse::<ShareSpec>().is_err());
+        assert!("/".parse::<ShareSpec>().unwrap_err().contains("DIR:NAME"));
+    }
+}
