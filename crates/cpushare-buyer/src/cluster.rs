@@ -227,9 +227,10 @@ async fn join_as_buyer(conn: &Connection, order: u64, spec: &ClusterSpec, shares
                 progress.note(&format!("this host is {} on the cluster's network ({name})", a.me.ip));
                 let mut task = None;
                 if let Some(server) = shares {
-                    // Bound to the interface: only the cluster's nodes reach it, not this host's other users.
+                    // Only the cluster's nodes, not this host's other users.
                     let listener = crate::share::listen_on_device((a.me.ip, crate::share::NFS_PORT).into(), name).with_context(|| format!("serving the shares at {}:{} on {name}", a.me.ip, crate::share::NFS_PORT))?;
-                    task = Some(tokio::spawn(server.accept(listener)));
+                    let (me, prefix) = (a.me.ip, a.prefix);
+                    task = Some(tokio::spawn(server.accept(listener, move |peer| crate::share::cluster_peer(peer, me, prefix))));
                     progress.note(&format!("sharing {}", exported()));
                 }
                 return Ok(BuyerNetwork { _attached: a, shares: task });

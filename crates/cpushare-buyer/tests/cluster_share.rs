@@ -132,6 +132,15 @@ async fn nodes_share_the_buyer_s_directory_and_it_outlives_them() {
         assert!(console.contains(&format!("read {}'s file: intact", other.ip)), "{console}");
         assert!(console.contains("wrote through the link into its own /etc"), "{console}");
     }
+    // As root the share listens on the buyer's interface, at its address:
+    // this host's own processes are not let in (only the cluster's nodes).
+    if root {
+        let url = "nfs://10.77.0.1/data?version=3&nfsport=2049&mountport=2049";
+        match std::process::Command::new("nfs-ls").arg(url).output() {
+            Ok(out) => assert!(!out.status.success() && out.stdout.is_empty(), "a local process listed the share: {}", String::from_utf8_lossy(&out.stdout)),
+            Err(e) => assert!(std::env::var("CI").as_deref() != Ok("true"), "nfs-ls (libnfs-utils) is needed under CI: {e}"),
+        }
+    }
     // One node's seller dies; what the node synced is on the buyer's disk.
     let lost = if a.seller_node < b.seller_node { a.clone() } else { b.clone() };
     let at = tb.sellers.iter().position(|s| s.node.node == lost.seller_node).unwrap();

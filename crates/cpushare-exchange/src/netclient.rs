@@ -131,6 +131,8 @@ pub fn members(v: &View) -> Vec<cpushare_vnet::node::Member> {
 pub struct Attached {
     /// This node as the network lists it (its id, MAC and IP).
     pub me: Member,
+    /// The network's prefix length (10.77.0.0/16: 16).
+    pub prefix: u8,
     /// Where its SOCKS5 proxy takes clients, with [`Local::Stack`] and a proxy.
     pub socks: Option<SocketAddr>,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -238,5 +240,5 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
             }
         }
     });
-    Ok(Attached { me, socks, stop, threads, views, _sockets: sockets })
+    Ok(Attached { me, prefix: view.prefix, socks, stop, threads, views, _sockets: sockets })
 }

@@ -24,6 +24,22 @@ pub enum VnetCmd {
     Socks(SocksArgs),
     /// Write node-N.json for a cluster of the given endpoints (the first is the buyer, the relay).
     Plan(PlanArgs),
+    /// Serve directories over NFSv3 as `cluster start --share` does, at an
+    /// address of this host (for networks made by hand, and benchmarks).
+    Share(ShareArgs),
+}
+
+#[derive(Args)]
+pub struct ShareArgs {
+    /// Where to take NFS and mount calls (mount with port= and mountport= this port, nolock).
+    #[arg(long, default_value = "10.77.0.1:2049")]
+    listen: SocketAddr,
+    /// Take only connections arriving on this interface (a node's tap; needs CAP_NET_RAW).
+    #[arg(long, value_name = "NAME")]
+    device: Option<String>,
+    /// The directories: DIR (exported as its own name) or DIR:NAME, mounted as ADDRESS:/NAME.
+    #[arg(required = true, value_name = "DIR[:NAME]")]
+    shares: Vec<cpushare_buyer::share::ShareSpec>,
 }
 
 #[derive(Args)]
@@ -169,6 +185,20 @@ pub async fn run(cmd: VnetCmd) -> anyhow::Result<()> {
             let listener = std::net::TcpListener::bind(a.listen).with_context(|| format!("listening on {}", a.listen))?;
             eprintln!("cpushare: SOCKS5 proxy into the network at {}", listener.local_addr()?);
             until_signalled(move |stop| cpushare_vnet::stack::socks(&spec, listener, &p.vm, &p.node, stop)).await
+        }
+        VnetCmd::Share(a) => {
+            let server = cpushare_buyer::share::ShareServer::new(&a.shares)?;
+            let listener = match &a.device {
+                Some(dev) => cpushare_buyer::share::listen_on_device(a.listen, dev).with_context(|| format!("listening on {} ({dev})", a.listen))?,
+                None => tokio::net::TcpListener::bind(a.listen).await.with_context(|| format!("listening on {}", a.listen))?,
+            };
+            for s in &a.shares {
+                eprintln!("cpushare: sharing {} as {}:/{}", s.dir.display(), a.listen.ip(), s.name);
+            }
+            tokio::select! {
+                _ = server.accept(listener, |_| true) => Ok(()),
+                _ = tokio::signal::ctrl_c() => Ok(()),
+            }
         }
         VnetCmd::Plan(a) => {
             std::fs::create_dir_all(&a.dir).with_context(|| format!("creating {}", a.dir.display()))?;

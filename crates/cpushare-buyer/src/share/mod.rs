@@ -90,14 +90,16 @@ impl ShareServer {
         });
     }
 
-    /// Serves every connection `listener` takes.
-    pub async fn accept(self: Arc<Self>, listener: tokio::net::TcpListener) {
+    /// Serves the connections `listener` takes from peers `admit` lets in
+    /// (others are closed at once).
+    pub async fn accept(self: Arc<Self>, listener: tokio::net::TcpListener, admit: impl Fn(SocketAddr) -> bool + Send + 'static) {
         loop {
             match listener.accept().await {
-                Ok((stream, peer)) => {
+                Ok((stream, peer)) if admit(peer) => {
                     let _ = stream.set_nodelay(true);
                     self.serve(stream, peer.to_string());
                 }
+                Ok((_, peer)) => tracing::info!("a share connection from {peer} refused: not a node of the cluster"),
                 Err(e) => {
                     tracing::warn!("the share's listener: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -117,8 +119,9 @@ impl ShareServer {
     }
 }
 
-/// A listener at `addr` that takes only connections arriving on `device`
-/// (the buyer's cluster interface): not this host's own, not another interface's.
+/// A listener at `addr` bound to `device` (the buyer's cluster interface), so
+/// that nothing arriving on another interface reaches it. This host's own
+/// connections to its own address still would: [`cluster_peer`] keeps them out.
 pub fn listen_on_device(addr: SocketAddr, device: &str) -> std::io::Result<tokio::net::TcpListener> {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
     s.set_reuse_address(true)?;
@@ -127,6 +130,19 @@ pub fn listen_on_device(addr: SocketAddr, device: &str) -> std::io::Result<tokio
     s.listen(64)?;
     s.set_nonblocking(true)?;
     tokio::net::TcpListener::from_std(s.into())
+}
+
+/// Whether `peer` may use the share reached at `me` on a /`prefix` network:
+/// a node of the cluster, that is an address of its subnet other than ours.
+/// This host's own processes connect from `me` (or from outside the subnet);
+/// one claiming a node's address (IP_FREEBIND) never completes the
+/// handshake, as the answer is routed to the cluster's interface, not to it.
+pub fn cluster_peer(peer: SocketAddr, me: std::net::Ipv4Addr, prefix: u8) -> bool {
+    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix.min(32)) };
+    match peer.ip() {
+        std::net::IpAddr::V4(ip) => ip != me && u32::from(ip) & mask == u32::from(me) & mask,
+        std::net::IpAddr::V6(_) => false,
+    }
 }
 
 #[cfg(test)]
@@ -142,5 +158,16 @@ mod tests {
         assert!("/srv/x:bad/name".parse::<ShareSpec>().is_err());
         assert!("/srv/x:..".parse::<ShareSpec>().is_err());
         assert!("/".parse::<ShareSpec>().unwrap_err().contains("DIR:NAME"));
+    }
+
+    #[test]
+    fn only_other_members_of_the_subnet_are_peers() {
+        let me = std::net::Ipv4Addr::new(10, 77, 0, 1);
+        assert!(cluster_peer("10.77.0.2:900".parse().unwrap(), me, 16));
+        assert!(cluster_peer("10.77.3.9:900".parse().unwrap(), me, 16));
+        assert!(!cluster_peer("10.77.0.1:900".parse().unwrap(), me, 16), "this host itself");
+        assert!(!cluster_peer("10.78.0.2:900".parse().unwrap(), me, 16));
+        assert!(!cluster_peer("127.0.0.1:900".parse().unwrap(), me, 16));
+        assert!(!cluster_peer("[::1]:900".parse().unwrap(), me, 16));
     }
 }
