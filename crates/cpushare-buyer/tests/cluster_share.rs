@@ -1,8 +1,9 @@
 //! The buyer's share with real VMs (software emulation): a cluster's nodes
 //! mount the buyer's directory over the cluster's network with their stock
 //! kernel's NFS client, write to it and read each other's files; one node's
-//! seller is killed, what that node had synced is on the buyer's disk, and
-//! its replacement reads it. A node of another cluster, on its own network,
+//! seller is killed while the node writes, what that node had synced (and
+//! every line it had sent since) is on the buyer's disk, and its
+//! replacement reads it. A node of another cluster, on its own network,
 //! cannot mount the first cluster's share (only its own buyer's); a guest's
 //! symlink out of the share writes into the guest, not onto the buyer's host.
 //!
@@ -34,6 +35,8 @@ grep -q " /mnt/data nfs" /proc/mounts || { sleep 600; exit 0; }
 yes "written by $me" | head -c 4194304 >/mnt/data/big-$me.txt
 sync
 echo "synced $me"
+# Writing on when its seller is killed: a line at a time, never synced.
+(i=0; while :; do i=$((i+1)); echo "line $i from $me" >>/mnt/data/log-$me.txt; sleep 0.2; done) &
 # A symlink out of the share: the guest follows it, in its own file system.
 ln -s /etc /mnt/data/etc-$me
 echo "escaped?" >/mnt/data/etc-$me/cpushare-escape-$me && echo "wrote through the link into its own /etc"
@@ -146,6 +149,15 @@ async fn nodes_share_the_buyer_s_directory_and_it_outlives_them() {
     let at = tb.sellers.iter().position(|s| s.node.node == lost.seller_node).unwrap();
     tb.sellers.remove(at).kill();
     assert_eq!(std::fs::read(shared.join(format!("big-{}.txt", lost.ip))).unwrap(), expected_big(&lost.ip));
+    // What it was writing when it went: the lines it had sent, in order (the
+    // last one cut only if the kill fell between the pages of one write).
+    let log = std::fs::read_to_string(shared.join(format!("log-{}.txt", lost.ip))).unwrap();
+    let lines: Vec<&str> = log.split_inclusive('\n').collect();
+    assert!(lines.len() > 1, "{log:?}");
+    for (i, l) in lines.iter().enumerate() {
+        let want = format!("line {} from {}\n", i + 1, lost.ip);
+        assert!(*l == want || (i == lines.len() - 1 && want.starts_with(l)), "line {}: {l:?}", i + 1);
+    }
     // Its replacement mounts the same share and reads it.
     let replacement = booted(&mut rx, Duration::from_secs(120)).await;
     let console = console_says(&replacement, &format!("read {}'s file", lost.ip), Duration::from_secs(180)).await;
@@ -184,7 +196,7 @@ async fn nodes_share_the_buyer_s_directory_and_it_outlives_them() {
     }
     let mut files: Vec<String> = std::fs::read_dir(&shared).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     files.sort();
-    let mut want: Vec<String> = [&a.ip, &b.ip, &replacement.ip].iter().flat_map(|ip| [format!("big-{ip}.txt"), format!("etc-{ip}")]).collect();
+    let mut want: Vec<String> = [&a.ip, &b.ip, &replacement.ip].iter().flat_map(|ip| [format!("big-{ip}.txt"), format!("etc-{ip}"), format!("log-{ip}.txt")]).collect();
     want.sort();
     assert_eq!(files, want, "nothing but what the nodes made");
 
