@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use cpushare_market::{AccountId, Bucket, EndReason, Event, KindSet, LeaseId, MarketConfig, NodeId, OrderId, Time};
+use cpushare_market::{AccountId, Bucket, EndReason, Event, KindSet, LeaseId, MarketConfig, NodeId, OrderId, SandboxKind, Time};
 use rustc_hash::FxHashMap;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -71,7 +71,9 @@ pub struct Parties {
 /// What subscribers hear, after the change is durable.
 #[derive(Debug, Clone)]
 pub enum Notice {
-    Trade { lease: LeaseId, price: u64, at: Time, kinds: KindSet },
+    /// `market`: the sandbox kind the buyer asked for (the market it traded in);
+    /// `kinds`: every kind the seller's slot offers.
+    Trade { lease: LeaseId, price: u64, at: Time, kinds: KindSet, market: Option<SandboxKind> },
     Lease { parties: Parties, lease: LeaseId, kind: &'static str, at: Time, reason: Option<EndReason>, charged: i64 },
 }
 
@@ -217,11 +219,12 @@ impl Core {
             charged,
         };
         match *e {
-            Event::LeaseOpened { lease, sell, buyer, seller, node, price, at, .. } => {
+            Event::LeaseOpened { lease, buy, sell, buyer, seller, node, price, at, .. } => {
                 let kinds = self.state.market.sell_order(sell).map(|s| s.slot.kinds).unwrap_or_default();
+                let market = self.state.market.buy_order(buy).map(|b| b.request.requirements.kind);
                 let p = Parties { buyer, seller, node, kinds };
                 self.parties.insert(lease, p);
-                self.notices.push(Notice::Trade { lease, price, at, kinds });
+                self.notices.push(Notice::Trade { lease, price, at, kinds, market });
                 self.notices.push(lease_notice(p, lease, "opened", at, None, 0));
                 // (A lease that already ended within the same job is not assigned.)
                 if let Some(l) = self.state.market.lease(lease) {

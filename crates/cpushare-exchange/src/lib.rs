@@ -14,6 +14,7 @@ pub mod server;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod web;
 
 /// The oldest protocol version this exchange still serves.
 pub const PROTOCOL_MIN: u32 = 1;

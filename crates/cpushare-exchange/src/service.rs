@@ -275,6 +275,18 @@ impl Exchange for Handler {
         Ok(Response::new(pb::StatementReply { entries }))
     }
 
+    async fn web_token(&self, req: Request<pb::WebTokenRequest>) -> Result<Response<pb::WebTokenReply>, Status> {
+        let c = self.caller(&req)?;
+        let token = new_token();
+        let token_hash = hash_token(&token);
+        self.call(move |core| {
+            let at = core.now();
+            core.record(Record::WebTokenIssued { token_hash, account: c.account, at });
+        })
+        .await?;
+        Ok(Response::new(pb::WebTokenReply { token }))
+    }
+
     async fn place_buy(&self, req: Request<pb::PlaceBuyRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let c = self.caller(&req)?;
         self.rate_limit(c.account)?;
@@ -376,7 +388,7 @@ impl Exchange for Handler {
     async fn trades(&self, req: Request<pb::TradesRequest>) -> Result<Response<Self::TradesStream>, Status> {
         self.caller(&req)?;
         Ok(Response::new(notice_stream(self.subscribe(), |n| match *n {
-            Notice::Trade { lease, price, at, kinds } => Some(pb::Trade { lease: lease.0, price, at, kinds: kinds_to(kinds) }),
+            Notice::Trade { lease, price, at, kinds, .. } => Some(pb::Trade { lease: lease.0, price, at, kinds: kinds_to(kinds) }),
             _ => None,
         })))
     }

@@ -29,6 +29,8 @@ pub enum Record {
     NodeRevoked { node: NodeId, at: Time },
     /// Kernel version prefixes whose sellers are refused.
     RefusedKernels { prefixes: Vec<String>, at: Time },
+    /// A web dashboard sign-in token for `account`; only its SHA-256 is kept.
+    WebTokenIssued { token_hash: String, account: AccountId, at: Time },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +57,9 @@ pub struct Registry {
     pub tokens: BTreeMap<String, AccountId>,
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     pub refused_kernels: Vec<String>,
+    /// Web sign-in tokens (SHA-256 hex) and their accounts.
+    #[serde(default)]
+    pub web_tokens: BTreeMap<String, AccountId>,
 }
 
 impl Registry {
@@ -158,6 +163,9 @@ pub fn apply_registry(r: &mut Registry, record: &Record) {
             }
         }
         Record::RefusedKernels { prefixes, .. } => r.refused_kernels = prefixes.clone(),
+        Record::WebTokenIssued { token_hash, account, .. } => {
+            r.web_tokens.insert(token_hash.clone(), *account);
+        }
     }
 }
 

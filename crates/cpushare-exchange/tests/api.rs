@@ -2,51 +2,15 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use cpushare_exchange::client::{connect, Connection, Trust};
-use cpushare_exchange::datadir::{self, Running, Settings};
-use cpushare_exchange::node::{enroll, NodeConfig};
+use common::Exchange;
+use cpushare_exchange::client::{connect, Trust};
+use cpushare_exchange::datadir;
+use cpushare_exchange::node::enroll;
 use cpushare_proto::v1 as pb;
 use tokio_stream::StreamExt;
 use tonic::Code;
-
-struct Exchange {
-    running: Running,
-    admin: Connection,
-    url: String,
-    data: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl Exchange {
-    async fn start(tune: impl FnOnce(&mut Settings)) -> Exchange {
-        let tmp = tempfile::tempdir().unwrap();
-        let data = tmp.path().join("data");
-        let mut settings = Settings::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into(), "127.0.0.1".into()], String::new());
-        tune(&mut settings);
-        datadir::init(&data, settings, &tmp.path().join("operator")).await.unwrap();
-        let running = datadir::run(&data, None).await.unwrap();
-        let url = format!("https://127.0.0.1:{}", running.listening.addr.port());
-        let mut admin_cfg = NodeConfig::load(&tmp.path().join("operator")).unwrap();
-        admin_cfg.url = url.clone();
-        let admin = admin_cfg.connect().await.unwrap();
-        Exchange { running, admin, url, data, _tmp: tmp }
-    }
-
-    /// A new account with one enrolled node and `cents` deposited.
-    async fn member(&mut self, name: &str, cents: i64) -> (NodeConfig, Connection) {
-        let created = self.admin.admin.create_account(pb::CreateAccountRequest { name: name.into() }).await.unwrap().into_inner();
-        if cents > 0 {
-            self.admin.admin.deposit(pb::DepositRequest { account: created.account, amount_cents: cents }).await.unwrap();
-        }
-        let dir = self._tmp.path().join(name);
-        let node = enroll(&self.url, &created.token, Some(self.running.ca_fingerprint.clone()), &dir, name).await.unwrap();
-        let conn = node.connect().await.unwrap();
-        (node, conn)
-    }
-}
 
 fn slot() -> pb::SlotAttributes {
     pb::SlotAttributes {

@@ -56,6 +56,12 @@ pub struct RunArgs {
     /// Listen here instead of the address chosen at init.
     #[arg(long)]
     listen: Option<SocketAddr>,
+    /// Serve the web dashboard here (plain HTTP: put it behind a TLS proxy to publish it).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+    web: SocketAddr,
+    /// No web dashboard.
+    #[arg(long, conflicts_with = "web")]
+    no_web: bool,
 }
 
 pub async fn run(cmd: ExchangeCmd, config: &Path, out: Output) -> anyhow::Result<()> {
@@ -133,6 +139,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let running = datadir::run(&data, args.listen).await.with_context(|| format!("cannot start the exchange in {}", data.display()))?;
     println!("cpushare exchange listening on {}", running.listening.addr);
     println!("CA fingerprint {}", running.ca_fingerprint);
+    let _web = if args.no_web {
+        None
+    } else {
+        let web = cpushare_exchange::web::serve(running.engine.clone(), args.web).await?;
+        println!("dashboard at http://{}/", web.addr);
+        Some(web)
+    };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}

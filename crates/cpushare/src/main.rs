@@ -96,6 +96,9 @@ enum Command {
     Trades(node_cmd::TradesArgs),
     /// Your leases, as buyer and as seller.
     Leases,
+    /// A token to sign in to the exchange's web dashboard as your account
+    /// (paste it at the dashboard's /signin; each call makes a new one).
+    WebToken,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -120,6 +123,7 @@ fn main() -> anyhow::Result<()> {
                     Command::Enroll(args) => node_cmd::enroll(args, &config, out).await,
                     Command::Node(cmd) => node_cmd::node(cmd, &config, out).await,
                     Command::Balance => node_cmd::balance(&config, out).await,
+                    Command::WebToken => node_cmd::web_token(&config, out).await,
                     Command::Deposit(args) => node_cmd::deposit(args, &config, out).await,
                     Command::Withdraw(args) => node_cmd::withdraw(args, &config, out).await,
                     Command::Statement(args) => node_cmd::statement(args, &config, out).await,

@@ -175,6 +175,12 @@ pub async fn balance(config: &Path, out: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub async fn web_token(config: &Path, out: Output) -> anyhow::Result<()> {
+    let t = connect(config).await?.exchange.web_token(pb::WebTokenRequest {}).await.map_err(status)?.into_inner();
+    out.record(vec![("token", json!(t.token)), ("sign in at", json!("the exchange's dashboard, /signin"))]);
+    Ok(())
+}
+
 fn amount(s: &str) -> anyhow::Result<i64> {
     parse_euros(s).map_err(anyhow::Error::msg)
 }

@@ -4,7 +4,13 @@
 
 #![allow(dead_code)]
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
+
+use cpushare_exchange::client::Connection;
+use cpushare_exchange::datadir::{self, Running, Settings};
+use cpushare_exchange::node::{enroll, NodeConfig};
+use cpushare_proto::v1 as pb;
 
 pub struct TestDb {
     pub name: &'static str,
@@ -45,3 +51,41 @@ pub async fn backends() -> Vec<TestDb> {
     v.extend(postgres().await);
     v
 }
+
+/// An exchange on loopback with its operator connected.
+pub struct Exchange {
+    pub running: Running,
+    pub admin: Connection,
+    pub url: String,
+    pub data: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl Exchange {
+    pub async fn start(tune: impl FnOnce(&mut Settings)) -> Exchange {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = tmp.path().join("data");
+        let mut settings = Settings::new("127.0.0.1:0".parse().unwrap(), vec!["localhost".into(), "127.0.0.1".into()], String::new());
+        tune(&mut settings);
+        datadir::init(&data, settings, &tmp.path().join("operator")).await.unwrap();
+        let running = datadir::run(&data, None).await.unwrap();
+        let url = format!("https://127.0.0.1:{}", running.listening.addr.port());
+        let mut admin_cfg = NodeConfig::load(&tmp.path().join("operator")).unwrap();
+        admin_cfg.url = url.clone();
+        let admin = admin_cfg.connect().await.unwrap();
+        Exchange { running, admin, url, data, _tmp: tmp }
+    }
+
+    /// A new account with one enrolled node and `cents` deposited.
+    pub async fn member(&mut self, name: &str, cents: i64) -> (NodeConfig, Connection) {
+        let created = self.admin.admin.create_account(pb::CreateAccountRequest { name: name.into() }).await.unwrap().into_inner();
+        if cents > 0 {
+            self.admin.admin.deposit(pb::DepositRequest { account: created.account, amount_cents: cents }).await.unwrap();
+        }
+        let dir = self._tmp.path().join(name);
+        let node = enroll(&self.url, &created.token, Some(self.running.ca_fingerprint.clone()), &dir, name).await.unwrap();
+        let conn = node.connect().await.unwrap();
+        (node, conn)
+    }
+}
+
