@@ -234,6 +234,14 @@ async fn the_dashboard_in_a_browser() {
     }
     let audit = ex.admin.admin.audit(pb::AuditRequest {}).await.unwrap().into_inner();
     assert!(audit.ok, "{}", audit.problem);
+    // A dashboard started later reads the tape back from the exchange's log.
+    let later = cpushare_exchange::web::serve(ex.running.engine.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
+    let (_, tape) = http(later.addr, "GET", "/api/trades", &[], b"");
+    let tape: serde_json::Value = serde_json::from_str(&tape).unwrap();
+    assert_eq!(tape[0]["lease"], lease, "{tape}");
+    assert_eq!((tape[0]["price"].as_u64(), tape[0]["market"].as_str()), (Some(3600), Some("seccomp-strict")));
+    let (_, hours) = http(later.addr, "GET", "/api/history?market=seccomp-strict", &[], b"");
+    assert!(hours.contains("\"trades\":1"), "{hours}");
 
     browser.close().await.unwrap();
     let _ = driver.kill();

@@ -142,9 +142,17 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let _web = if args.no_web {
         None
     } else {
-        let web = cpushare_exchange::web::serve(running.engine.clone(), args.web).await?;
-        println!("dashboard at http://{}/", web.addr);
-        Some(web)
+        // The exchange's work does not depend on its dashboard: a busy port is said, not fatal.
+        match cpushare_exchange::web::serve(running.engine.clone(), args.web).await {
+            Ok(web) => {
+                println!("dashboard at http://{}/", web.addr);
+                Some(web)
+            }
+            Err(e) => {
+                eprintln!("cpushare: no dashboard: {e:#} (give another address with --web)");
+                None
+            }
+        }
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

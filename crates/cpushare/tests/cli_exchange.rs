@@ -29,6 +29,10 @@ fn a_member_enrolls_deposits_buys_and_reads_it_all_back() {
     ok(&operator, &["deposit", &account, "25.50"]);
     let balance = json(&alice, &["balance"]);
     assert_eq!(balance["available (EUR)"], "25.50");
+    // A dashboard sign-in token: 64 hex digits, a new one each time.
+    let token = json(&alice, &["web-token"])["token"].as_str().unwrap().to_string();
+    assert!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+    assert_ne!(json(&alice, &["web-token"])["token"].as_str().unwrap(), token);
 
     let placed = json(&alice, &["buy", "--cpus", "2", "--max-price", "40", "--min-ram", "2048"]);
     let order = placed["order"].as_u64().unwrap();

@@ -30,7 +30,7 @@ impl Drop for Exchange {
 
 fn start(data: &Path) -> Exchange {
     let child = Command::new(BIN)
-        .args(["exchange", "run", "--data"])
+        .args(["exchange", "run", "--web", "127.0.0.1:0", "--data"])
         .arg(data)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())

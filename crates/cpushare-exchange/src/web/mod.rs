@@ -56,23 +56,11 @@ impl Drop for WebListening {
 /// Serves the dashboard for `engine` on `listen` (port 0 picks one).
 pub async fn serve(engine: Engine, listen: SocketAddr) -> anyhow::Result<WebListening> {
     let web = Arc::new(Web { engine: engine.clone(), history: Mutex::new(History::default()) });
-    // The tape from now on, and the leases open now as its start.
+    // The tape from now on; before that, the trades in the log's last records.
+    // (A trade both heard and read is kept once.)
     let mut notices = engine.shared.notices.subscribe();
-    let open = engine
-        .call(|core| {
-            core.state
-                .market
-                .leases()
-                .map(|l| (l.id.0, l.price, l.opened_at, core.state.market.buy_order(l.buy).map(|b| b.request.requirements.kind)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    {
-        let mut h = web.history.lock().unwrap();
-        for (lease, price, at, market) in open {
-            h.record(lease, price, at, market);
-        }
+    for (lease, price, at, market) in past_trades(&engine).await? {
+        web.history.lock().unwrap().record(lease, price, at, market);
     }
     let weak = Arc::downgrade(&web);
     tokio::spawn(async move {
@@ -99,6 +87,36 @@ pub async fn serve(engine: Engine, listen: SocketAddr) -> anyhow::Result<WebList
     });
     tracing::info!(%addr, "dashboard listening");
     Ok(WebListening { addr, task })
+}
+
+/// How far back the tape is read from the log at start.
+const PAST_RECORDS: u64 = 2_000_000;
+
+/// Trades (lease, price, time, market) in the log's last [`PAST_RECORDS`] records.
+async fn past_trades(engine: &Engine) -> anyhow::Result<Vec<(u64, u64, u64, Option<SandboxKind>)>> {
+    use crate::state::Record;
+    use cpushare_market::Event;
+    let store = &engine.shared.store;
+    let from = store.last_seq().await?.saturating_sub(PAST_RECORDS);
+    let mut kinds = std::collections::HashMap::new();
+    let mut trades = Vec::new();
+    store
+        .for_each_record(from, |_, body| {
+            // Only the two kinds of record that matter are parsed.
+            if !body.contains("\"buy-placed\"") && !body.contains("\"lease-opened\"") {
+                return Ok(());
+            }
+            match serde_json::from_str::<Record>(body) {
+                Ok(Record::Market(Event::BuyPlaced { order, request, .. })) => {
+                    kinds.insert(order, request.requirements.kind);
+                }
+                Ok(Record::Market(Event::LeaseOpened { lease, buy, price, at, .. })) => trades.push((lease.0, price, at, kinds.get(&buy).copied())),
+                _ => {}
+            }
+            Ok(())
+        })
+        .await?;
+    Ok(trades)
 }
 
 fn router(web: Shared) -> Router {

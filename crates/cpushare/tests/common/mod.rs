@@ -49,7 +49,7 @@ pub fn exchange(tmp: &Path) -> (Running, PathBuf) {
     let init = json(&operator, &["exchange", "init", "--data", data.to_str().unwrap(), "--name", "127.0.0.1", "--listen", &listen]);
     assert_eq!(init["CA fingerprint"].as_str().unwrap().len(), 95);
     fails(&operator, &["exchange", "init", "--data", data.to_str().unwrap()], "already holds an exchange");
-    let child = Command::new(BIN).args(["exchange", "run", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let child = Command::new(BIN).args(["exchange", "run", "--web", "127.0.0.1:0", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let running = Running(child);
     let deadline = Instant::now() + Duration::from_secs(20);
     while run(&operator, &["exchange", "audit"]).status.code() != Some(0) {
