@@ -37,7 +37,8 @@ pub struct StackSpec {
 }
 
 /// A port the stack serves at its address: each connection a node opens to
-/// it is handed, as our end's peer of a socket pair, to `handed` (with who opened it).
+/// it goes to `handed` (with who opened it) as one end of a socket pair; the
+/// stack relays between the other end and the node.
 pub struct Inbound {
     pub port: u16,
     pub handed: Box<dyn Fn(UnixStream, SocketAddrV4) + Send>,
