@@ -281,7 +281,7 @@ impl Exchange for Handler {
         let token_hash = hash_token(&token);
         self.call(move |core| {
             let at = core.now();
-            core.record(Record::WebTokenIssued { token_hash, account: c.account, at });
+            core.record(Record::WebTokenIssued { token_hash, account: c.account, node: c.node, at });
         })
         .await?;
         Ok(Response::new(pb::WebTokenReply { token }))

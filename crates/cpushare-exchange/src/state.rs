@@ -29,8 +29,9 @@ pub enum Record {
     NodeRevoked { node: NodeId, at: Time },
     /// Kernel version prefixes whose sellers are refused.
     RefusedKernels { prefixes: Vec<String>, at: Time },
-    /// A web dashboard sign-in token for `account`; only its SHA-256 is kept.
-    WebTokenIssued { token_hash: String, account: AccountId, at: Time },
+    /// A web dashboard sign-in token for `account`, asked for by `node` (it
+    /// dies with the node's certificate); only its SHA-256 is kept.
+    WebTokenIssued { token_hash: String, account: AccountId, node: NodeId, at: Time },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,9 +58,9 @@ pub struct Registry {
     pub tokens: BTreeMap<String, AccountId>,
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     pub refused_kernels: Vec<String>,
-    /// Web sign-in tokens (SHA-256 hex) and their accounts.
+    /// Web sign-in tokens (SHA-256 hex): their accounts and the nodes that asked for them.
     #[serde(default)]
-    pub web_tokens: BTreeMap<String, AccountId>,
+    pub web_tokens: BTreeMap<String, (AccountId, NodeId)>,
 }
 
 impl Registry {
@@ -161,10 +162,12 @@ pub fn apply_registry(r: &mut Registry, record: &Record) {
             if let Some(n) = r.nodes.get_mut(node) {
                 n.revoked = true;
             }
+            // Its dashboard sessions end with it.
+            r.web_tokens.retain(|_, (_, by)| by != node);
         }
         Record::RefusedKernels { prefixes, .. } => r.refused_kernels = prefixes.clone(),
-        Record::WebTokenIssued { token_hash, account, .. } => {
-            r.web_tokens.insert(token_hash.clone(), *account);
+        Record::WebTokenIssued { token_hash, account, node, .. } => {
+            r.web_tokens.insert(token_hash.clone(), (*account, *node));
         }
     }
 }

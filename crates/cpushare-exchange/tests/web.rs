@@ -109,7 +109,7 @@ async fn the_dashboard_in_a_browser() {
     let web = cpushare_exchange::web::serve(ex.running.engine.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let site = format!("http://{}", web.addr);
     let (_alice, mut a) = ex.member("alice", 10_000).await;
-    let (_bob, mut b) = ex.member("bob", 0).await;
+    let (bob, mut b) = ex.member("bob", 0).await;
 
     // Bob's node offers two slots at 36.00 EUR per CPU-hour (a cent a second).
     let (tx, rx) = tokio::sync::mpsc::channel(8);
@@ -234,6 +234,12 @@ async fn the_dashboard_in_a_browser() {
     }
     let audit = ex.admin.admin.audit(pb::AuditRequest {}).await.unwrap().into_inner();
     assert!(audit.ok, "{}", audit.problem);
+    // Revoking Bob's node ends the dashboard sessions it asked for.
+    let (status, _) = http(web.addr, "GET", "/api/account", &[bob_cookie.clone()], b"");
+    assert_eq!(status, 200);
+    ex.admin.admin.revoke_node(pb::RevokeNodeRequest { node: bob.node }).await.unwrap();
+    let (status, body) = http(web.addr, "GET", "/api/account", &[bob_cookie.clone()], b"");
+    assert_eq!(status, 401, "a revoked node's token still signs in: {body}");
     // A dashboard started later reads the tape back from the exchange's log.
     let later = cpushare_exchange::web::serve(ex.running.engine.clone(), "127.0.0.1:0".parse().unwrap()).await.unwrap();
     let (_, tape) = http(later.addr, "GET", "/api/trades", &[], b"");

@@ -112,7 +112,7 @@ pub async fn capacity(engine: &Engine) -> Result<Capacity, Stopped> {
 /// The account a web sign-in token stands for.
 pub async fn signed_in(engine: &Engine, token: &str) -> Result<Option<AccountId>, Stopped> {
     let hash = crate::service::hash_token(token);
-    engine.call(move |core| core.state.registry.web_tokens.get(&hash).copied()).await
+    engine.call(move |core| core.state.registry.web_tokens.get(&hash).map(|(account, _)| *account)).await
 }
 
 fn name_of(core: &Core, a: AccountId) -> String {
