@@ -180,3 +180,78 @@ async fn the_rust_sdk_builds_with_cargo() {
     assert_eq!(built.ending, Ending::Exited(0), "{}", String::from_utf8_lossy(&built.log));
     assert!(built.output == jail(examples::MANDELBROT, input, &limits()).await.output);
 }
+
+/// The program headers of an ELF: (offset of each header, its type).
+fn phdrs(elf: &[u8]) -> Vec<(usize, u32)> {
+    let u16_at = |at: usize| u16::from_le_bytes(elf[at..at + 2].try_into().unwrap()) as usize;
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
+    (0..u16_at(56)).map(|i| phoff + i * 56).map(|at| (at, u32::from_le_bytes(elf[at..at + 4].try_into().unwrap()))).collect()
+}
+
+fn put_u64(elf: &mut [u8], at: usize, v: u64) {
+    elf[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get_u64(elf: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(elf[at..at + 8].try_into().unwrap())
+}
+
+#[tokio::test]
+async fn hostile_elf_files_are_refused_or_contained_with_a_precise_report() {
+    const PT_LOAD: u32 = 1;
+    let bad = |why: &str| format!("not a program the jail can run: {why}");
+    let base = g::HELLO.to_vec();
+    let loads: Vec<usize> = phdrs(&base).into_iter().filter(|(_, t)| *t == PT_LOAD).map(|(at, _)| at).collect();
+    assert!(loads.len() >= 2, "the test program has a code and a data segment");
+    let first = loads[0];
+
+    // Truncated: the ELF header cut short, and program headers past the end of the file.
+    assert_eq!(report(&base[..40], &limits()).await, bad("not a 64-bit little-endian ELF file"));
+    let mut e = base.clone();
+    put_u64(&mut e, 32, (base.len() + 4096) as u64);
+    assert_eq!(report(&e, &limits()).await, bad("malformed program headers"));
+    let cut = phdrs(&base).last().unwrap().0 + 20;
+    assert_eq!(report(&base[..cut], &limits()).await, bad("malformed program headers"));
+    // No program headers at all, or a count the loader does not take.
+    let mut e = base.clone();
+    e[56..58].copy_from_slice(&0u16.to_le_bytes());
+    assert_eq!(report(&e, &limits()).await, bad("malformed program headers"));
+    let mut e = base.clone();
+    e[56..58].copy_from_slice(&u16::MAX.to_le_bytes());
+    assert_eq!(report(&e, &limits()).await, bad("malformed program headers"));
+    // Sizes: a file part larger than the segment, a segment wrapping the address space,
+    // one above the program's addresses, one larger than the slot's RAM.
+    let mut e = base.clone();
+    let memsz = get_u64(&e, first + 40);
+    put_u64(&mut e, first + 32, memsz + 1);
+    assert_eq!(report(&e, &limits()).await, bad("malformed program headers"));
+    let mut e = base.clone();
+    put_u64(&mut e, first + 40, u64::MAX - 0x1000);
+    assert_eq!(report(&e, &limits()).await, bad("malformed program headers"));
+    let mut e = base.clone();
+    put_u64(&mut e, first + 40, 0x7e00_0000_0000);
+    assert_eq!(report(&e, &limits()).await, bad("a segment lies outside the addresses a program may use"));
+    let mut e = base.clone();
+    put_u64(&mut e, first + 16, 0x1000);
+    assert_eq!(report(&e, &limits()).await, bad("a segment lies outside the addresses a program may use"), "below 64 KiB");
+    let mut e = base.clone();
+    put_u64(&mut e, first + 40, 1 << 46);
+    assert_eq!(report(&e, &limits()).await, "killed: address-space limit (the program needs 67108864 MiB, the slot offers 256 MiB)");
+    let mut e = base.clone();
+    let last = *loads.last().unwrap();
+    put_u64(&mut e, last + 40, 1 << 30);
+    let r = report(&e, &limits()).await;
+    assert!(r.starts_with("killed: address-space limit (the program needs 10") && r.ends_with("MiB, the slot offers 256 MiB)"), "{r}");
+    // Overlapping segments: the first three pages long, the second loaded a page into it.
+    let mut e = base.clone();
+    let (vaddr, memsz) = (get_u64(&e, first + 16), get_u64(&e, first + 40));
+    put_u64(&mut e, first + 40, memsz.max(0x3000));
+    put_u64(&mut e, loads[1] + 16, (vaddr & !0xfff) + 0x1000);
+    assert_eq!(report(&e, &limits()).await, bad("overlapping segments"));
+    // An entry point outside every segment: contained as the fault it is.
+    let mut e = base.clone();
+    put_u64(&mut e, 24, 0x7000_0000);
+    assert_eq!(report(&e, &limits()).await, "killed: segmentation fault at 0x70000000 (instruction 0x70000000)");
+    // And the jail carries on with an honest program.
+    assert_eq!(jail(g::HELLO, b"still here", &limits()).await.output, b"STILL HERE");
+}
