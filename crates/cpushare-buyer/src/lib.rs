@@ -242,24 +242,57 @@ fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
+/// How long a job waits for an exchange that went away (restarting) to answer again.
+const EXCHANGE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a call failed because the exchange was not there (down, restarting,
+/// the connection cut), not because it refused.
+fn transient(s: &tonic::Status) -> bool {
+    matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+/// Makes the call `f` until the exchange answers it: while it restarts, for
+/// up to [`EXCHANGE_PATIENCE`]. For calls that may be made twice.
+async fn patiently<T, Fut>(mut f: impl FnMut() -> Fut) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    let since = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(100);
+    loop {
+        match f().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if transient(&s) && since.elapsed() < EXCHANGE_PATIENCE => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+            }
+            Err(s) => return Err(status(s)),
+        }
+    }
+}
+
 /// Runs a job on the exchange `conn` is connected to.
 pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> anyhow::Result<Report> {
     anyhow::ensure!(!job.fragments.is_empty(), "the job has no fragments");
     anyhow::ensure!(job.replicas >= 1 && job.replicas <= 3, "--replicas is 1, 2 or 3");
     let mut ex = conn.exchange.clone();
-    let before = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
-    let mut events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
-    let placed = ex
-        .place_buy(pb::PlaceBuyRequest {
-            cpus: job.cpus,
-            max_price: job.max_price,
-            requirements: Some(job.requirements),
-            period_secs: 3600,
-            periods: 0,
+    let before = {
+        let ex = ex.clone();
+        patiently(move || {
+            let mut ex = ex.clone();
+            async move { ex.balance(pb::BalanceRequest {}).await }
         })
-        .await
-        .map_err(status)?
-        .into_inner();
+        .await?
+    };
+    let follow = |ex: &Client| {
+        let ex = ex.clone();
+        move || {
+            let mut ex = ex.clone();
+            async move { ex.lease_events(pb::LeaseEventsRequest {}).await }
+        }
+    };
+    let mut events = patiently(follow(&ex)).await?;
+    let placed = place(&ex, &job).await?;
     let order = placed.order;
     progress.note(&format!("order {order} placed for {} CPUs at up to {} cents per CPU-hour", job.cpus, job.max_price));
 
@@ -278,7 +311,7 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     let total = job.fragments.len();
     while !farm.lock().unwrap().finished() {
         if !pending.is_empty() {
-            let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+            let leases = list_leases(&ex).await?;
             for id in pending.drain(..) {
                 if workers.contains_key(&id) {
                     continue;
@@ -311,8 +344,14 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
                     progress.note(&format!("lease {} ended: {}", e.lease, e.reason));
                 }
                 Some(Ok(_)) => {}
-                Some(Err(s)) => return Err(status(s)).context("lease events"),
-                None => anyhow::bail!("the exchange closed the lease events"),
+                // The exchange went away (a restart): follow it again, and pick up the
+                // order's leases that opened meanwhile (their workers reconnect by themselves).
+                Some(Err(_)) | None => {
+                    progress.note("the exchange went away; reconnecting");
+                    events = patiently(follow(&ex)).await.context("the exchange did not come back")?;
+                    let open = list_leases(&ex).await?.into_iter().filter(|l| l.buy_order == order && l.state != "ended").map(|l| l.id);
+                    pending.extend(open.filter(|id| !workers.contains_key(id)));
+                }
             },
             Some((lease, e)) = fatal_rx.recv() => {
                 if workers.iter().any(|(id, w)| *id != lease && !w.is_finished()) {
@@ -328,7 +367,7 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
             }
         }
     }
-    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+    cancel(&ex, order).await?;
     for w in workers.values() {
         w.abort();
     }
@@ -336,7 +375,14 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     for (_, w) in workers {
         let _ = w.await;
     }
-    let after = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
+    let after = {
+        let ex = ex.clone();
+        patiently(move || {
+            let mut ex = ex.clone();
+            async move { ex.balance(pb::BalanceRequest {}).await }
+        })
+        .await?
+    };
     let farm = Arc::try_unwrap(farm).ok().map(|m| m.into_inner().unwrap()).context("workers still hold the farm")?;
     let mut report = Report {
         reruns: farm.reruns,
@@ -352,6 +398,68 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     }
     progress.done(total, total);
     Ok(report)
+}
+
+type Client = cpushare_proto::v1::exchange_client::ExchangeClient<cpushare_exchange::client::Versioned>;
+
+async fn list_leases(ex: &Client) -> anyhow::Result<Vec<pb::Lease>> {
+    let ex = ex.clone();
+    Ok(patiently(move || {
+        let mut ex = ex.clone();
+        async move { ex.list_leases(pb::ListLeasesRequest {}).await }
+    })
+    .await?
+    .leases)
+}
+
+/// Places the job's buy order. Placing is not to be done twice: when the
+/// exchange goes away during the call, the order it may have taken before it
+/// went is looked for among the account's orders once it is back.
+async fn place(ex: &Client, job: &Job) -> anyhow::Result<pb::OrderReply> {
+    let request = pb::PlaceBuyRequest { cpus: job.cpus, max_price: job.max_price, requirements: Some(job.requirements), period_secs: 3600, periods: 0 };
+    let orders = |ex: &Client| {
+        let ex = ex.clone();
+        async move {
+            patiently(move || {
+                let mut ex = ex.clone();
+                async move { ex.list_orders(pb::ListOrdersRequest {}).await }
+            })
+            .await
+            .map(|r| r.orders.into_iter().filter(|o| o.side == "buy").map(|o| o.id).collect::<std::collections::HashSet<u64>>())
+        }
+    };
+    let since = std::time::Instant::now();
+    loop {
+        let known = orders(ex).await?;
+        match ex.clone().place_buy(request).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if transient(&s) && since.elapsed() < EXCHANGE_PATIENCE => {
+                let now = orders(ex).await?;
+                if let Some(&order) = now.difference(&known).next() {
+                    // It was taken: its leases (if any) come from the events and the lease list.
+                    let leases = list_leases(ex).await?.into_iter().filter(|l| l.buy_order == order).map(|l| l.id).collect();
+                    return Ok(pb::OrderReply { order, leases });
+                }
+            }
+            Err(s) => return Err(status(s)),
+        }
+    }
+}
+
+/// Cancels the order, through an exchange restart if need be (an order
+/// already gone, as when a first attempt got through, is cancelled enough).
+async fn cancel(ex: &Client, order: u64) -> anyhow::Result<()> {
+    let ex = ex.clone();
+    match patiently(move || {
+        let mut ex = ex.clone();
+        async move { ex.cancel_order(pb::CancelOrderRequest { order }).await }
+    })
+    .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.to_string().contains("does not exist") => Ok(()),
+        Err(e) => Err(e.context(format!("cancelling order {order}"))),
+    }
 }
 
 /// How long a lease whose work keeps breaking off while it stands is tried
@@ -371,7 +479,7 @@ async fn serve_lease(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         let Err(e) = work(w, conn.clone()).await else { return Ok(()) };
-        let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+        let leases = list_leases(&ex).await?;
         let stands = leases.iter().any(|l| l.id == lease && l.state != "ended");
         if !stands || farm.lock().unwrap().finished() {
             progress.note(&format!("lease {lease}: {e:#}"));

@@ -253,7 +253,19 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         cpushare_buyer::run_local(job, args.cpus as usize, limits, true, progress).await?
     } else {
         let node = NodeConfig::load(config)?;
-        cpushare_buyer::run(node.connect().await?, job, progress).await?
+        // An exchange restarting is waited for (a minute), as the run waits for it later.
+        let since = std::time::Instant::now();
+        let conn = loop {
+            match node.connect().await {
+                Ok(c) => break c,
+                Err(e) if since.elapsed() < std::time::Duration::from_secs(60) && format!("{e:#}").contains("cannot reach the exchange") => {
+                    progress.note(&format!("{e:#}; trying again"));
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        cpushare_buyer::run(conn, job, progress).await?
     };
     pb.finish_and_clear();
     let failed = write_outputs(&report, &outputs)?;
