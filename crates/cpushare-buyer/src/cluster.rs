@@ -106,7 +106,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let kind = if spec.kvm_only { pb::SandboxKind::VmKvm } else { pb::SandboxKind::VmTcg };
     let requirements = pb::Requirements { kind: kind as i32, min_ram_mib: spec.ram_mib + spec.scratch_mib, ..Default::default() };
     let placed = ex
-        .place_buy(pb::PlaceBuyRequest { cpus: spec.nodes, max_price: spec.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0 })
+        .place_buy(pb::PlaceBuyRequest { cpus: spec.nodes, max_price: spec.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0, attended: true })
         .await
         .map_err(status)?
         .into_inner();

@@ -416,7 +416,8 @@ async fn list_leases(ex: &Client) -> anyhow::Result<Vec<pb::Lease>> {
 /// exchange goes away during the call, the order it may have taken before it
 /// went is looked for among the account's orders once it is back.
 async fn place(ex: &Client, job: &Job) -> anyhow::Result<pb::OrderReply> {
-    let request = pb::PlaceBuyRequest { cpus: job.cpus, max_price: job.max_price, requirements: Some(job.requirements), period_secs: 3600, periods: 0 };
+    // Attended: should this run vanish, its leases end "buyer lost" and stop costing.
+    let request = pb::PlaceBuyRequest { cpus: job.cpus, max_price: job.max_price, requirements: Some(job.requirements), period_secs: 3600, periods: 0, attended: true };
     let orders = |ex: &Client| {
         let ex = ex.clone();
         async move {

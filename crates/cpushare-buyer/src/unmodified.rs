@@ -74,7 +74,7 @@ pub async fn run_unmodified(
     let before = ex.balance(pb::BalanceRequest {}).await.map_err(status)?.into_inner();
     let mut events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
     let requirements = pb::Requirements { kind: pb::SandboxKind::SeccompEmulated as i32, min_ram_mib: job.min_ram_mib, ..Default::default() };
-    let buy = pb::PlaceBuyRequest { cpus: 1, max_price: job.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0 };
+    let buy = pb::PlaceBuyRequest { cpus: 1, max_price: job.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0, attended: true };
     // The order standing now; cancelled (ending its lease) whenever the run ends.
     let mut order = None;
     let result = async {

@@ -91,6 +91,9 @@ pub struct Shared {
     pub trusted: RwLock<HashMap<String, Caller>>,
     /// Last time each seller node was heard from (seconds).
     pub last_seen: Mutex<FxHashMap<NodeId, Time>>,
+    /// Buyers following their lease events: per account, the streams open
+    /// now and since when none has been (when the last closed, or the start).
+    pub watchers: Mutex<FxHashMap<AccountId, (u32, Time)>>,
     pub notices: broadcast::Sender<Arc<Notice>>,
     pub store: Arc<Store>,
     /// The live session of each seller node: its id and its mailbox.
@@ -323,6 +326,7 @@ impl Engine {
             config: config.clone(),
             trusted: RwLock::new(trusted),
             last_seen: Mutex::new(last_seen),
+            watchers: Mutex::new(FxHashMap::default()),
             notices,
             store: Arc::new(store),
             sessions: Mutex::new(FxHashMap::default()),
@@ -504,7 +508,38 @@ fn time_passes(core: &mut Core, now: Time, config: &EngineConfig) {
         let _ = core.state.market.seller_lost(node, last, now);
         core.shared.drop_session(node);
     }
+    buyers_lost(core, now, timeout);
     let _ = core.state.market.tick(now);
+}
+
+/// Buyers of watched orders who have followed no lease events for the
+/// timeout: their leases end "buyer lost" (metered to when they went) and
+/// their watched orders are cancelled.
+fn buyers_lost(core: &mut Core, now: Time, timeout: u64) {
+    // Watched orders still standing, by account (the registry keeps every
+    // order ever watched; those gone are passed over).
+    let market = &core.state.market;
+    let watched: Vec<(AccountId, OrderId)> = core.state.registry.attended.iter().filter(|(o, _)| market.buy_order(**o).is_some()).map(|(o, a)| (*a, *o)).collect();
+    let mut accounts: Vec<AccountId> = watched.iter().map(|(a, _)| *a).collect();
+    accounts.sort_unstable();
+    accounts.dedup();
+    let lost: Vec<(AccountId, Time)> = {
+        let mut watchers = core.shared.watchers.lock().unwrap();
+        accounts
+            .into_iter()
+            .filter_map(|a| {
+                let (open, since) = *watchers.entry(a).or_insert((0, now));
+                (open == 0 && now > since + timeout).then_some((a, since))
+            })
+            .collect()
+    };
+    for (account, since) in lost {
+        tracing::info!(%account, since, "buyer lost: no lease events followed");
+        let _ = core.state.market.buyer_lost(account, since, now);
+        for (_, order) in watched.iter().filter(|(a, _)| *a == account) {
+            let _ = core.state.market.cancel_buy(account, *order, now);
+        }
+    }
 }
 
 pub fn now_secs() -> Time {

@@ -153,6 +153,31 @@ impl Api {
     }
 }
 
+/// An open lease-events stream of `account`, counted in the engine's
+/// watchers while it lives.
+struct Watching {
+    shared: Arc<crate::engine::Shared>,
+    account: AccountId,
+}
+
+impl Watching {
+    fn start(shared: Arc<crate::engine::Shared>, account: AccountId) -> Watching {
+        shared.watchers.lock().unwrap().entry(account).or_insert((0, 0)).0 += 1;
+        Watching { shared, account }
+    }
+}
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        let mut w = self.shared.watchers.lock().unwrap();
+        let e = w.entry(self.account).or_insert((1, 0));
+        e.0 = e.0.saturating_sub(1);
+        if e.0 == 0 {
+            e.1 = crate::engine::now_secs();
+        }
+    }
+}
+
 /// Forwards broadcast notices through `f` until the client goes away; a client
 /// that falls too far behind is told so and cut.
 fn notice_stream<T: Send + 'static>(
@@ -162,7 +187,12 @@ fn notice_stream<T: Send + 'static>(
     let (tx, out) = mpsc::channel(256);
     tokio::spawn(async move {
         loop {
-            let item = match rx.recv().await {
+            // A client gone is seen at once, not at the next notice for it.
+            let received = tokio::select! {
+                r = rx.recv() => r,
+                _ = tx.closed() => break,
+            };
+            let item = match received {
                 Ok(n) => match f(&n) {
                     Some(item) => Ok(item),
                     None => continue,
@@ -290,11 +320,16 @@ impl Exchange for Handler {
     async fn place_buy(&self, req: Request<pb::PlaceBuyRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let c = self.caller(&req)?;
         self.rate_limit(c.account)?;
-        let request = buy_from(req.into_inner())?;
+        let r = req.into_inner();
+        let attended = r.attended;
+        let request = buy_from(r)?;
         let reply = self
             .call(move |core| {
                 let now = core.now();
                 let order = core.state.market.place_buy(c.account, request, now).map_err(market_error)?;
+                if attended {
+                    core.record(Record::OrderAttended { order, account: c.account, at: now });
+                }
                 let leases = core.state.market.buy_order(order).map(|o| o.leases.iter().map(|l| l.0).collect()).unwrap_or_default();
                 Ok::<_, Status>(pb::OrderReply { order: order.0, leases })
             })
@@ -431,10 +466,13 @@ impl Exchange for Handler {
 
     async fn lease_events(&self, req: Request<pb::LeaseEventsRequest>) -> Result<Response<Self::LeaseEventsStream>, Status> {
         let c = self.caller(&req)?;
+        // While the stream is open the account's buyer is there (for its watched orders).
+        let watching = Watching::start(self.engine.shared.clone(), c.account);
         Ok(Response::new(notice_stream(self.subscribe(), move |n| match *n {
             Notice::Lease { parties, lease, kind, at, reason, charged }
                 if parties.buyer == c.account || parties.seller == c.account =>
             {
+                let _ = &watching;
                 Some(pb::LeaseEvent {
                     lease: lease.0,
                     kind: kind.into(),

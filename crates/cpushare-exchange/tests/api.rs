@@ -28,7 +28,7 @@ fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
         max_price,
         requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
         period_secs: 0,
-        periods: 0,
+        periods: 0, attended: false,
     }
 }
 
@@ -354,4 +354,59 @@ async fn restart_keeps_everything(snapshot_every: u64) {
     assert_eq!(before, after);
     assert!(after.0.orders.iter().any(|o| o.kind_asks == tcg(30)), "the vm-tcg ask survives the restart");
     running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_vanished_buyer_of_a_watched_order_is_lost_and_pays_for_nothing_more() {
+    let mut ex = Exchange::start(|s| s.heartbeat_timeout_secs = 2).await;
+    let (_a, mut a) = ex.member("alice", 100_000).await;
+    let (_c, mut c) = ex.member("carol", 100_000).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let offers = (0..2).map(|_| pb::SlotOffer { slot: Some(slot()), ask: 3600, kind_asks: vec![] }).collect();
+    tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Register(pb::Register { kernel: "6.1".into(), seccomp_strict: true, slots: offers })) }).await.unwrap();
+    let mut session = b.exchange.seller_session(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    session.next().await.unwrap().unwrap();
+    let beat = tx.clone();
+    let beats = tokio::spawn(async move {
+        while beat.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Heartbeat(pb::Heartbeat {})) }).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    // Alice watches her order (as `cpushare run` does); Carol's is a plain one, and she follows nothing.
+    let alice_events = a.exchange.lease_events(pb::LeaseEventsRequest {}).await.unwrap().into_inner();
+    let watched = a.exchange.place_buy(pb::PlaceBuyRequest { attended: true, ..buy(1, 3600) }).await.unwrap().into_inner();
+    let plain = c.exchange.place_buy(buy(1, 3600)).await.unwrap().into_inner();
+    for lease in [watched.leases[0], plain.leases[0]] {
+        tx.send(pb::SellerMessage { body: Some(pb::seller_message::Body::Ready(pb::Ready { lease })) }).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut bob_events = b.exchange.lease_events(pb::LeaseEventsRequest {}).await.unwrap().into_inner();
+    // Alice's program dies: its stream goes with it.
+    drop(alice_events);
+    let gone = std::time::Instant::now();
+    let ended = loop {
+        let e = tokio::time::timeout(Duration::from_secs(15), bob_events.next()).await.expect("the buyer is declared lost").unwrap().unwrap();
+        if e.kind == "ended" {
+            break e;
+        }
+    };
+    assert_eq!((ended.lease, ended.reason.as_str()), (watched.leases[0], "buyer lost"));
+    assert!(gone.elapsed() < Duration::from_secs(6), "lost within the timeout and a tick");
+    // Her order is cancelled, her escrow back; what she paid stops at about when she went.
+    let orders = a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders;
+    assert!(orders.is_empty(), "{orders:?}");
+    let balance = a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner();
+    assert_eq!(balance.escrow_cents, 0);
+    let paid = 100_000 - balance.available_cents;
+    assert!((2..=6).contains(&paid), "about 3 s at a cent a second, not the timeout too: {paid}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner().available_cents, balance.available_cents, "nothing more");
+    // Carol's plain order, never watched, stands and runs.
+    let leases = c.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner().leases;
+    assert_eq!((leases.len(), leases[0].state.as_str()), (1, "running"));
+    let audit = ex.admin.admin.audit(pb::AuditRequest {}).await.unwrap().into_inner();
+    assert!(audit.ok, "{}", audit.problem);
+    beats.abort();
+    ex.running.listening.shutdown().await;
 }

@@ -98,7 +98,7 @@ fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
         max_price,
         requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
         period_secs: 0,
-        periods: 0,
+        periods: 0, attended: false,
     }
 }
 

@@ -235,6 +235,8 @@ pub async fn buy(args: BuyArgs, config: &Path, out: Output) -> anyhow::Result<()
         }),
         period_secs: args.period,
         periods: args.periods.unwrap_or(0),
+        // A plain order: nobody watches it, it stands until cancelled.
+        attended: false,
     };
     let r = connect(config).await?.exchange.place_buy(request).await.map_err(status)?.into_inner();
     out.record(vec![

@@ -1,7 +1,9 @@
 //! The soak: an exchange, three sellers and a buyer as separate processes on
 //! this machine, with work going on continuously (the Mandelbrot example's
 //! tiles, job after job) and, at random moments, SIGKILL of a seller (started
-//! again a little later) or of the exchange itself (started again at once).
+//! again a little later), of the exchange itself (started again at once) or
+//! of the buyer's job (its leases must end "buyer lost" and its escrow come
+//! back by themselves; the job is then run again).
 //! Checked at every checkpoint and at the end: every tile of every job has
 //! exactly one result and it is the one a local run gives; the ledger
 //! balances (the exchange's audit of every invariant); no running lease was
@@ -118,8 +120,13 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
     let (first, operator) = exchange(tmp.path());
-    // From here on the exchange runs as this test's own process, killed at will.
+    // From here on the exchange runs as this test's own process, killed at will,
+    // with a heartbeat timeout of 5 s so that lost sellers and buyers end soon.
     drop(first);
+    let settings = tmp.path().join("data/exchange.json");
+    let mut s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+    s["heartbeat_timeout_secs"] = 5.into();
+    std::fs::write(&settings, s.to_string()).unwrap();
     let mut ex = Exchange { data: tmp.path().join("data"), operator: operator.clone(), process: Exchange::start(&tmp.path().join("data")) };
     ex.wait_up();
     let buyer = tmp.path().join("buyer");
@@ -139,11 +146,18 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
     ok(&buyer, &["run", "--local", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", reference.to_str().unwrap()]);
 
     let started = Instant::now();
-    let (mut jobs, mut tiles, mut reruns, mut seller_kills, mut exchange_kills, mut cost) = (0, 0, 0, 0, 0, 0i64);
+    let (mut jobs, mut tiles, mut reruns, mut seller_kills, mut exchange_kills, mut buyer_kills, mut cost) = (0, 0, 0, 0, 0, 0, 0i64);
+    let held = |buyer: &Path| {
+        let b = json(buyer, &["balance"]);
+        cents(&b["available (EUR)"]) + cents(&b["escrow (EUR)"])
+    };
     let mut peak: std::collections::BTreeMap<&str, u64> = Default::default();
     let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1000..4000));
+    // What the next fault is: below 0.2 the exchange, below 0.35 the buyer's job, else a seller.
+    let mut next_kind: f64 = rng.gen();
     while started.elapsed() < Duration::from_secs(secs) {
-        let out = tmp.path().join(format!("out-{jobs}"));
+        let out = tmp.path().join(format!("out-{jobs}-{buyer_kills}"));
+        let before = held(&buyer);
         let mut job = Command::new(BIN)
             .arg("--config")
             .arg(&buyer)
@@ -153,6 +167,7 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
             .spawn()
             .unwrap();
         let job_started = Instant::now();
+        let mut killed = false;
         let status = loop {
             if let Some(status) = job.try_wait().unwrap() {
                 break status;
@@ -165,11 +180,18 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
                     s.back_at = None;
                 }
             }
-            if now >= next_fault {
+            // A job is killed once it is under way (it waits for one that is).
+            let due = now >= next_fault && !(0.2..0.35).contains(&next_kind) || job_started.elapsed() > Duration::from_millis(50);
+            if now >= next_fault && due {
                 next_fault = now + Duration::from_millis(rng.gen_range(1500..5000));
-                if rng.gen_bool(0.25) {
+                let roll = std::mem::replace(&mut next_kind, rng.gen());
+                if roll < 0.2 {
                     ex.kill_and_restart();
                     exchange_kills += 1;
+                } else if roll < 0.35 {
+                    let _ = job.kill();
+                    killed = true;
+                    buyer_kills += 1;
                 } else {
                     // A seller vanishes; it comes back a little later (with its node's identity).
                     let alive: Vec<usize> = (0..sellers.len()).filter(|&i| sellers[i].process.is_some()).collect();
@@ -197,6 +219,17 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
             std::thread::sleep(Duration::from_millis(100));
         };
         let output = job.wait_with_output().unwrap();
+        if killed {
+            // Nobody cancels its order: the exchange sees the buyer gone and ends it all by itself.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !json(&buyer, &["orders"]).as_array().unwrap().is_empty() || !json(&buyer, &["leases"]).as_array().unwrap().is_empty() {
+                assert!(Instant::now() < deadline, "a killed buyer's order or leases stood 30 s on: {} {}", json(&buyer, &["orders"]), json(&buyer, &["leases"]));
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            assert_eq!(json(&buyer, &["balance"])["escrow (EUR)"], "0.00");
+            cost += before - held(&buyer);
+            continue;
+        }
         assert!(status.success(), "job {jobs} failed: {}", String::from_utf8_lossy(&output.stderr));
         let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
         tiles += check_outputs(&out, &reference);
@@ -220,7 +253,7 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
     let balance = json(&buyer, &["balance"]);
     assert_eq!(balance["escrow (EUR)"], "0.00", "{balance}");
     let spent = 10_000_000 - cents(&balance["available (EUR)"]);
-    assert_eq!(spent, cost, "the buyer paid what its jobs' reports say, to the cent");
+    assert_eq!(spent, cost, "the buyer paid what its jobs' reports say (and its killed jobs cost), to the cent");
     let audit = json(&operator, &["exchange", "audit"]);
     assert_eq!(audit["ok"], true, "{audit}");
     // Memory: bounded (generous bounds: what matters is that it does not grow with the run).
@@ -229,7 +262,7 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
     }
     eprintln!(
         "soak report: {:.0} s, seed {seed}: {jobs} jobs, {tiles} tiles, each with one result equal to a local run's; {reruns} reruns; \
-         {seller_kills} sellers and {exchange_kills} exchanges killed; the buyer paid {cost} cents, as its reports say; audit ok; \
+         {seller_kills} sellers, {exchange_kills} exchanges and {buyer_kills} buyers killed; the buyer paid {cost} cents, as its reports say; audit ok; \
          peak memory {}",
         started.elapsed().as_secs_f64(),
         peak.iter().map(|(w, k)| format!("{w} {} MiB", k / 1024)).collect::<Vec<_>>().join(", ")
