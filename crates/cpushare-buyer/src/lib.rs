@@ -271,27 +271,21 @@ where
     }
 }
 
+/// [`patiently`], each try on a fresh handle to the client `ex`.
+async fn patiently_on<T, Fut>(ex: &Client, f: impl Fn(Client) -> Fut) -> anyhow::Result<T>
+where
+    Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+{
+    patiently(|| f(ex.clone())).await
+}
+
 /// Runs a job on the exchange `conn` is connected to.
 pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> anyhow::Result<Report> {
     anyhow::ensure!(!job.fragments.is_empty(), "the job has no fragments");
     anyhow::ensure!(job.replicas >= 1 && job.replicas <= 3, "--replicas is 1, 2 or 3");
     let mut ex = conn.exchange.clone();
-    let before = {
-        let ex = ex.clone();
-        patiently(move || {
-            let mut ex = ex.clone();
-            async move { ex.balance(pb::BalanceRequest {}).await }
-        })
-        .await?
-    };
-    let follow = |ex: &Client| {
-        let ex = ex.clone();
-        move || {
-            let mut ex = ex.clone();
-            async move { ex.lease_events(pb::LeaseEventsRequest {}).await }
-        }
-    };
-    let mut events = patiently(follow(&ex)).await?;
+    let before = patiently_on(&ex, |mut ex| async move { ex.balance(pb::BalanceRequest {}).await }).await?;
+    let mut events = follow(&ex).await?;
     let placed = place(&ex, &job).await?;
     let order = placed.order;
     progress.note(&format!("order {order} placed for {} CPUs at up to {} cents per CPU-hour", job.cpus, job.max_price));
@@ -348,7 +342,7 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
                 // order's leases that opened meanwhile (their workers reconnect by themselves).
                 Some(Err(_)) | None => {
                     progress.note("the exchange went away; reconnecting");
-                    events = patiently(follow(&ex)).await.context("the exchange did not come back")?;
+                    events = follow(&ex).await.context("the exchange did not come back")?;
                     let open = list_leases(&ex).await?.into_iter().filter(|l| l.buy_order == order && l.state != "ended").map(|l| l.id);
                     pending.extend(open.filter(|id| !workers.contains_key(id)));
                 }
@@ -375,14 +369,7 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     for (_, w) in workers {
         let _ = w.await;
     }
-    let after = {
-        let ex = ex.clone();
-        patiently(move || {
-            let mut ex = ex.clone();
-            async move { ex.balance(pb::BalanceRequest {}).await }
-        })
-        .await?
-    };
+    let after = patiently_on(&ex, |mut ex| async move { ex.balance(pb::BalanceRequest {}).await }).await?;
     let farm = Arc::try_unwrap(farm).ok().map(|m| m.into_inner().unwrap()).context("workers still hold the farm")?;
     let mut report = Report {
         reruns: farm.reruns,
@@ -402,14 +389,19 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
 
 type Client = cpushare_proto::v1::exchange_client::ExchangeClient<cpushare_exchange::client::Versioned>;
 
+/// The account's lease events, followed from now.
+async fn follow(ex: &Client) -> anyhow::Result<tonic::Streaming<pb::LeaseEvent>> {
+    patiently_on(ex, |mut ex| async move { ex.lease_events(pb::LeaseEventsRequest {}).await }).await
+}
+
+/// The account's buy orders standing now.
+async fn buy_orders(ex: &Client) -> anyhow::Result<std::collections::HashSet<u64>> {
+    let listed = patiently_on(ex, |mut ex| async move { ex.list_orders(pb::ListOrdersRequest {}).await }).await?;
+    Ok(listed.orders.into_iter().filter(|o| o.side == "buy").map(|o| o.id).collect())
+}
+
 async fn list_leases(ex: &Client) -> anyhow::Result<Vec<pb::Lease>> {
-    let ex = ex.clone();
-    Ok(patiently(move || {
-        let mut ex = ex.clone();
-        async move { ex.list_leases(pb::ListLeasesRequest {}).await }
-    })
-    .await?
-    .leases)
+    Ok(patiently_on(ex, |mut ex| async move { ex.list_leases(pb::ListLeasesRequest {}).await }).await?.leases)
 }
 
 /// Places the job's buy order. Placing is not to be done twice: when the
@@ -418,24 +410,13 @@ async fn list_leases(ex: &Client) -> anyhow::Result<Vec<pb::Lease>> {
 async fn place(ex: &Client, job: &Job) -> anyhow::Result<pb::OrderReply> {
     // Attended: should this run vanish, its leases end "buyer lost" and stop costing.
     let request = pb::PlaceBuyRequest { cpus: job.cpus, max_price: job.max_price, requirements: Some(job.requirements), period_secs: 3600, periods: 0, attended: true };
-    let orders = |ex: &Client| {
-        let ex = ex.clone();
-        async move {
-            patiently(move || {
-                let mut ex = ex.clone();
-                async move { ex.list_orders(pb::ListOrdersRequest {}).await }
-            })
-            .await
-            .map(|r| r.orders.into_iter().filter(|o| o.side == "buy").map(|o| o.id).collect::<std::collections::HashSet<u64>>())
-        }
-    };
     let since = std::time::Instant::now();
     loop {
-        let known = orders(ex).await?;
+        let known = buy_orders(ex).await?;
         match ex.clone().place_buy(request).await {
             Ok(r) => return Ok(r.into_inner()),
             Err(s) if transient(&s) && since.elapsed() < EXCHANGE_PATIENCE => {
-                let now = orders(ex).await?;
+                let now = buy_orders(ex).await?;
                 if let Some(&order) = now.difference(&known).next() {
                     // It was taken: its leases (if any) come from the events and the lease list.
                     let leases = list_leases(ex).await?.into_iter().filter(|l| l.buy_order == order).map(|l| l.id).collect();
@@ -450,13 +431,7 @@ async fn place(ex: &Client, job: &Job) -> anyhow::Result<pb::OrderReply> {
 /// Cancels the order, through an exchange restart if need be (an order
 /// already gone, as when a first attempt got through, is cancelled enough).
 async fn cancel(ex: &Client, order: u64) -> anyhow::Result<()> {
-    let ex = ex.clone();
-    match patiently(move || {
-        let mut ex = ex.clone();
-        async move { ex.cancel_order(pb::CancelOrderRequest { order }).await }
-    })
-    .await
-    {
+    match patiently_on(ex, |mut ex| async move { ex.cancel_order(pb::CancelOrderRequest { order }).await }).await {
         Ok(_) => Ok(()),
         Err(e) if e.to_string().contains("does not exist") => Ok(()),
         Err(e) => Err(e.context(format!("cancelling order {order}"))),
