@@ -92,6 +92,17 @@ async fn appears(browser: &Client, css: &str, secs: u64) -> bool {
     false
 }
 
+/// Waits up to `secs` for `css` to match nothing on the page.
+async fn gone(browser: &Client, css: &str, secs: u64) -> bool {
+    for _ in 0..secs * 10 {
+        if browser.find(Locator::Css(css)).await.is_err() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
     pb::PlaceBuyRequest {
         cpus,
@@ -153,6 +164,8 @@ async fn the_dashboard_in_a_browser() {
     browser.goto(&format!("{site}/signin")).await.unwrap();
     browser.find(Locator::Css("#token")).await.unwrap().send_keys("0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef").await.unwrap();
     browser.find(Locator::Css("#signin")).await.unwrap().click().await.unwrap();
+    // (The answer is a new page: waited for, not raced.)
+    assert!(appears(&browser, "#error", 10).await, "the wrong token's page");
     let error = browser.find(Locator::Css("#error")).await.unwrap().text().await.unwrap();
     assert!(error.contains("does not sign in"), "{error}");
     shot(&browser, "3-wrong-token").await;
@@ -179,8 +192,8 @@ async fn the_dashboard_in_a_browser() {
     let orders = a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders;
     assert!(orders.iter().any(|o| o.id == resting), "still there after both refusals");
     browser.find(Locator::Css(&format!("#cancel-{resting}"))).await.unwrap().click().await.unwrap();
+    assert!(gone(&browser, &row, 10).await, "the cancelled order is gone from the page");
     assert!(appears(&browser, "#orders", 5).await);
-    assert!(browser.find(Locator::Css(&row)).await.is_err(), "the cancelled order is gone from the page");
     let orders = a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders;
     assert!(!orders.iter().any(|o| o.id == resting), "and from the exchange");
     shot(&browser, "5-cancelled").await;
