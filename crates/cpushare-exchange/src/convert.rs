@@ -62,6 +62,7 @@ pub fn buy_from(r: pb::PlaceBuyRequest) -> Result<BuyRequest, Status> {
         requirements: requirements_from(r.requirements)?,
         period: if r.period_secs == 0 { SECONDS_PER_HOUR } else { r.period_secs },
         periods: (r.periods > 0).then_some(r.periods),
+        attended: r.attended,
     })
 }
 

@@ -516,10 +516,7 @@ fn time_passes(core: &mut Core, now: Time, config: &EngineConfig) {
 /// timeout: their leases end "buyer lost" (metered to when they went) and
 /// their watched orders are cancelled.
 fn buyers_lost(core: &mut Core, now: Time, timeout: u64) {
-    // Watched orders still standing, by account (the registry keeps every
-    // order ever watched; those gone are passed over).
-    let market = &core.state.market;
-    let watched: Vec<(AccountId, OrderId)> = core.state.registry.attended.iter().filter(|(o, _)| market.buy_order(**o).is_some()).map(|(o, a)| (*a, *o)).collect();
+    let watched: Vec<(AccountId, OrderId)> = core.state.market.buy_orders().filter(|o| o.request.attended).map(|o| (o.account, o.id)).collect();
     let mut accounts: Vec<AccountId> = watched.iter().map(|(a, _)| *a).collect();
     accounts.sort_unstable();
     accounts.dedup();

@@ -320,16 +320,11 @@ impl Exchange for Handler {
     async fn place_buy(&self, req: Request<pb::PlaceBuyRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let c = self.caller(&req)?;
         self.rate_limit(c.account)?;
-        let r = req.into_inner();
-        let attended = r.attended;
-        let request = buy_from(r)?;
+        let request = buy_from(req.into_inner())?;
         let reply = self
             .call(move |core| {
                 let now = core.now();
                 let order = core.state.market.place_buy(c.account, request, now).map_err(market_error)?;
-                if attended {
-                    core.record(Record::OrderAttended { order, account: c.account, at: now });
-                }
                 let leases = core.state.market.buy_order(order).map(|o| o.leases.iter().map(|l| l.0).collect()).unwrap_or_default();
                 Ok::<_, Status>(pb::OrderReply { order: order.0, leases })
             })

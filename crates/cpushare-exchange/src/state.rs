@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use cpushare_market::{AccountId, Event, Market, MarketConfig, NodeId, OrderId, Snapshot, Time};
+use cpushare_market::{AccountId, Event, Market, MarketConfig, NodeId, Snapshot, Time};
 use serde::{Deserialize, Serialize};
 
 /// One durable fact. Records are numbered from 1 in the store; applying them
@@ -29,8 +29,6 @@ pub enum Record {
     NodeRevoked { node: NodeId, at: Time },
     /// Kernel version prefixes whose sellers are refused.
     RefusedKernels { prefixes: Vec<String>, at: Time },
-    /// `order` is watched by its buyer (PlaceBuyRequest.attended).
-    OrderAttended { order: OrderId, account: AccountId, at: Time },
     /// A web dashboard sign-in token for `account`, asked for by `node` (it
     /// dies with the node's certificate); only its SHA-256 is kept.
     WebTokenIssued { token_hash: String, account: AccountId, node: NodeId, at: Time },
@@ -60,9 +58,6 @@ pub struct Registry {
     pub tokens: BTreeMap<String, AccountId>,
     pub nodes: BTreeMap<NodeId, NodeInfo>,
     pub refused_kernels: Vec<String>,
-    /// Orders their buyers watch, and whose they are (dropped once the order is gone).
-    #[serde(default)]
-    pub attended: BTreeMap<OrderId, AccountId>,
     /// Web sign-in tokens (SHA-256 hex): their accounts and the nodes that asked for them.
     #[serde(default)]
     pub web_tokens: BTreeMap<String, (AccountId, NodeId)>,
@@ -171,9 +166,6 @@ pub fn apply_registry(r: &mut Registry, record: &Record) {
             r.web_tokens.retain(|_, (_, by)| by != node);
         }
         Record::RefusedKernels { prefixes, .. } => r.refused_kernels = prefixes.clone(),
-        Record::OrderAttended { order, account, .. } => {
-            r.attended.insert(*order, *account);
-        }
         Record::WebTokenIssued { token_hash, account, node, .. } => {
             r.web_tokens.insert(token_hash.clone(), (*account, *node));
         }

@@ -55,6 +55,10 @@ pub struct BuyRequest {
     pub period: u64,
     /// How many periods each lease runs; `None` runs until cancelled.
     pub periods: Option<u32>,
+    /// Its buyer watches it (a program driving the work): when that buyer is
+    /// seen to have gone, the exchange declares it lost (see `Market::buyer_lost`).
+    #[serde(default)]
+    pub attended: bool,
 }
 
 impl BuyRequest {
@@ -66,6 +70,7 @@ impl BuyRequest {
             requirements: Requirements::any(kind),
             period: crate::money::SECONDS_PER_HOUR,
             periods: None,
+            attended: false,
         }
     }
 

@@ -282,7 +282,7 @@ impl<'a> Sim<'a> {
         let cpus = [1, 1, 2, 4, 4, 8, 8, 16, 32, 64][r.gen_range(0..10)];
         let period = if r.gen_bool(0.8) { HOUR } else { 600 };
         let periods = if r.gen_bool(0.8) { Some(r.gen_range(1..8)) } else { None };
-        let request = BuyRequest { cpus, max_price, requirements, period, periods };
+        let request = BuyRequest { cpus, max_price, requirements, period, periods, attended: false };
         let patience = self.hours(1.0);
         let cancel_after = self.hours(8.0);
         let next = self.hours(self.config.mean_hours_between_orders);

@@ -67,6 +67,8 @@ fn request() -> impl Strategy<Value = BuyRequest> {
             requirements: Requirements { kind, min_score, min_ram_mib, max_latency_ms, inbound_udp_only: udp },
             period,
             periods,
+            // (Varied, so that replays carry it both ways; the market does not act on it.)
+            attended: udp,
         })
 }
 
