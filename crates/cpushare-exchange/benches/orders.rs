@@ -74,7 +74,8 @@ async fn run(label: &str, db: String, clients: usize, secs: u64) {
                                 ..Default::default()
                             }),
                             period_secs: 3600,
-                            periods: 0, attended: false,
+                            periods: 0,
+                            attended: false,
                         };
                         conn.exchange.place_buy(request).await.unwrap();
                     }

@@ -155,6 +155,17 @@ impl Core {
         &self.shared
     }
 
+    /// Cancels `account`'s order, buy or sell (the API's and the dashboard's Cancel).
+    pub fn cancel_order(&mut self, account: AccountId, order: OrderId) -> Result<(), cpushare_market::MarketError> {
+        let now = self.now();
+        let m = &mut self.state.market;
+        if m.buy_order(order).is_some() {
+            m.cancel_buy(account, order, now)
+        } else {
+            m.cancel_sell(account, order, now)
+        }
+    }
+
     /// Makes a registry change (applied at once, durable with this batch).
     pub fn record(&mut self, record: Record) {
         self.collect_market();

@@ -352,17 +352,7 @@ impl Exchange for Handler {
         let c = self.caller(&req)?;
         self.rate_limit(c.account)?;
         let order = OrderId(req.into_inner().order);
-        self.call(move |core| {
-            let now = core.now();
-            let m = &mut core.state.market;
-            let result = if m.buy_order(order).is_some() {
-                m.cancel_buy(c.account, order, now)
-            } else {
-                m.cancel_sell(c.account, order, now)
-            };
-            result.map_err(market_error)
-        })
-        .await??;
+        self.call(move |core| core.cancel_order(c.account, order).map_err(market_error)).await??;
         Ok(Response::new(pb::CancelReply {}))
     }
 

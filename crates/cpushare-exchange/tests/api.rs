@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::Exchange;
+use common::{buy, Exchange};
 use cpushare_exchange::client::{connect, Trust};
 use cpushare_exchange::datadir;
 use cpushare_exchange::node::enroll;
@@ -22,15 +22,6 @@ fn slot() -> pb::SlotAttributes {
     }
 }
 
-fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
-    pb::PlaceBuyRequest {
-        cpus,
-        max_price,
-        requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
-        period_secs: 0,
-        periods: 0, attended: false,
-    }
-}
 
 #[tokio::test]
 async fn nodes_enroll_trade_and_see_their_statements() {

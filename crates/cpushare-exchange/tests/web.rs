@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use common::Exchange;
+use common::{buy, Exchange};
 use cpushare_proto::v1 as pb;
 use fantoccini::{Client, ClientBuilder, Locator};
 use tokio_stream::StreamExt;
@@ -63,8 +63,14 @@ async fn browser(port: u16) -> Client {
     panic!("chromedriver did not answer at {url}");
 }
 
-/// One plain HTTP/1.0 request: the status and the body.
+/// One plain HTTP/1.0 request: the status and the body as text.
 fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, String) {
+    let (status, body) = http_bytes(addr, method, path, headers, body);
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// One plain HTTP/1.0 request: the status and the body.
+fn http_bytes(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], body: &[u8]) -> (u16, Vec<u8>) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
@@ -75,10 +81,9 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, String)], 
     s.write_all(body).unwrap();
     let mut out = Vec::new();
     s.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    (status, body)
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(out.len());
+    let status = String::from_utf8_lossy(&out[..split]).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    (status, out.get(split + 4..).unwrap_or_default().to_vec())
 }
 
 /// Waits up to `secs` for `css` to match on the page as it is (no reload).
@@ -103,15 +108,6 @@ async fn gone(browser: &Client, css: &str, secs: u64) -> bool {
     false
 }
 
-fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
-    pb::PlaceBuyRequest {
-        cpus,
-        max_price,
-        requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
-        period_secs: 0,
-        periods: 0, attended: false,
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_dashboard_in_a_browser() {
@@ -214,7 +210,7 @@ async fn the_dashboard_in_a_browser() {
     assert_eq!(lines.len(), 1, "one line: her one lease");
     assert!(lines[0].text().await.unwrap().starts_with(&format!("{lease} bought")));
     shot(&browser, "6-invoice").await;
-    let (status, pdf) = http_bytes(web.addr, &format!("/account/invoice/{month}.pdf"), &[alice_cookie.clone()]);
+    let (status, pdf) = http_bytes(web.addr, "GET", &format!("/account/invoice/{month}.pdf"), &[alice_cookie.clone()], b"");
     assert_eq!(status, 200);
     assert!(pdf.starts_with(b"%PDF-"));
     let euros = format!("{}.{:02}", paid / 100, paid % 100);
@@ -267,19 +263,4 @@ async fn the_dashboard_in_a_browser() {
     beats.abort();
     drop(web);
     ex.running.listening.shutdown().await;
-}
-
-fn http_bytes(addr: SocketAddr, path: &str, headers: &[(&str, String)]) -> (u16, Vec<u8>) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    let mut req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let status = String::from_utf8_lossy(&out[..split]).split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    (status, out[split + 4..].to_vec())
 }

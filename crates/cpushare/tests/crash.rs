@@ -78,7 +78,8 @@ async fn buyer(node: NodeConfig, acked: Arc<Mutex<Acked>>, stop: Instant) -> usi
             max_price: 20 + i % 30,
             requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
             period_secs: 3600,
-            periods: 0, attended: false,
+            periods: 0,
+            attended: false,
         };
         match conn.exchange.place_buy(request).await {
             Ok(r) => {

@@ -1,7 +1,7 @@
 //! What the pages and the JSON endpoints show, read from the engine's state
 //! (and, for ledgers, its store) in one job each.
 
-use cpushare_market::{AccountId, LeaseState, OrderId, SandboxKind};
+use cpushare_market::{AccountId, OrderId, SandboxKind};
 use serde::Serialize;
 
 use crate::engine::{now_secs, Core, Engine, Stopped};
@@ -166,20 +166,18 @@ pub async fn leases(engine: &Engine, account: AccountId) -> Result<Vec<Lease>, S
                 .filter(|l| l.buyer == account || l.seller == account)
                 .map(|l| {
                     let buyer = l.buyer == account;
+                    // The API's view of it, and the other party's name.
+                    let p = crate::convert::lease_to(l, if buyer { "buyer" } else { "seller" });
                     Lease {
-                        id: l.id.0,
-                        role: if buyer { "buyer" } else { "seller" }.into(),
-                        price: l.price,
-                        state: match l.state {
-                            LeaseState::AwaitingReady => "awaiting-ready",
-                            LeaseState::Running { .. } => "running",
-                        }
-                        .into(),
-                        delivered_secs: l.delivered,
-                        charged_cents: l.charged,
-                        opened_at: l.opened_at,
+                        id: p.id,
+                        role: p.role,
+                        price: p.price,
+                        state: p.state,
+                        delivered_secs: p.delivered_secs,
+                        charged_cents: p.charged_cents,
+                        opened_at: p.opened_at,
                         with: name_of(core, if buyer { l.seller } else { l.buyer }),
-                        seller_node: l.node.0,
+                        seller_node: p.seller_node,
                     }
                 })
                 .collect::<Vec<_>>()
@@ -201,14 +199,7 @@ pub enum CancelRefused {
 pub async fn cancel(engine: &Engine, account: AccountId, order: OrderId) -> Result<(), CancelRefused> {
     engine
         .call(move |core| {
-            let now = core.now();
-            let m = &mut core.state.market;
-            let result = if m.buy_order(order).is_some() {
-                m.cancel_buy(account, order, now)
-            } else {
-                m.cancel_sell(account, order, now)
-            };
-            result.map_err(|e| match e {
+            core.cancel_order(account, order).map_err(|e| match e {
                 cpushare_market::MarketError::UnknownOrder(_) | cpushare_market::MarketError::NotYourOrder { .. } => CancelRefused::NotYours,
                 other => CancelRefused::Other(other.to_string()),
             })

@@ -52,6 +52,18 @@ pub async fn backends() -> Vec<TestDb> {
     v
 }
 
+/// A buy order for `cpus` seccomp-strict CPUs at up to `max_price`.
+pub fn buy(cpus: u32, max_price: u64) -> pb::PlaceBuyRequest {
+    pb::PlaceBuyRequest {
+        cpus,
+        max_price,
+        requirements: Some(pb::Requirements { kind: pb::SandboxKind::SeccompStrict as i32, ..Default::default() }),
+        period_secs: 0,
+        periods: 0,
+        attended: false,
+    }
+}
+
 /// An exchange on loopback with its operator connected.
 pub struct Exchange {
     pub running: Running,
