@@ -116,11 +116,6 @@ fn cookie(name: &[u8]) -> u64 {
     h.finish() | 1
 }
 
-/// An open path under an export.
-struct Opened {
-    fd: OwnedFd,
-}
-
 impl ShareFs {
     pub fn new(exports: Vec<Export>) -> ShareFs {
         let tree = Tree::new(exports.iter().map(|e| e.name.as_str()));
@@ -133,7 +128,7 @@ impl ShareFs {
     }
 
     /// Opens `id` with `flags` (never following a symlink, never leaving its export).
-    fn open(&self, id: u64, flags: OFlags) -> Result<Opened, nfsstat3> {
+    fn open(&self, id: u64, flags: OFlags) -> Result<OwnedFd, nfsstat3> {
         let place = self.tree().place(id).ok_or(nfsstat3::NFS3ERR_STALE)?;
         let root = &self.exports[place.export].dir;
         let mut path = Vec::new();
@@ -146,16 +141,15 @@ impl ShareFs {
         if path.is_empty() {
             path.push(b'.');
         }
-        let fd = rustix::fs::openat2(root, path.as_slice(), flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE).map_err(|e| match e {
+        rustix::fs::openat2(root, path.as_slice(), flags | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty(), RESOLVE).map_err(|e| match e {
             // RESOLVE_BENEATH's answer to a path leaving the export: not there.
             Errno::XDEV => nfsstat3::NFS3ERR_NOENT,
             e => nfs_error(e),
-        })?;
-        Ok(Opened { fd })
+        })
     }
 
     /// A directory `id` to make, remove or look up names in.
-    fn directory(&self, id: u64) -> Result<Opened, nfsstat3> {
+    fn directory(&self, id: u64) -> Result<OwnedFd, nfsstat3> {
         if id == ROOT {
             return Err(nfsstat3::NFS3ERR_ACCES);
         }
@@ -168,7 +162,7 @@ impl ShareFs {
             return Err(nfsstat3::NFS3ERR_ISDIR);
         }
         // O_NONBLOCK: a FIFO in the share neither blocks the open nor is read.
-        let file = File::from(self.open(id, flags | OFlags::NONBLOCK)?.fd);
+        let file = File::from(self.open(id, flags | OFlags::NONBLOCK)?);
         let st = rustix::fs::fstat(&file).map_err(nfs_error)?;
         match FileType::from_raw_mode(st.st_mode) {
             FileType::RegularFile => Ok(file),
@@ -200,7 +194,7 @@ impl ShareFs {
             return Ok(self.root_attributes());
         }
         let o = self.open(id, OFlags::PATH)?;
-        Ok(attributes(id, &rustix::fs::fstat(&o.fd).map_err(nfs_error)?))
+        Ok(attributes(id, &rustix::fs::fstat(&o).map_err(nfs_error)?))
     }
 
     /// The name `name` in `dir`: its id and attributes, if it is there.
@@ -218,12 +212,12 @@ impl ShareFs {
             self.regular(id, OFlags::WRONLY)?.set_len(size).map_err(|e| nfs_error(Errno::from_io_error(&e).unwrap_or(Errno::IO)))?;
         }
         let o = self.open(id, OFlags::PATH)?;
-        let st = rustix::fs::fstat(&o.fd).map_err(nfs_error)?;
+        let st = rustix::fs::fstat(&o).map_err(nfs_error)?;
         let is_link = FileType::from_raw_mode(st.st_mode) == FileType::Symlink;
         if let Nfs3Option::Some(mode) = set.mode {
             // A symlink's mode means nothing; anything else through its O_PATH descriptor.
             if !is_link {
-                let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&o.fd));
+                let proc = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&o));
                 rustix::fs::chmod(proc.as_str(), Mode::from_raw_mode(mode & PERMISSIONS)).map_err(nfs_error)?;
             }
         }
@@ -241,7 +235,7 @@ impl ShareFs {
             let omit = Timespec { tv_sec: 0, tv_nsec: rustix::fs::UTIME_OMIT };
             let times = Timestamps { last_access: atime.unwrap_or(omit), last_modification: mtime.unwrap_or(omit) };
             // AT_EMPTY_PATH on the O_PATH descriptor: the object itself, a symlink included.
-            rustix::fs::utimensat(&o.fd, c"", &times, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(nfs_error)?;
+            rustix::fs::utimensat(&o, c"", &times, AtFlags::EMPTY_PATH | AtFlags::SYMLINK_NOFOLLOW).map_err(nfs_error)?;
         }
         // Ownership is the buyer's: uid and gid are not changed (see the module's note).
         Ok(())
@@ -297,7 +291,7 @@ impl NfsReadFileSystem for ShareFs {
             return self.tree().child(ROOT, name).map(FileHandleU64::new).ok_or(nfsstat3::NFS3ERR_NOENT);
         }
         let d = self.directory(dir)?;
-        self.entry(dir, &d.fd, name).map(|(id, _)| FileHandleU64::new(id))
+        self.entry(dir, &d, name).map(|(id, _)| FileHandleU64::new(id))
     }
 
     async fn getattr(&self, id: &FileHandleU64) -> Result<fattr3, nfsstat3> {
@@ -329,7 +323,7 @@ impl NfsReadFileSystem for ShareFs {
         } else {
             let listed = self.open(dir, OFlags::RDONLY | OFlags::DIRECTORY)?;
             let mut names = Vec::new();
-            for entry in rustix::fs::Dir::read_from(&listed.fd).map_err(nfs_error)? {
+            for entry in rustix::fs::Dir::read_from(&listed).map_err(nfs_error)? {
                 let entry = entry.map_err(nfs_error)?;
                 let name: &CStr = entry.file_name();
                 let name = name.to_bytes();
@@ -337,7 +331,7 @@ impl NfsReadFileSystem for ShareFs {
                     names.push((cookie(name), name.to_vec()));
                 }
             }
-            (Some(self.open(dir, OFlags::PATH | OFlags::DIRECTORY)?.fd), names)
+            (Some(self.open(dir, OFlags::PATH | OFlags::DIRECTORY)?), names)
         };
         names.sort_unstable();
         names.retain(|(c, _)| *c > after);
@@ -347,7 +341,7 @@ impl NfsReadFileSystem for ShareFs {
     async fn readlink(&self, id: &FileHandleU64) -> Result<nfspath3<'_>, nfsstat3> {
         let o = self.open(id.as_u64(), OFlags::PATH)?;
         // The link's own text (AT_EMPTY_PATH on its O_PATH descriptor): the guest resolves it.
-        let target = rustix::fs::readlinkat(&o.fd, c"", Vec::new()).map_err(nfs_error)?;
+        let target = rustix::fs::readlinkat(&o, c"", Vec::new()).map_err(nfs_error)?;
         Ok(nfspath3::from(target.into_bytes()))
     }
 }
@@ -377,12 +371,12 @@ impl NfsFileSystem for ShareFs {
             Nfs3Option::None => 0o644,
         };
         // An unchecked create of an existing file opens it (NFSv3 UNCHECKED); a symlink there is refused.
-        let fd = rustix::fs::openat(&d.fd, name, OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::from_raw_mode(mode)).map_err(nfs_error)?;
+        let fd = rustix::fs::openat(&d, name, OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC, Mode::from_raw_mode(mode)).map_err(nfs_error)?;
         if FileType::from_raw_mode(rustix::fs::fstat(&fd).map_err(nfs_error)?.st_mode) != FileType::RegularFile {
             return Err(nfsstat3::NFS3ERR_EXIST);
         }
         drop(fd);
-        let (id, _) = self.entry(dir, &d.fd, name)?;
+        let (id, _) = self.entry(dir, &d, name)?;
         let rest = sattr3 { mode: Nfs3Option::None, ..attr };
         self.apply(id, &rest)?;
         Ok((FileHandleU64::new(id), self.stat(id)?))
@@ -391,23 +385,23 @@ impl NfsFileSystem for ShareFs {
     async fn create_exclusive(&self, dirid: &FileHandleU64, filename: &filename3<'_>, _verf: createverf3) -> Result<FileHandleU64, nfsstat3> {
         let (dir, name) = (dirid.as_u64(), component(filename)?);
         let d = self.directory(dir)?;
-        rustix::fs::openat(&d.fd, name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC, Mode::from_raw_mode(0o644)).map_err(nfs_error)?;
-        self.entry(dir, &d.fd, name).map(|(id, _)| FileHandleU64::new(id))
+        rustix::fs::openat(&d, name, OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC, Mode::from_raw_mode(0o644)).map_err(nfs_error)?;
+        self.entry(dir, &d, name).map(|(id, _)| FileHandleU64::new(id))
     }
 
     async fn mkdir(&self, dirid: &FileHandleU64, dirname: &filename3<'_>) -> Result<(FileHandleU64, fattr3), nfsstat3> {
         let (dir, name) = (dirid.as_u64(), component(dirname)?);
         let d = self.directory(dir)?;
-        rustix::fs::mkdirat(&d.fd, name, Mode::from_raw_mode(0o755)).map_err(nfs_error)?;
-        self.entry(dir, &d.fd, name).map(|(id, a)| (FileHandleU64::new(id), a))
+        rustix::fs::mkdirat(&d, name, Mode::from_raw_mode(0o755)).map_err(nfs_error)?;
+        self.entry(dir, &d, name).map(|(id, a)| (FileHandleU64::new(id), a))
     }
 
     async fn remove(&self, dirid: &FileHandleU64, filename: &filename3<'_>) -> Result<(), nfsstat3> {
         let (dir, name) = (dirid.as_u64(), component(filename)?);
         let d = self.directory(dir)?;
-        let st = rustix::fs::statat(&d.fd, name, AtFlags::SYMLINK_NOFOLLOW).map_err(nfs_error)?;
+        let st = rustix::fs::statat(&d, name, AtFlags::SYMLINK_NOFOLLOW).map_err(nfs_error)?;
         let flags = if FileType::from_raw_mode(st.st_mode) == FileType::Directory { AtFlags::REMOVEDIR } else { AtFlags::empty() };
-        rustix::fs::unlinkat(&d.fd, name, flags).map_err(nfs_error)?;
+        rustix::fs::unlinkat(&d, name, flags).map_err(nfs_error)?;
         self.tree().forget(dir, name);
         Ok(())
     }
@@ -416,7 +410,7 @@ impl NfsFileSystem for ShareFs {
         let (from, name) = (from_dirid.as_u64(), component(from_filename)?);
         let (to, to_name) = (to_dirid.as_u64(), component(to_filename)?);
         let (fd, td) = (self.directory(from)?, self.directory(to)?);
-        rustix::fs::renameat(&fd.fd, name, &td.fd, to_name).map_err(nfs_error)?;
+        rustix::fs::renameat(&fd, name, &td, to_name).map_err(nfs_error)?;
         self.tree().rename(from, name, to, to_name);
         Ok(())
     }
@@ -429,8 +423,8 @@ impl NfsFileSystem for ShareFs {
         }
         let d = self.directory(dir)?;
         // Any text may be a link's: only guests ever follow it, in their own file system.
-        rustix::fs::symlinkat(target, &d.fd, name).map_err(nfs_error)?;
-        self.entry(dir, &d.fd, name).map(|(id, a)| (FileHandleU64::new(id), a))
+        rustix::fs::symlinkat(target, &d, name).map_err(nfs_error)?;
+        self.entry(dir, &d, name).map(|(id, a)| (FileHandleU64::new(id), a))
     }
 
     async fn commit(&self, id: &FileHandleU64, _offset: u64, _count: u32) -> Result<(), nfsstat3> {
