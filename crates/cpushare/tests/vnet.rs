@@ -7,92 +7,16 @@
 
 mod common;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{can_build, sh, Lab};
 use common::BIN;
 
-/// Namespaces, interfaces and processes of one test, removed when dropped.
-struct Lab {
-    prefix: String,
-    namespaces: Vec<String>,
-    children: Vec<Child>,
-    dir: tempfile::TempDir,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in &self.namespaces {
-            let _ = Command::new("ip").args(["netns", "del", ns]).status();
-        }
-    }
-}
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-impl Lab {
-    fn ns(&self, name: &str) -> String {
-        format!("{}{name}", self.prefix)
-    }
-
-    fn exec(&self, ns: &str, args: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.ns(ns)]).args(args).output().unwrap()
-    }
-
-    fn spawn(&mut self, ns: &str, args: &[&str]) {
-        let log = std::fs::File::create(self.dir.path().join(format!("{ns}-{}.log", self.children.len()))).unwrap();
-        let child = Command::new("ip").args(["netns", "exec", &self.ns(ns)]).args(args).stdout(Stdio::null()).stderr(log).spawn().unwrap();
-        self.children.push(child);
-    }
-
-    fn add_ns(&mut self, name: &str) {
-        let ns = self.ns(name);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        run(&["ip", "netns", "add", &ns]);
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-        self.namespaces.push(ns);
-    }
-
-    /// `name` on the switch at 10.210.0.`host`.
-    fn plug(&mut self, name: &str, host: u8) {
-        self.add_ns(name);
-        let (a, b) = (format!("{}{name}a", self.prefix), format!("{}{name}b", self.prefix));
-        run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
-        run(&["ip", "link", "set", &a, "netns", &self.ns(name)]);
-        run(&["ip", "link", "set", &b, "netns", &self.ns("sw")]);
-        run(&["ip", "-n", &self.ns("sw"), "link", "set", &b, "master", "br0", "up"]);
-        run(&["ip", "-n", &self.ns(name), "addr", "add", &format!("10.210.0.{host}/24"), "dev", &a]);
-        run(&["ip", "-n", &self.ns(name), "link", "set", &a, "up"]);
-    }
-
-    fn ping(&self, from: &str, to: &str) -> bool {
-        self.exec(from, &["ping", "-c", "2", "-i", "0.2", "-W", "2", to]).status.success()
-    }
-
-    fn stats(&self, node: &str) -> serde_json::Value {
-        let text = std::fs::read_to_string(self.dir.path().join(format!("{node}.json"))).unwrap_or_default();
-        serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
-    }
-}
-
-fn prerequisites() -> bool {
-    let ci = std::env::var("CI").as_deref() == Ok("true");
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    let tools = ["ping", "iperf3", "nft", "curl", "busybox"].iter().all(|t| Command::new("sh").args(["-c", &format!("command -v {t}")]).output().is_ok_and(|o| o.status.success()));
-    if root && tools && std::path::Path::new("/dev/net/tun").exists() {
-        return true;
-    }
-    assert!(!ci, "the virtual network tests need root, /dev/net/tun, ping, iperf3, nft, curl and busybox under CI (scripts/test installs them)");
-    eprintln!("skipped: needs root, /dev/net/tun, ping, iperf3, nft, curl and busybox");
-    false
+/// What a node's stats file says.
+fn node_stats(lab: &Lab, node: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(lab.dir.path().join(format!("{node}.json"))).unwrap_or_default();
+    serde_json::from_str(&text).unwrap_or(serde_json::Value::Null)
 }
 
 /// Waits until `f` holds (at most `secs`).
@@ -109,13 +33,10 @@ fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
 
 #[test]
 fn a_cluster_network_across_namespaces_switches_relays_and_keeps_strangers_out() {
-    if !prerequisites() {
+    if !can_build(&["ping", "iperf3", "nft", "curl", "busybox"]) {
         return;
     }
-    let mut lab = Lab { prefix: format!("v{}", std::process::id() % 100_000), namespaces: Vec::new(), children: Vec::new(), dir: tempfile::tempdir().unwrap() };
-    lab.add_ns("sw");
-    run(&["ip", "-n", &lab.ns("sw"), "link", "add", "br0", "type", "bridge"]);
-    run(&["ip", "-n", &lab.ns("sw"), "link", "set", "br0", "up"]);
+    let mut lab = Lab::new("v", "10.210.0");
     // The buyer at .1, sellers at .2-.4, an outsider at .9.
     for (name, host) in [("b", 1), ("s1", 2), ("s2", 3), ("s3", 4), ("x", 9)] {
         lab.plug(name, host);
@@ -125,7 +46,7 @@ fn a_cluster_network_across_namespaces_switches_relays_and_keeps_strangers_out()
     assert!(lab.exec("s3", &["nft", nft]).status.success());
     let dir = lab.dir.path().to_path_buf();
     let cfg = dir.join("cfg");
-    run(&[BIN, "vnet", "plan", "--dir", cfg.to_str().unwrap(), "--endpoints", "10.210.0.1:51820,10.210.0.2:51820,10.210.0.3:51820,10.210.0.4:51820", "--closed", "4"]);
+    sh(&[BIN, "vnet", "plan", "--dir", cfg.to_str().unwrap(), "--endpoints", "10.210.0.1:51820,10.210.0.2:51820,10.210.0.3:51820,10.210.0.4:51820", "--closed", "4"]);
     let conf = |n: u32| cfg.join(format!("node-{n}.json")).to_str().unwrap().to_string();
     let stats = |n: &str| dir.join(format!("{n}.json")).to_str().unwrap().to_string();
     // The buyer: cpushare0, and a SOCKS5 proxy on a userspace stack at .5 (what a buyer without CAP_NET_ADMIN gets).
@@ -180,35 +101,35 @@ fn a_cluster_network_across_namespaces_switches_relays_and_keeps_strangers_out()
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("(5)"), "a closed port is refused: {}", String::from_utf8_lossy(&out.stderr));
 
     // Which way it went: s1 and s2 directly; anything to s3 through the buyer.
-    assert!(eventually(3, || lab.stats("s1")["peers"]["4"]["tx_relayed"].as_u64().unwrap_or(0) > 0));
-    let s1 = lab.stats("s1");
+    assert!(eventually(3, || node_stats(&lab, "s1")["peers"]["4"]["tx_relayed"].as_u64().unwrap_or(0) > 0));
+    let s1 = node_stats(&lab, "s1");
     let to_s2 = &s1["peers"]["3"];
     assert!(to_s2["tx_direct"].as_u64().unwrap() > 100 && to_s2["tx_relayed"].as_u64().unwrap() == 0, "s1 to s2 goes direct: {s1}");
     let to_s3 = &s1["peers"]["4"];
     assert!(to_s3["tx_relayed"].as_u64().unwrap() > 0 && to_s3["tx_direct"].as_u64().unwrap() == 0, "s1 to s3 goes through the buyer: {s1}");
     assert_eq!(to_s3["path"], "relayed");
-    let b = lab.stats("b");
+    let b = node_stats(&lab, "b");
     assert!(b["relayed_for_others"].as_u64().unwrap() > 0, "the buyer relayed: {b}");
 
     // An outsider on the same switch, with its own cluster whose member list
     // names s1's real key and address: its handshakes fail, nothing crosses.
     let other = dir.join("other");
-    run(&[BIN, "vnet", "plan", "--dir", other.to_str().unwrap(), "--endpoints", "10.210.0.9:51820,10.210.0.2:51820"]);
+    sh(&[BIN, "vnet", "plan", "--dir", other.to_str().unwrap(), "--endpoints", "10.210.0.9:51820,10.210.0.2:51820"]);
     let ours: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(conf(2)).unwrap()).unwrap();
     let mut theirs: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(other.join("node-1.json")).unwrap()).unwrap();
     theirs["members"][1]["public"] = ours["public"].clone();
     std::fs::write(other.join("node-1.json"), theirs.to_string()).unwrap();
-    let before = lab.stats("s1")["dropped_strangers"].as_u64().unwrap();
+    let before = node_stats(&lab, "s1")["dropped_strangers"].as_u64().unwrap();
     lab.spawn("x", &[BIN, "vnet", "node", "--config", other.join("node-1.json").to_str().unwrap(), "--tap", "cpushare0", "--address", "10.77.0.99/16"]);
     std::thread::sleep(Duration::from_secs(1));
     assert!(!lab.ping("x", "10.77.0.11"), "the outsider reached a VM");
-    assert!(eventually(3, || lab.stats("s1")["dropped_strangers"].as_u64().unwrap() > before), "s1 refused the outsider's handshakes");
+    assert!(eventually(3, || node_stats(&lab, "s1")["dropped_strangers"].as_u64().unwrap() > before), "s1 refused the outsider's handshakes");
 
     // A real datagram from s1 to s2, caught on s2's wire, sent again as it was
     // (a replay) and with one bit of its header flipped (tampering): both
     // dropped, and counted.
     let s2 = lab.ns("s2");
-    let before = lab.stats("s2");
+    let before = node_stats(&lab, "s2");
     let pinger = Command::new("ip").args(["netns", "exec", &lab.ns("v1"), "ping", "-c", "20", "-i", "0.1", "10.77.0.12"]).stdout(Stdio::null()).spawn().unwrap();
     let caught = in_namespace(&s2, || catch_data_datagram([10, 210, 0, 2], 51820));
     let sock = in_namespace(&s2, || std::net::UdpSocket::bind("10.210.0.3:0").unwrap());
@@ -220,11 +141,11 @@ fn a_cluster_network_across_namespaces_switches_relays_and_keeps_strangers_out()
     let field = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
     assert!(
         eventually(3, || {
-            let now = lab.stats("s2");
+            let now = node_stats(&lab, "s2");
             field(&now, "dropped_replayed") > field(&before, "dropped_replayed") && field(&now, "dropped_unauthenticated") > field(&before, "dropped_unauthenticated")
         }),
         "s2 dropped both: {}",
-        lab.stats("s2")
+        node_stats(&lab, "s2")
     );
     let mut pinger = pinger;
     let _ = pinger.wait();

@@ -2,6 +2,8 @@
 //! exchange process.
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod lab;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
