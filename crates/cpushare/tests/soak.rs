@@ -1,28 +1,42 @@
-//! The soak: an exchange, three sellers and a buyer as separate processes on
-//! this machine, with work going on continuously (the Mandelbrot example's
-//! tiles, job after job) and, at random moments, SIGKILL of a seller (started
-//! again a little later), of the exchange itself (started again at once) or
-//! of the buyer's job (its leases must end "buyer lost" and its escrow come
-//! back by themselves; the job is then run again).
+//! The soak: an exchange, four sellers and two buyers as separate processes
+//! on this machine, the sellers and buyers each in a network namespace of
+//! its own on one switch (as root), with work going on continuously (the
+//! Mandelbrot example's tiles, job after job, the two buyers competing for
+//! the sellers' slots) and, at random moments:
+//! - SIGKILL of a seller (started again a little later), of the exchange
+//!   itself (started again at once) or of a buyer's job (its leases must end
+//!   "buyer lost" and its escrow come back by themselves; the job then runs
+//!   again);
+//! - network faults on a seller's or a buyer's link: a partition (the cable
+//!   unplugged at the switch for 1-10 s, against a heartbeat timeout of 5 s),
+//!   packet loss (10-40 %, with nftables: this kernel has no netem) or a
+//!   choked link (a 64-512 kbit/s token bucket, which delays what queues).
+//!
 //! Checked at every checkpoint and at the end: every tile of every job has
 //! exactly one result and it is the one a local run gives; the ledger
 //! balances (the exchange's audit of every invariant); no running lease was
 //! charged more or less than its delivered time at its price (within a cent);
-//! no lease outlives its job; the memory of every process stays bounded.
-//! Prints a report.
+//! no lease outlives its job; each buyer paid what its jobs' reports say, to
+//! the cent; the memory of every process stays bounded. Prints a report.
 //!
+//! Not root (outside CI): the same without namespaces and network faults.
 //! `CPUSHARE_SOAK_SECS` sets its length (60 s by default, the suite's short
 //! run); `scripts/soak MINUTES` runs it long. The seed of each run is
 //! printed; `CPUSHARE_SOAK_SEED` replays one.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::lab::{can_build, Lab};
 use common::*;
 use rand::{Rng, SeedableRng};
+
+const SELLERS: usize = 4;
+const BUYERS: usize = 2;
 
 /// The exchange process, killed and started again on its data.
 struct Exchange {
@@ -37,7 +51,7 @@ impl Exchange {
     }
 
     fn kill_and_restart(&mut self) {
-        kill9(&self.process);
+        kill9(self.process.0.id());
         let _ = self.process.0.wait();
         self.process = Exchange::start(&self.data);
         self.wait_up();
@@ -52,8 +66,8 @@ impl Exchange {
     }
 }
 
-fn kill9(r: &Running) {
-    let _ = Command::new("kill").args(["-KILL", &r.0.id().to_string()]).status();
+fn kill9(pid: u32) {
+    let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
 }
 
 /// Resident memory of a process, KiB.
@@ -64,15 +78,64 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Where the members run: their own namespaces on the lab's switch, or (not root) here.
+struct Net(Option<Lab>);
+
+impl Net {
+    /// `cpushare --config DIR ARGS` as member `name`.
+    fn cpushare(&self, name: &str, dir: &Path, args: &[&str]) -> Command {
+        let mut all = vec!["--config", dir.to_str().unwrap()];
+        all.extend(args);
+        match &self.0 {
+            Some(lab) => {
+                let mut c = lab.command(name, &[BIN]);
+                c.args(all);
+                c
+            }
+            None => {
+                let mut c = Command::new(BIN);
+                c.args(all);
+                c
+            }
+        }
+    }
+}
+
 struct Seller {
+    name: String,
     dir: PathBuf,
     process: Option<Running>,
     /// When a killed seller starts again.
     back_at: Option<Instant>,
 }
 
-fn sell(dir: &Path) -> Running {
-    Running(Command::new(BIN).arg("--config").arg(dir).args(["sell", "--cpus", "1", "--price", "36000", "--ram-per-slot", "256"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+impl Seller {
+    fn start(&mut self, net: &Net) {
+        let child = net.cpushare(&self.name, &self.dir, &["sell", "--cpus", "1", "--price", "36000", "--ram-per-slot", "256"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        self.process = Some(Running(child));
+        self.back_at = None;
+    }
+}
+
+/// A buyer's job under way.
+struct Job {
+    child: Child,
+    out: PathBuf,
+    started: Instant,
+    killed: bool,
+}
+
+struct Buyer {
+    name: String,
+    dir: PathBuf,
+    job: Option<Job>,
+    /// A killed job's order and leases must end by themselves: since when this buyer waits for that.
+    orphaned: Option<Instant>,
+    /// What the buyer held (available + escrow) when its current job started.
+    held_before: i64,
+    /// What its jobs cost: their reports' costs, and what killed ones took.
+    cost: i64,
+    runs: usize,
 }
 
 /// "12.34" -> 1234.
@@ -81,6 +144,11 @@ fn cents(v: &serde_json::Value) -> i64 {
     let (whole, part) = s.split_once('.').unwrap();
     let sign = if whole.starts_with('-') { -1 } else { 1 };
     sign * (whole.trim_start_matches('-').parse::<i64>().unwrap() * 100 + part.parse::<i64>().unwrap())
+}
+
+fn held(buyer: &Path) -> i64 {
+    let b = json(buyer, &["balance"]);
+    cents(&b["available (EUR)"]) + cents(&b["escrow (EUR)"])
 }
 
 /// Every tile has exactly one result, and it is the reference's.
@@ -112,14 +180,67 @@ fn checkpoint(operator: &Path, members: &[&Path]) {
     }
 }
 
+/// What can go wrong next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    KillExchange,
+    KillJob,
+    KillSeller,
+    Partition,
+    Loss,
+    Choke,
+}
+
+impl Fault {
+    fn roll(rng: &mut impl Rng, network: bool) -> Fault {
+        let x: f64 = rng.gen();
+        match (network, x) {
+            (true, x) if x < 0.12 => Fault::KillExchange,
+            (true, x) if x < 0.22 => Fault::KillJob,
+            (true, x) if x < 0.50 => Fault::KillSeller,
+            (true, x) if x < 0.70 => Fault::Partition,
+            (true, x) if x < 0.85 => Fault::Loss,
+            (true, _) => Fault::Choke,
+            (false, x) if x < 0.2 => Fault::KillExchange,
+            (false, x) if x < 0.35 => Fault::KillJob,
+            (false, _) => Fault::KillSeller,
+        }
+    }
+}
+
 #[test]
-fn soak_with_sellers_and_the_exchange_killed_at_random() {
+fn soak_with_processes_killed_and_links_failing_at_random() {
     let secs: u64 = std::env::var("CPUSHARE_SOAK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60);
     let seed: u64 = std::env::var("CPUSHARE_SOAK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("soak: {secs} s, seed {seed} (CPUSHARE_SOAK_SEED={seed} replays it)");
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let tmp = tempfile::tempdir().unwrap();
-    let (first, operator) = exchange(tmp.path());
+
+    // The switch: the exchange at .1 (this namespace, where the test's own
+    // commands run too), buyers from .2, sellers from .10.
+    let mut net = Net(can_build(&["ip", "nft", "tc"]).then(|| Lab::new("k", "10.211.0")));
+    // The links that can fail: each buyer's and each seller's.
+    let mut links = Vec::new();
+    let address = match &mut net.0 {
+        Some(lab) => {
+            lab.plug_here(1);
+            for i in 0..BUYERS {
+                links.push(format!("b{i}"));
+                lab.plug(&format!("b{i}"), 2 + i as u8);
+            }
+            for i in 0..SELLERS {
+                links.push(format!("s{i}"));
+                lab.plug(&format!("s{i}"), 10 + i as u8);
+            }
+            "10.211.0.1"
+        }
+        None => {
+            eprintln!("soak: no network faults (not root)");
+            "127.0.0.1"
+        }
+    };
+    eprintln!("soak: {secs} s, seed {seed} (CPUSHARE_SOAK_SEED={seed} replays it)");
+
+    let (first, operator) = exchange_on(tmp.path(), address);
     // From here on the exchange runs as this test's own process, killed at will,
     // with a heartbeat timeout of 5 s so that lost sellers and buyers end soon.
     drop(first);
@@ -129,131 +250,204 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
     std::fs::write(&settings, s.to_string()).unwrap();
     let mut ex = Exchange { data: tmp.path().join("data"), operator: operator.clone(), process: Exchange::start(&tmp.path().join("data")) };
     ex.wait_up();
-    let buyer = tmp.path().join("buyer");
-    let account = member(&operator, "buyer", &buyer);
-    ok(&operator, &["deposit", &account, "100000"]);
-    let mut sellers: Vec<Seller> = (0..3)
+
+    let mut buyers: Vec<Buyer> = (0..BUYERS)
+        .map(|i| {
+            let dir = tmp.path().join(format!("buyer-{i}"));
+            let account = member(&operator, &format!("buyer-{i}"), &dir);
+            ok(&operator, &["deposit", &account, "100000"]);
+            Buyer { name: format!("b{i}"), dir, job: None, orphaned: None, held_before: 0, cost: 0, runs: 0 }
+        })
+        .collect();
+    let mut sellers: Vec<Seller> = (0..SELLERS)
         .map(|i| {
             let dir = tmp.path().join(format!("seller-{i}"));
             member(&operator, &format!("seller-{i}"), &dir);
-            Seller { process: Some(selling(&dir, 1, None)), dir, back_at: None }
+            let mut s = Seller { name: format!("s{i}"), dir, process: None, back_at: None };
+            s.start(&net);
+            s
         })
         .collect();
+    for s in &sellers {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while json(&s.dir, &["sell", "--status"])["slots"] != 1 {
+            assert!(Instant::now() < deadline, "{}'s slot never reached the book", s.name);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     let ex_dir = tmp.path().join("ex");
-    ok(&buyer, &["examples", ex_dir.to_str().unwrap()]);
+    ok(&buyers[0].dir, &["examples", ex_dir.to_str().unwrap()]);
     let p = |s: &str| ex_dir.join(s).to_str().unwrap().to_string();
     let reference = tmp.path().join("reference");
-    ok(&buyer, &["run", "--local", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", reference.to_str().unwrap()]);
+    ok(&buyers[0].dir, &["run", "--local", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", reference.to_str().unwrap()]);
+    let members: Vec<PathBuf> = buyers.iter().map(|b| b.dir.clone()).chain(sellers.iter().map(|s| s.dir.clone())).collect();
+    let members: Vec<&Path> = members.iter().map(|m| m.as_path()).collect();
 
     let started = Instant::now();
-    let (mut jobs, mut tiles, mut reruns, mut seller_kills, mut exchange_kills, mut buyer_kills, mut cost) = (0, 0, 0, 0, 0, 0, 0i64);
-    let held = |buyer: &Path| {
-        let b = json(buyer, &["balance"]);
-        cents(&b["available (EUR)"]) + cents(&b["escrow (EUR)"])
-    };
-    let mut peak: std::collections::BTreeMap<&str, u64> = Default::default();
+    let (mut jobs, mut tiles, mut reruns) = (0, 0, 0u64);
+    let mut faults: BTreeMap<Fault, usize> = BTreeMap::new();
+    let mut peak: BTreeMap<&str, u64> = BTreeMap::new();
+    // Links under a fault, and when each heals.
+    let mut faulted: BTreeMap<String, Instant> = BTreeMap::new();
     let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1000..4000));
-    // What the next fault is: below 0.2 the exchange, below 0.35 the buyer's job, else a seller.
-    let mut next_kind: f64 = rng.gen();
-    while started.elapsed() < Duration::from_secs(secs) {
-        let out = tmp.path().join(format!("out-{jobs}-{buyer_kills}"));
-        let before = held(&buyer);
-        let mut job = Command::new(BIN)
-            .arg("--config")
-            .arg(&buyer)
-            .args(["--json", "run", "--cpus", "2", "--max-price", "40000", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", out.to_str().unwrap()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let job_started = Instant::now();
-        let mut killed = false;
-        let status = loop {
-            if let Some(status) = job.try_wait().unwrap() {
-                break status;
+    let mut next_kind = Fault::roll(&mut rng, net.0.is_some());
+    loop {
+        let now = Instant::now();
+        let running = started.elapsed() < Duration::from_secs(secs);
+        if !running && buyers.iter().all(|b| b.job.is_none() && b.orphaned.is_none()) {
+            break;
+        }
+        for s in &mut sellers {
+            if s.back_at.is_some_and(|t| now >= t) {
+                s.start(&net);
             }
-            assert!(job_started.elapsed() < Duration::from_secs(300), "a job did not finish in 300 s");
-            let now = Instant::now();
-            for s in &mut sellers {
-                if s.back_at.is_some_and(|t| now >= t) {
-                    s.process = Some(sell(&s.dir));
-                    s.back_at = None;
+        }
+        if let Some(lab) = &net.0 {
+            let healed: Vec<String> = faulted.iter().filter(|(_, &t)| now >= t || !running).map(|(n, _)| n.clone()).collect();
+            for name in healed {
+                lab.set_link(&name, true);
+                lab.set_loss(&name, 0);
+                lab.set_rate(&name, 0);
+                faulted.remove(&name);
+            }
+        }
+
+        for b in &mut buyers {
+            if let Some(since) = b.orphaned {
+                // Nobody cancels a killed job's order: the exchange sees the buyer gone and ends it all by itself.
+                let (orders, leases) = (json(&b.dir, &["orders"]), json(&b.dir, &["leases"]));
+                if orders.as_array().unwrap().is_empty() && leases.as_array().unwrap().is_empty() {
+                    assert_eq!(json(&b.dir, &["balance"])["escrow (EUR)"], "0.00");
+                    b.cost += b.held_before - held(&b.dir);
+                    b.orphaned = None;
+                } else {
+                    assert!(since.elapsed() < Duration::from_secs(30), "{}'s killed job left its order or leases 30 s on: {orders} {leases}", b.name);
+                }
+                continue;
+            }
+            match &mut b.job {
+                None if running => {
+                    let out = tmp.path().join(format!("out-{}-{}", b.name, b.runs));
+                    b.held_before = held(&b.dir);
+                    let args = ["--json", "run", "--cpus", "2", "--max-price", "40000", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", out.to_str().unwrap()];
+                    let child = net.cpushare(&b.name, &b.dir, &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+                    b.job = Some(Job { child, out, started: Instant::now(), killed: false });
+                    b.runs += 1;
+                }
+                None => {}
+                Some(job) => {
+                    let pid = job.child.id();
+                    let e = peak.entry("buyer").or_default();
+                    *e = (*e).max(rss_kib(pid));
+                    if job.child.try_wait().unwrap().is_none() {
+                        assert!(job.started.elapsed() < Duration::from_secs(300), "a job of {} did not finish in 300 s", b.name);
+                        continue;
+                    }
+                    let job = b.job.take().unwrap();
+                    let output = job.child.wait_with_output().unwrap();
+                    if job.killed {
+                        b.orphaned = Some(Instant::now());
+                        continue;
+                    }
+                    assert!(output.status.success(), "a job of {} failed: {}", b.name, String::from_utf8_lossy(&output.stderr));
+                    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+                    tiles += check_outputs(&job.out, &reference);
+                    reruns += report["reruns"].as_u64().unwrap();
+                    b.cost += report["cost_cents"].as_i64().unwrap();
+                    jobs += 1;
+                    // The job's order and leases are gone with it.
+                    let orders = json(&b.dir, &["orders"]);
+                    assert!(orders.as_array().unwrap().is_empty(), "an order outlived its job: {orders}");
+                    checkpoint(&operator, &members);
                 }
             }
-            // A job is killed once it is under way (it waits for one that is).
-            let due = now >= next_fault && !(0.2..0.35).contains(&next_kind) || job_started.elapsed() > Duration::from_millis(50);
-            if now >= next_fault && due {
-                next_fault = now + Duration::from_millis(rng.gen_range(1500..5000));
-                let roll = std::mem::replace(&mut next_kind, rng.gen());
-                if roll < 0.2 {
+        }
+
+        if running && now >= next_fault {
+            let kind = next_kind;
+            let done = match kind {
+                Fault::KillExchange => {
                     ex.kill_and_restart();
-                    exchange_kills += 1;
-                } else if roll < 0.35 {
-                    let _ = job.kill();
-                    killed = true;
-                    buyer_kills += 1;
-                } else {
+                    true
+                }
+                Fault::KillJob => {
+                    // A job that is under way.
+                    let under_way: Vec<usize> = (0..buyers.len()).filter(|&i| buyers[i].job.as_ref().is_some_and(|j| j.started.elapsed() > Duration::from_millis(500))).collect();
+                    if let Some(&i) = under_way.get(rng.gen_range(0..under_way.len().max(1))) {
+                        let job = buyers[i].job.as_mut().unwrap();
+                        let _ = job.child.kill();
+                        job.killed = true;
+                    }
+                    !under_way.is_empty()
+                }
+                Fault::KillSeller => {
                     // A seller vanishes; it comes back a little later (with its node's identity).
                     let alive: Vec<usize> = (0..sellers.len()).filter(|&i| sellers[i].process.is_some()).collect();
                     if alive.len() > 1 {
                         let s = &mut sellers[alive[rng.gen_range(0..alive.len())]];
                         let victim = s.process.take().unwrap();
-                        kill9(&victim);
+                        kill9(victim.0.id());
                         drop(victim);
                         s.back_at = Some(now + Duration::from_millis(rng.gen_range(500..3000)));
-                        seller_kills += 1;
                     }
+                    alive.len() > 1
                 }
-            }
-            let mut note = |what: &'static str, pid: u32| {
-                let e = peak.entry(what).or_default();
-                *e = (*e).max(rss_kib(pid));
+                Fault::Partition | Fault::Loss | Fault::Choke => {
+                    let lab = net.0.as_ref().unwrap();
+                    let free: Vec<&String> = links.iter().filter(|n| !faulted.contains_key(*n)).collect();
+                    // Leave one seller's link whole, so that work goes on.
+                    let whole_sellers = free.iter().filter(|n| n.starts_with('s')).count();
+                    let free: Vec<&String> = free.into_iter().filter(|n| !n.starts_with('s') || whole_sellers > 1).collect();
+                    if let Some(&name) = free.get(rng.gen_range(0..free.len().max(1))) {
+                        match kind {
+                            Fault::Partition => lab.set_link(name, false),
+                            Fault::Loss => lab.set_loss(name, rng.gen_range(10..=40)),
+                            _ => lab.set_rate(name, 64 << rng.gen_range(0..4)),
+                        }
+                        let heal = match kind {
+                            Fault::Partition => rng.gen_range(1000..10_000),
+                            _ => rng.gen_range(3000..10_000),
+                        };
+                        faulted.insert(name.clone(), now + Duration::from_millis(heal));
+                    }
+                    !free.is_empty()
+                }
             };
-            note("exchange", ex.process.0.id());
-            note("buyer", job.id());
-            for s in &sellers {
-                if let Some(r) = &s.process {
-                    note("seller", r.0.id());
-                }
+            if done {
+                *faults.entry(kind).or_default() += 1;
+                next_fault = now + Duration::from_millis(rng.gen_range(1500..5000));
+                next_kind = Fault::roll(&mut rng, net.0.is_some());
+            } else {
+                // Not now (no job under way, no link free): the same fault a little later.
+                next_fault = now + Duration::from_millis(200);
             }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        let output = job.wait_with_output().unwrap();
-        if killed {
-            // Nobody cancels its order: the exchange sees the buyer gone and ends it all by itself.
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while !json(&buyer, &["orders"]).as_array().unwrap().is_empty() || !json(&buyer, &["leases"]).as_array().unwrap().is_empty() {
-                assert!(Instant::now() < deadline, "a killed buyer's order or leases stood 30 s on: {} {}", json(&buyer, &["orders"]), json(&buyer, &["leases"]));
-                std::thread::sleep(Duration::from_millis(250));
-            }
-            assert_eq!(json(&buyer, &["balance"])["escrow (EUR)"], "0.00");
-            cost += before - held(&buyer);
-            continue;
         }
-        assert!(status.success(), "job {jobs} failed: {}", String::from_utf8_lossy(&output.stderr));
-        let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-        tiles += check_outputs(&out, &reference);
-        reruns += report["reruns"].as_u64().unwrap();
-        cost += report["cost_cents"].as_i64().unwrap();
-        jobs += 1;
-        // The job's order and leases are gone with it.
-        let orders = json(&buyer, &["orders"]);
-        assert!(orders.as_array().unwrap().is_empty(), "an order outlived its job: {orders}");
-        let seller_dirs: Vec<&Path> = sellers.iter().map(|s| s.dir.as_path()).collect();
-        let mut members = vec![buyer.as_path()];
-        members.extend(seller_dirs.iter().copied());
-        checkpoint(&operator, &members);
+
+        let mut note = |what: &'static str, pid: u32| {
+            let e = peak.entry(what).or_default();
+            *e = (*e).max(rss_kib(pid));
+        };
+        note("exchange", ex.process.0.id());
+        for s in &sellers {
+            if let Some(r) = &s.process {
+                note("seller", r.0.id());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
     }
-    // The end: no lease stuck, the escrow back, the books balanced.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !json(&buyer, &["leases"]).as_array().unwrap().is_empty() {
-        assert!(Instant::now() < deadline, "leases outlived every job: {}", json(&buyer, &["leases"]));
-        std::thread::sleep(Duration::from_millis(200));
+
+    // The end: no lease stuck, the escrow back, the books balanced, each buyer's spend its reports'.
+    for b in &buyers {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !json(&b.dir, &["leases"]).as_array().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "leases outlived every job of {}: {}", b.name, json(&b.dir, &["leases"]));
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let balance = json(&b.dir, &["balance"]);
+        assert_eq!(balance["escrow (EUR)"], "0.00", "{balance}");
+        let spent = 10_000_000 - cents(&balance["available (EUR)"]);
+        assert_eq!(spent, b.cost, "{} paid what its jobs' reports say (and its killed jobs cost), to the cent", b.name);
     }
-    let balance = json(&buyer, &["balance"]);
-    assert_eq!(balance["escrow (EUR)"], "0.00", "{balance}");
-    let spent = 10_000_000 - cents(&balance["available (EUR)"]);
-    assert_eq!(spent, cost, "the buyer paid what its jobs' reports say (and its killed jobs cost), to the cent");
     let audit = json(&operator, &["exchange", "audit"]);
     assert_eq!(audit["ok"], true, "{audit}");
     // Memory: bounded (generous bounds: what matters is that it does not grow with the run).
@@ -262,9 +456,10 @@ fn soak_with_sellers_and_the_exchange_killed_at_random() {
     }
     eprintln!(
         "soak report: {:.0} s, seed {seed}: {jobs} jobs, {tiles} tiles, each with one result equal to a local run's; {reruns} reruns; \
-         {seller_kills} sellers, {exchange_kills} exchanges and {buyer_kills} buyers killed; the buyer paid {cost} cents, as its reports say; audit ok; \
-         peak memory {}",
+         faults {}; the buyers paid {} cents, as their reports say; audit ok; peak memory {}",
         started.elapsed().as_secs_f64(),
+        faults.iter().map(|(f, n)| format!("{f:?} {n}")).collect::<Vec<_>>().join(", "),
+        buyers.iter().map(|b| b.cost.to_string()).collect::<Vec<_>>().join(" and "),
         peak.iter().map(|(w, k)| format!("{w} {} MiB", k / 1024)).collect::<Vec<_>>().join(", ")
     );
     assert!(jobs >= 1);

@@ -83,7 +83,7 @@ impl Lab {
 
     pub fn add_ns(&mut self, name: &str) {
         let ns = self.ns(name);
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output(); // one an earlier run left
         sh(&["ip", "netns", "add", &ns]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         self.namespaces.push(ns);

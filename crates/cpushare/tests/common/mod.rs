@@ -44,11 +44,16 @@ pub fn json(config: &Path, args: &[&str]) -> serde_json::Value {
 
 /// An exchange initialised and running; returns it with the operator's config dir.
 pub fn exchange(tmp: &Path) -> (Running, PathBuf) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    exchange_on(tmp, "127.0.0.1")
+}
+
+/// [`exchange`], listening on `address` (of this host) and named by it.
+pub fn exchange_on(tmp: &Path, address: &str) -> (Running, PathBuf) {
+    let port = std::net::TcpListener::bind((address, 0)).unwrap().local_addr().unwrap().port();
     let operator = tmp.join("operator");
     let data = tmp.join("data");
-    let listen = format!("127.0.0.1:{port}");
-    let init = json(&operator, &["exchange", "init", "--data", data.to_str().unwrap(), "--name", "127.0.0.1", "--listen", &listen]);
+    let listen = format!("{address}:{port}");
+    let init = json(&operator, &["exchange", "init", "--data", data.to_str().unwrap(), "--name", address, "--listen", &listen]);
     assert_eq!(init["CA fingerprint"].as_str().unwrap().len(), 95);
     fails(&operator, &["exchange", "init", "--data", data.to_str().unwrap()], "already holds an exchange");
     let child = Command::new(BIN).args(["exchange", "run", "--web", "127.0.0.1:0", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
