@@ -26,6 +26,7 @@ fn main() {
 
     let loader_src = manifest.join("loader/main.rs");
     println!("cargo:rerun-if-changed={}", loader_src.display());
+    println!("cargo:rerun-if-changed={}", manifest.join("loader/elf.rs").display());
     run(
         Command::new(&rustc)
             .args([

@@ -214,14 +214,12 @@ pub unsafe extern "C" fn _start() -> ! {
     naked_asm!("mov rdi, rsp", "and rsp, -16", "call {main}", "ud2", main = sym main)
 }
 
-const PAGE: usize = 4096;
+mod elf;
+use elf::PAGE;
+
 /// The loader's own image; system calls from here pass dispatch.
 const LOADER_BASE: usize = 0x7e00_0000_0000;
 const LOADER_SPAN: usize = 0x1000_0000;
-/// Programs live below this (and above the first 64 KiB).
-const PROGRAM_TOP: usize = 0x7d00_0000_0000;
-/// Where a position-independent static program is placed.
-const PIE_BASE: usize = 0x1000_0000;
 
 /// Executable ranges of the program, for telling `rdtsc` from other faults.
 static mut EXEC: [(usize, usize); 16] = [(0, 0); 16];
@@ -276,18 +274,6 @@ unsafe fn parse(p: *const u8) -> Option<usize> {
     Some(v)
 }
 
-fn read_u16(b: &[u8], at: usize) -> usize {
-    u16::from_le_bytes([b[at], b[at + 1]]) as usize
-}
-fn read_u32(b: &[u8], at: usize) -> usize {
-    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]) as usize
-}
-fn read_u64(b: &[u8], at: usize) -> usize {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x) as usize
-}
-
 fn pread_exact(fd: usize, buf: *mut u8, len: usize, offset: usize) -> bool {
     let mut done = 0;
     while done < len {
@@ -311,10 +297,6 @@ fn prctl(option: usize, a: usize, b: usize, c: usize) -> isize {
     unsafe { syscall6(SYS_PRCTL, option, a, b, c, 0, 0) }
 }
 
-const PT_LOAD: usize = 1;
-const PT_INTERP: usize = 3;
-const PT_PHDR: usize = 6;
-const MAX_PHDRS: usize = 32;
 
 extern "C" fn main(sp: *const usize) -> ! {
     unsafe {
@@ -411,28 +393,24 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
     }
     let mem_size = mem_size as usize;
     let mut mem_next = 0usize;
-    // ---- the program's headers ----
+    // ---- the program's headers (checked and planned by elf.rs) ----
     let mut eh = [0u8; 64];
-    if !pread_exact(3, eh.as_mut_ptr(), 64, 0) || eh[..4] != *b"\x7fELF" || eh[4] != 2 || eh[5] != 1 {
-        report(BAD_PROGRAM, 1, 0, 0); // not a 64-bit little-endian ELF
+    if !pread_exact(3, eh.as_mut_ptr(), 64, 0) {
+        report(BAD_PROGRAM, 1, 0, 0);
     }
-    let (etype, machine) = (read_u16(&eh, 16), read_u16(&eh, 18));
-    if machine != 62 {
-        report(BAD_PROGRAM, 2, 0, 0); // not x86-64
-    }
-    let bias = match etype {
-        2 => 0,        // ET_EXEC
-        3 => PIE_BASE, // ET_DYN: a static-pie, which relocates itself
-        _ => report(BAD_PROGRAM, 3, 0, 0),
+    let header = match elf::header(&eh) {
+        Ok(h) => h,
+        Err(elf::Refusal(why, a, b)) => report(BAD_PROGRAM, why as u64, a, b),
     };
-    let (entry, phoff, phentsize, phnum) = (read_u64(&eh, 24), read_u64(&eh, 32), read_u16(&eh, 54), read_u16(&eh, 56));
-    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
-        report(BAD_PROGRAM, 4, 0, 0);
-    }
-    let mut ph = [0u8; 56 * MAX_PHDRS];
-    if !pread_exact(3, ph.as_mut_ptr(), 56 * phnum, phoff) {
+    let mut ph = [0u8; elf::PHENT * elf::MAX_PHDRS];
+    if !pread_exact(3, ph.as_mut_ptr(), elf::PHENT * header.phnum, header.phoff) {
         report(BAD_PROGRAM, 5, 0, 0);
     }
+    let plan = match elf::plan(&header, &ph) {
+        Ok(p) => p,
+        Err(elf::Refusal(why, a, b)) => report(BAD_PROGRAM, why as u64, a, b),
+    };
+    let (bias, entry, phnum, phdr_addr) = (header.bias, header.entry, header.phnum, plan.phdr_addr);
 
     // ---- limits, before any of the program's memory exists ----
     // RLIMIT_AS: the slot's RAM (in emulated mode the memory memfd holds the
@@ -444,43 +422,13 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
     set_limit(1, 0, 0); // RLIMIT_FSIZE
 
     // ---- the program's segments ----
-    let mut phdr_addr = 0;
-    let mut mapped_end = 0; // end of the highest page mapped so far
     let mut prev_prot = 0;
     let mut need = 0usize;
-    for i in 0..phnum {
-        let h = &ph[i * 56..(i + 1) * 56];
-        let ptype = read_u32(h, 0);
-        match ptype {
-            PT_INTERP => report(BAD_PROGRAM, 6, 0, 0), // dynamically linked: not allowed
-            PT_PHDR => {
-                phdr_addr = bias + read_u64(h, 16);
-                continue;
-            }
-            PT_LOAD => {}
-            _ => continue,
-        }
-        let (flags, offset, vaddr, filesz, memsz) = (read_u32(h, 4), read_u64(h, 8), read_u64(h, 16), read_u64(h, 32), read_u64(h, 40));
-        if filesz > memsz || vaddr.checked_add(memsz).is_none() {
-            report(BAD_PROGRAM, 7, 0, 0);
-        }
-        let start = (bias + vaddr) & !(PAGE - 1);
-        let end = (bias + vaddr + memsz + PAGE - 1) & !(PAGE - 1);
-        if start < 0x10000 || end > PROGRAM_TOP || end <= start {
-            report(BAD_PROGRAM, 8, start as u64, end as u64);
-        }
-        if phdr_addr == 0 && offset <= phoff && phoff < offset + filesz {
-            phdr_addr = bias + vaddr + (phoff - offset);
-        }
-        // Segments may share a page with the previous one: map only the new pages.
-        let map_from = if start < mapped_end { mapped_end } else { start };
-        if start < mapped_end && start + PAGE < mapped_end {
-            report(BAD_PROGRAM, 9, start as u64, mapped_end as u64); // overlapping segments
-        }
+    for seg in &plan.segments[..plan.count] {
+        let elf::Segment { start, end, map_from, load_at, offset, filesz, prot } = *seg;
         if end > map_from && emulated {
             need += end - map_from;
             map_memory(map_from, end - map_from, true, &mut mem_next, mem_size, need, ram);
-            mapped_end = end;
         } else if end > map_from {
             need += end - map_from;
             let r = syscall6(SYS_MMAP, map_from, end - map_from, 3, 0x22 | 0x100000, usize::MAX, 0); // PRIVATE|ANON|FIXED_NOREPLACE
@@ -489,12 +437,10 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
             } else if r < 0 {
                 report(BAD_PROGRAM, 10, map_from as u64, (-r) as u64);
             }
-            mapped_end = end;
         }
-        if filesz > 0 && !pread_exact(3, (bias + vaddr) as *mut u8, filesz, offset) {
+        if filesz > 0 && !pread_exact(3, load_at as *mut u8, filesz, offset) {
             report(BAD_PROGRAM, 11, 0, 0);
         }
-        let prot = (if flags & 4 != 0 { 1 } else { 0 }) | (if flags & 2 != 0 { 2 } else { 0 }) | (if flags & 1 != 0 { 4 } else { 0 });
         // A page shared with the previous segment keeps both segments' permissions.
         let shared = start < map_from;
         if shared {
@@ -508,9 +454,6 @@ unsafe fn load(env: &[*const u8], args: &[*const u8], ram: usize, cpu: usize, ui
             EXEC[EXEC_COUNT] = (start, end);
             EXEC_COUNT += 1;
         }
-    }
-    if mapped_end == 0 {
-        report(BAD_PROGRAM, 12, 0, 0);
     }
 
     // ---- the stack: an eighth of the slot's RAM, 64 KiB to 8 MiB, over a guard page ----

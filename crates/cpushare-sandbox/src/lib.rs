@@ -6,6 +6,7 @@
 //! descriptor and applied the slot's limits. [`jail::run`] runs one program on
 //! one input and says how it ended, in words a buyer can act on.
 
+pub mod elf;
 pub mod emulate;
 pub mod jail;
 pub mod session;

@@ -45,7 +45,9 @@ pub struct Session {
 }
 
 /// How the program's records for one fragment ended.
-enum Records {
+#[derive(Debug, PartialEq, Eq)]
+#[doc(hidden)]
+pub enum Records {
     /// The program ended the fragment with this status.
     End(i32),
     /// Its output passed the lease's limit.
@@ -175,8 +177,23 @@ impl Session {
     }
 }
 
+/// For the fuzzer: what the supervisor makes of `bytes` on a jail's fd 1
+/// (the first fragment's records), the output it kept, at most `cap`.
+#[doc(hidden)]
+pub fn records_of(mut bytes: &[u8], cap: usize) -> (Records, Vec<u8>) {
+    use std::future::Future;
+    let mut output = Vec::new();
+    let records = {
+        let read = std::pin::pin!(read_records(&mut bytes, &mut output, cap));
+        // A slice is always ready: one poll finishes it.
+        let std::task::Poll::Ready(records) = read.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) else { unreachable!("a slice never blocks") };
+        records
+    };
+    (records, output)
+}
+
 /// Reads one fragment's records into `output`.
-async fn read_records(from: &mut tokio::net::unix::pipe::Receiver, output: &mut Vec<u8>, cap: usize) -> Records {
+async fn read_records(from: &mut (impl tokio::io::AsyncRead + Unpin), output: &mut Vec<u8>, cap: usize) -> Records {
     let mut head = [0u8; 5];
     loop {
         if from.read_exact(&mut head).await.is_err() {

@@ -228,6 +228,8 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         return crate::emulate_cmd::run(request, config).await;
     }
     let (Some(inputs), Some(outputs)) = (args.inputs, args.outputs) else { anyhow::bail!("--inputs and --outputs are needed") };
+    // The loader's own checks, here, before any CPU is paid for.
+    cpushare_sandbox::elf::check(&program).map_err(|why| anyhow::anyhow!("{} is not a program the jail can run: {why}", args.program.display()))?;
     let fragments = read_inputs(&inputs)?;
     std::fs::create_dir_all(&outputs).with_context(|| format!("cannot create {}", outputs.display()))?;
     let argv0 = args.program.file_name().map_or("program".into(), |n| n.to_string_lossy().into_owned());
