@@ -196,3 +196,32 @@ impl Drop for Page {
         unsafe { libc::munmap(self.0.cast(), 4096) };
     }
 }
+
+/// For the fuzzer (`fuzz/fuzz_targets/emulated_calls.rs`): a program's system
+/// calls answered as in an emulated jail, without the jail. Its memory is one
+/// piece of 1 MiB at 0x10000, starting with the given bytes, and a heap arena
+/// of 1 MiB; signals it sends itself go to `pid`.
+#[doc(hidden)]
+pub mod fuzzing {
+    use super::*;
+
+    pub const MEMORY_AT: u64 = 0x10000;
+    const PIECE: u64 = 1 << 20;
+    const ARENA_AT: u64 = 0x1000_0000_0000;
+
+    pub struct Emulated(calls::Emulator);
+
+    pub fn emulated(pid: libc::pid_t, mounts: Vec<Mount>, memory: &[u8]) -> io::Result<Emulated> {
+        let files = files::Files::new(mounts, "/".into(), Box::new(io::empty()), Box::new(io::sink()), Box::new(io::sink()))?;
+        let mut mem = memory::Memory::new(super::memfd(c"cpushare-fuzz", 2 * PIECE)?, 2 * PIECE)?;
+        mem.set_layout(&[(MEMORY_AT, PIECE, 0), (ARENA_AT, PIECE, PIECE)]);
+        mem.write(MEMORY_AT, &memory[..memory.len().min(PIECE as usize)]).map_err(|e| io::Error::from_raw_os_error(-e as i32))?;
+        Ok(Emulated(calls::Emulator::new(pid, mem, files, [7; 32])))
+    }
+
+    impl Emulated {
+        pub fn call(&mut self, nr: u64, args: [u64; 6]) -> i64 {
+            self.0.call(control::Request { nr, args })
+        }
+    }
+}
