@@ -30,8 +30,11 @@ fn world() -> &'static World {
         let root = tempfile::tempdir().unwrap().keep();
         std::fs::create_dir(root.join("outside")).unwrap();
         std::fs::write(root.join("outside/keep"), b"untouched").unwrap();
-        // Where the program's signals to itself go: a child that is never reaped.
-        let child = std::process::Command::new("sleep").arg("infinity").stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap();
+        // Where the program's signals to itself go: a child that is never
+        // reaped (so its pid is not reused) and ends soon after the fuzzer.
+        let watch = format!("while kill -0 {} 2>/dev/null; do sleep 1; done", std::process::id());
+        let null = std::process::Stdio::null;
+        let child = std::process::Command::new("sh").args(["-c", &watch]).stdin(null()).stdout(null()).stderr(null()).spawn().unwrap();
         let pid = child.id() as i32;
         std::mem::forget(child);
         World { root, pid }
