@@ -19,7 +19,7 @@ const PT_INTERP: usize = 3;
 const PT_PHDR: usize = 6;
 
 /// Why a program is refused: the loader's detail code (the supervisor words
-/// it: `jail::bad_program`) and two numbers for the record.
+/// it: `elf::why` in src/elf.rs) and two numbers for the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal(pub u32, pub u64, pub u64);
 

@@ -297,7 +297,6 @@ fn prctl(option: usize, a: usize, b: usize, c: usize) -> isize {
     unsafe { syscall6(SYS_PRCTL, option, a, b, c, 0, 0) }
 }
 
-
 extern "C" fn main(sp: *const usize) -> ! {
     unsafe {
         let argc = *sp;

@@ -78,26 +78,24 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// Keeps the highest resident memory seen of each kind of process.
+fn note(peak: &mut BTreeMap<&'static str, u64>, what: &'static str, pid: u32) {
+    let e = peak.entry(what).or_default();
+    *e = (*e).max(rss_kib(pid));
+}
+
 /// Where the members run: their own namespaces on the lab's switch, or (not root) here.
 struct Net(Option<Lab>);
 
 impl Net {
     /// `cpushare --config DIR ARGS` as member `name`.
     fn cpushare(&self, name: &str, dir: &Path, args: &[&str]) -> Command {
-        let mut all = vec!["--config", dir.to_str().unwrap()];
-        all.extend(args);
-        match &self.0 {
-            Some(lab) => {
-                let mut c = lab.command(name, &[BIN]);
-                c.args(all);
-                c
-            }
-            None => {
-                let mut c = Command::new(BIN);
-                c.args(all);
-                c
-            }
-        }
+        let mut c = match &self.0 {
+            Some(lab) => lab.command(name, &[BIN]),
+            None => Command::new(BIN),
+        };
+        c.arg("--config").arg(dir).args(args);
+        c
     }
 }
 
@@ -269,11 +267,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
         })
         .collect();
     for s in &sellers {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while json(&s.dir, &["sell", "--status"])["slots"] != 1 {
-            assert!(Instant::now() < deadline, "{}'s slot never reached the book", s.name);
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        wait_for_slots(&s.dir, 1);
     }
     let ex_dir = tmp.path().join("ex");
     ok(&buyers[0].dir, &["examples", ex_dir.to_str().unwrap()]);
@@ -286,7 +280,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
     let started = Instant::now();
     let (mut jobs, mut tiles, mut reruns) = (0, 0, 0u64);
     let mut faults: BTreeMap<Fault, usize> = BTreeMap::new();
-    let mut peak: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut peak: BTreeMap<&'static str, u64> = BTreeMap::new();
     // Links under a fault, and when each heals.
     let mut faulted: BTreeMap<String, Instant> = BTreeMap::new();
     let mut next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1000..4000));
@@ -336,9 +330,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                 }
                 None => {}
                 Some(job) => {
-                    let pid = job.child.id();
-                    let e = peak.entry("buyer").or_default();
-                    *e = (*e).max(rss_kib(pid));
+                    note(&mut peak, "buyer", job.child.id());
                     if job.child.try_wait().unwrap().is_none() {
                         assert!(job.started.elapsed() < Duration::from_secs(300), "a job of {} did not finish in 300 s", b.name);
                         continue;
@@ -423,14 +415,10 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
             }
         }
 
-        let mut note = |what: &'static str, pid: u32| {
-            let e = peak.entry(what).or_default();
-            *e = (*e).max(rss_kib(pid));
-        };
-        note("exchange", ex.process.0.id());
+        note(&mut peak, "exchange", ex.process.0.id());
         for s in &sellers {
             if let Some(r) = &s.process {
-                note("seller", r.0.id());
+                note(&mut peak, "seller", r.0.id());
             }
         }
         std::thread::sleep(Duration::from_millis(100));

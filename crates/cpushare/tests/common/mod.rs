@@ -88,11 +88,16 @@ pub fn selling(seller: &Path, cpus: u32, cache: Option<&Path>) -> Running {
         command.env("XDG_CACHE_HOME", cache);
     }
     let running = Running(command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_for_slots(seller, cpus);
+    running
+}
+
+/// Waits (at most a minute) until `seller`'s `cpus` slots are on the book.
+pub fn wait_for_slots(seller: &Path, cpus: u32) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while json(seller, &["sell", "--status"])["slots"] != cpus {
-        assert!(Instant::now() < deadline, "the seller's slots never reached the book");
+        assert!(Instant::now() < deadline, "the slots of {} never reached the book", seller.display());
         std::thread::sleep(Duration::from_millis(200));
     }
-    running
 }
 
