@@ -22,7 +22,7 @@ use tokio_stream::StreamExt;
 use crate::share::ShareServer;
 
 use crate::attestation::{self, Attested, Expected};
-use crate::{status, Progress};
+use crate::Progress;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -101,15 +101,14 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     // Shares are checked before any money moves.
     anyhow::ensure!(spec.shares.is_empty() || spec.network, "a share is reached over the cluster's network: --share needs it on");
     let shares = if spec.shares.is_empty() { None } else { Some(ShareServer::new(&spec.shares)?) };
-    let mut ex = conn.exchange.clone();
-    let mut lease_events = ex.lease_events(pb::LeaseEventsRequest {}).await.map_err(status)?.into_inner();
+    // Every call to the exchange waits out its restarts (crate::patiently): a
+    // cluster outlives them, its VMs too (their sellers keep them running).
+    let ex = conn.exchange.clone();
+    let mut lease_events = crate::follow(&ex).await?;
     let kind = if spec.kvm_only { pb::SandboxKind::VmKvm } else { pb::SandboxKind::VmTcg };
     let requirements = pb::Requirements { kind: kind as i32, min_ram_mib: spec.ram_mib + spec.scratch_mib, ..Default::default() };
-    let placed = ex
-        .place_buy(pb::PlaceBuyRequest { cpus: spec.nodes, max_price: spec.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0, attended: true })
-        .await
-        .map_err(status)?
-        .into_inner();
+    let request = pb::PlaceBuyRequest { cpus: spec.nodes, max_price: spec.max_price, requirements: Some(requirements), period_secs: 3600, periods: 0, attended: true };
+    let placed = crate::place(&ex, request).await?;
     let order = placed.order;
     let _ = events.send(Event::Placed { order }).await;
     // The cluster's network, with this host as its relay (and on it, given an interface).
@@ -117,7 +116,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
         match join_as_buyer(&conn, order, &spec, shares, &progress).await {
             Ok(a) => Some(a),
             Err(e) => {
-                let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+                let _ = crate::cancel(&ex, order).await;
                 return Err(e);
             }
         }
@@ -133,7 +132,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
     let result = async {
         loop {
             if !pending.is_empty() {
-                let leases = ex.list_leases(pb::ListLeasesRequest {}).await.map_err(status)?.into_inner().leases;
+                let leases = crate::list_leases(&ex).await?;
                 for id in pending.drain(..) {
                     let Some(l) = leases.iter().find(|l| l.id == id && l.buy_order == order) else { continue };
                     if started.contains(&id) {
@@ -142,7 +141,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                     if !spec.replace && started.len() >= spec.nodes as usize {
                         // A replacement the buyer did not want: ended before anything is billed.
                         progress.note(&format!("lease {id} would replace a lost node: ended (no replacements asked for)"));
-                        let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease: id }).await;
+                        cancel_lease(&ex, id).await;
                         continue;
                     }
                     started.insert(id);
@@ -165,8 +164,14 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                 e = lease_events.next() => match e {
                     Some(Ok(e)) if e.kind == "opened" => pending.push(e.lease),
                     Some(Ok(_)) => {}
-                    Some(Err(s)) => return Err(status(s)).context("lease events"),
-                    None => anyhow::bail!("the exchange closed the lease events"),
+                    // The exchange went away (a restart): follow it again, and pick up
+                    // the order's leases that opened meanwhile.
+                    Some(Err(_)) | None => {
+                        progress.note("the exchange went away; reconnecting");
+                        lease_events = crate::follow(&ex).await.context("the exchange did not come back")?;
+                        let open = crate::list_leases(&ex).await?.into_iter().filter(|l| l.buy_order == order && l.state != "ended").map(|l| l.id);
+                        pending.extend(open.filter(|id| !started.contains(id)));
+                    }
                 },
                 Some(done) = workers.join_next() => {
                     // A VM that stopped by itself (or that the buyer does not trust) is
@@ -175,7 +180,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                     // the order, and a new lease comes, unless replacements are off.
                     match done {
                         Ok((lease, true)) => {
-                            let _ = ex.cancel_lease(pb::CancelLeaseRequest { lease }).await;
+                            cancel_lease(&ex, lease).await;
                             finished += 1;
                         }
                         Ok((_, false)) if !spec.replace => finished += 1,
@@ -184,8 +189,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                     if finished >= spec.nodes {
                         return Ok(());
                     }
-                    let orders = ex.list_orders(pb::ListOrdersRequest {}).await.map_err(status)?.into_inner().orders;
-                    if !orders.iter().any(|o| o.id == order) && workers.is_empty() {
+                    if !crate::buy_orders(&ex).await?.contains(&order) && workers.is_empty() {
                         return Ok(());
                     }
                 }
@@ -193,9 +197,19 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
         }
     }
     .await;
-    let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
+    let cancelled = crate::cancel(&ex, order).await;
     workers.shutdown().await;
-    result
+    result.and(cancelled)
+}
+
+/// Ends a lease, through an exchange restart if need be (one already ended is ended enough).
+async fn cancel_lease(ex: &crate::Client, lease: u64) {
+    let _ = crate::patiently_on(ex, |mut ex| async move { ex.cancel_lease(pb::CancelLeaseRequest { lease }).await }).await;
+}
+
+/// Whether the lease still stands, asked through an exchange restart.
+async fn stands(ex: &crate::Client, lease: u64) -> anyhow::Result<bool> {
+    Ok(crate::list_leases(ex).await?.iter().any(|l| l.id == lease && l.state != "ended"))
 }
 
 /// Joins the cluster's network as its buyer: on it with an interface if
@@ -318,18 +332,63 @@ impl<R: std::io::Read> std::io::Read for Counted<R> {
 }
 
 /// One node: the image to its seller (as much as it lacks), then its console
-/// into the log until the VM stops.
+/// into the log until the VM stops. A relay that breaks while the lease
+/// stands (the exchange restarting, a partition) is opened again: the seller
+/// kept the VM running, and says so when offered the image again.
 async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &ClusterSpec, facts: &Facts<'_>, events: &mpsc::Sender<Event>) -> anyhow::Result<Stop> {
+    let log_path = spec.logs.join(format!("console-{lease}.log"));
+    let mut node = NodeSoFar { log: tokio::fs::File::create(&log_path).await?, log_path, booted: false, upload: None };
+    loop {
+        match attach_node(conn, lease, seller_node, spec, facts, events, &mut node).await? {
+            Attach::Stopped(stop) => return Ok(stop),
+            Attach::Broke(why) => {
+                if !stands(&conn.exchange, lease).await? {
+                    return Ok(Stop::LeaseEnded);
+                }
+                tracing::info!(lease, "the relay broke ({why}); opening it again");
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+/// What a node's relays have done so far.
+struct NodeSoFar {
+    log_path: PathBuf,
+    log: tokio::fs::File,
+    /// Whether the buyer has been told it booted.
+    booted: bool,
+    /// What the upload sent and how long it took, once done.
+    upload: Option<(u64, std::time::Duration)>,
+}
+
+enum Attach {
+    Stopped(Stop),
+    /// The relay broke off: why.
+    Broke(String),
+}
+
+/// One relay of a node, until the VM stops or the relay breaks.
+async fn attach_node(conn: &Connection, lease: u64, seller_node: u64, spec: &ClusterSpec, facts: &Facts<'_>, events: &mpsc::Sender<Event>, node: &mut NodeSoFar) -> anyhow::Result<Attach> {
     let (sha, size) = (facts.sha, facts.size);
-    let mut conn = conn.another().await?;
+    let broke = |e: &dyn std::fmt::Display| Ok(Attach::Broke(e.to_string()));
+    let mut conn = match conn.another().await {
+        Ok(c) => c,
+        Err(e) => return broke(&e),
+    };
     let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
     out.send(pb::RelayFrame { lease, data: Default::default() }).await?;
-    let mut inbound = conn.exchange.relay(ReceiverStream::new(rx)).await.map_err(status)?.into_inner();
+    let mut inbound = match conn.exchange.relay(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => return broke(&s.message()),
+    };
     out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib, network_order: if spec.network { facts.order } else { 0 } }))).await?;
-    let from = match next(&mut inbound).await? {
-        Some(Say::ImageWanted(w)) => w.from.min(size),
-        Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("refused: {}", o.killed))),
-        other => anyhow::bail!("the seller answered the image offer with {other:?}"),
+    let from = match next(&mut inbound).await {
+        Ok(Some(Say::ImageWanted(w))) => w.from.min(size),
+        Ok(Some(Say::Outcome(o))) => return Ok(Attach::Stopped(Stop::Finished(format!("refused: {}", o.killed)))),
+        Ok(None) => return broke(&"closed"),
+        Err(e) => return broke(&e),
+        Ok(Some(other)) => anyhow::bail!("the seller answered the image offer with {other:?}"),
     };
     let upload_started = std::time::Instant::now();
     if from < size {
@@ -344,7 +403,10 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
         let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
         loop {
             tokio::select! {
-                r = &mut send => { r?; break }
+                r = &mut send => match r {
+                    Ok(()) => break,
+                    Err(e) => return broke(&e),
+                },
                 _ = tick.tick() => {
                     let sent = count.load(std::sync::atomic::Ordering::Relaxed);
                     let _ = events.try_send(Event::Uploading { lease, sent, total });
@@ -353,27 +415,31 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
         }
         let _ = events.send(Event::Uploading { lease, sent: total, total }).await;
     }
-    let upload_time = upload_started.elapsed();
-    let log_path = spec.logs.join(format!("console-{lease}.log"));
-    let mut log = tokio::fs::File::create(&log_path).await?;
+    let upload = *node.upload.get_or_insert((size - from, upload_started.elapsed()));
     loop {
-        match next(&mut inbound).await? {
-            Some(Say::VmBooted(b)) => {
+        match next(&mut inbound).await {
+            Ok(Some(Say::VmBooted(b))) => {
+                // The seller says it again on every relay: the buyer hears it once.
+                if node.booted {
+                    continue;
+                }
                 let attested = match attestation::check(facts.ca, seller_node, lease, facts.expected, b.attestation.as_ref()) {
                     Ok(a) => a,
-                    Err(why) => return Ok(Stop::Untrusted(why)),
+                    Err(why) => return Ok(Attach::Stopped(Stop::Untrusted(why))),
                 };
-                let node = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: size - from, upload_time, console_log: log_path.clone(), attested, ip: b.ip.clone() };
-                let _ = events.send(Event::Booted(node)).await;
+                node.booted = true;
+                let booted = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: upload.0, upload_time: upload.1, console_log: node.log_path.clone(), attested, ip: b.ip.clone() };
+                let _ = events.send(Event::Booted(booted)).await;
             }
-            Some(Say::Console(c)) => {
-                log.write_all(&c.data).await?;
-                log.flush().await?;
+            Ok(Some(Say::Console(c))) => {
+                node.log.write_all(&c.data).await?;
+                node.log.flush().await?;
             }
-            Some(Say::Outcome(o)) if !o.killed.is_empty() => return Ok(Stop::Finished(o.killed)),
-            Some(Say::Outcome(o)) => return Ok(Stop::Finished(format!("the VM stopped (QEMU exit status {})", o.exit_code))),
-            Some(other) => anyhow::bail!("unexpected message from the seller: {other:?}"),
-            None => return Ok(Stop::LeaseEnded),
+            Ok(Some(Say::Outcome(o))) if !o.killed.is_empty() => return Ok(Attach::Stopped(Stop::Finished(o.killed))),
+            Ok(Some(Say::Outcome(o))) => return Ok(Attach::Stopped(Stop::Finished(format!("the VM stopped (QEMU exit status {})", o.exit_code)))),
+            Ok(Some(other)) => anyhow::bail!("unexpected message from the seller: {other:?}"),
+            Ok(None) => return broke(&"closed"),
+            Err(e) => return broke(&e),
         }
     }
 }

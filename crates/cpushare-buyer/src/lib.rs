@@ -286,7 +286,9 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
     let mut ex = conn.exchange.clone();
     let before = patiently_on(&ex, |mut ex| async move { ex.balance(pb::BalanceRequest {}).await }).await?;
     let mut events = follow(&ex).await?;
-    let placed = place(&ex, &job).await?;
+    // Attended: should this run vanish, its leases end "buyer lost" and stop costing.
+    let request = pb::PlaceBuyRequest { cpus: job.cpus, max_price: job.max_price, requirements: Some(job.requirements), period_secs: 3600, periods: 0, attended: true };
+    let placed = place(&ex, request).await?;
     let order = placed.order;
     progress.note(&format!("order {order} placed for {} CPUs at up to {} cents per CPU-hour", job.cpus, job.max_price));
 
@@ -404,12 +406,10 @@ async fn list_leases(ex: &Client) -> anyhow::Result<Vec<pb::Lease>> {
     Ok(patiently_on(ex, |mut ex| async move { ex.list_leases(pb::ListLeasesRequest {}).await }).await?.leases)
 }
 
-/// Places the job's buy order. Placing is not to be done twice: when the
+/// Places a buy order. Placing is not to be done twice: when the
 /// exchange goes away during the call, the order it may have taken before it
 /// went is looked for among the account's orders once it is back.
-async fn place(ex: &Client, job: &Job) -> anyhow::Result<pb::OrderReply> {
-    // Attended: should this run vanish, its leases end "buyer lost" and stop costing.
-    let request = pb::PlaceBuyRequest { cpus: job.cpus, max_price: job.max_price, requirements: Some(job.requirements), period_secs: 3600, periods: 0, attended: true };
+async fn place(ex: &Client, request: pb::PlaceBuyRequest) -> anyhow::Result<pb::OrderReply> {
     let since = std::time::Instant::now();
     loop {
         let known = buy_orders(ex).await?;

@@ -239,6 +239,8 @@ pub struct Seller {
     /// This node's sell orders, as the exchange last registered them.
     orders: Mutex<Vec<u64>>,
     images: Arc<vm_lease::Images>,
+    /// The session now open: VMs outlive the session their lease began in.
+    session: vm_lease::SessionLink,
 }
 
 impl Seller {
@@ -257,7 +259,7 @@ impl Seller {
         vm_lease::remove_stale_scratch();
         vm_lease::remove_stale_vms(&config.cache_dir);
         let images = Arc::new(vm_lease::Images::new(config.cache_dir.join("images"), config.image_cache_bytes)?);
-        Ok(Arc::new(Seller { config, node: Arc::new(node), probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images }))
+        Ok(Arc::new(Seller { config, node: Arc::new(node), probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images, session: Arc::new(Mutex::new(mpsc::channel(1).0)) }))
     }
 
     pub fn probe(&self) -> &Probe {
@@ -349,6 +351,7 @@ impl Seller {
         let hello = conn.exchange.hello(pb::HelloRequest {}).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
         let beat_every = Duration::from_secs((hello.heartbeat_timeout_secs as u64 / 3).max(1));
         let (tx, rx) = mpsc::channel(64);
+        *self.session.lock().unwrap() = tx.clone();
         // Slots claim inbound UDP only once the exchange has seen it arrive here.
         let inbound_udp = match cpushare_exchange::netclient::takes_inbound_udp(&conn).await {
             Ok(yes) => yes,
@@ -394,12 +397,12 @@ impl Seller {
                             keep
                         });
                         for l in r.leases {
-                            self.serve(l.lease, l.buyer_account, &conn, &tx);
+                            self.serve(l.lease, l.buyer_account, &conn);
                         }
                     }
                     Some(Heard::LeaseAssigned(l)) => {
                         tracing::info!(lease = l.lease, price = l.price, "leased");
-                        self.serve(l.lease, l.buyer_account, &conn, &tx);
+                        self.serve(l.lease, l.buyer_account, &conn);
                     }
                     Some(Heard::LeaseClosed(c)) => {
                         tracing::info!(lease = c.lease, reason = %c.reason, "lease ended");
@@ -418,17 +421,22 @@ impl Seller {
     }
 
     /// Starts serving a lease, unless it is already served.
-    fn serve(self: &Arc<Self>, lease: u64, buyer_account: u64, conn: &Connection, session: &mpsc::Sender<pb::SellerMessage>) {
+    fn serve(self: &Arc<Self>, lease: u64, buyer_account: u64, conn: &Connection) {
         let mut leases = self.leases.lock().unwrap();
         if leases.get(&lease).is_some_and(|t| !t.is_finished()) {
             return;
         }
-        let (me, conn, session) = (self.clone(), conn.clone(), session.clone());
+        let (me, conn) = (self.clone(), conn.clone());
         leases.insert(
             lease,
             tokio::spawn(async move {
-                if let Err(e) = me.serve_lease(lease, buyer_account, conn, session).await {
-                    tracing::warn!(lease, "lease stopped: {e:#}");
+                // Until it ends (the exchange's word on that aborts this task),
+                // a lease whose relay broke is served again on a new one.
+                let mut pause = Duration::from_secs(1);
+                while let Err(e) = me.serve_lease(lease, buyer_account, conn.clone()).await {
+                    tracing::warn!(lease, "lease stopped: {e:#}; serving it again in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(30));
                 }
             }),
         );
@@ -436,7 +444,10 @@ impl Seller {
 
     /// One lease: receive the program (or find it cached), report ready, then run
     /// fragments in order, each in a fresh jail, and send back what they wrote.
-    async fn serve_lease(&self, lease: u64, buyer_account: u64, conn: Connection, session: mpsc::Sender<pb::SellerMessage>) -> anyhow::Result<()> {
+    async fn serve_lease(&self, lease: u64, buyer_account: u64, conn: Connection) -> anyhow::Result<()> {
+        // The session open now: an exchange restart breaks it and this relay
+        // alike, and the next try takes the new one.
+        let session = self.session.lock().unwrap().clone();
         // A connection of its own, so that the slots' relays run on several cores.
         let mut conn = conn.another().await?;
         let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
@@ -461,8 +472,9 @@ impl Seller {
                     node: self.node.clone(),
                     qemu_version: self.probe.qemu_version.clone(),
                     work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
+                    session: self.session.clone(),
                 };
-                return vm_lease::serve(setup, image, inbound, out, session).await;
+                return vm_lease::serve(setup, image, inbound, out).await;
             }
             other => anyhow::bail!("expected a program or image offer, got {other:?}"),
         };

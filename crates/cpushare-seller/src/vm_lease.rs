@@ -138,6 +138,61 @@ pub(crate) struct Setup {
     pub node: std::sync::Arc<cpushare_exchange::node::NodeConfig>,
     pub qemu_version: String,
     pub work: PathBuf,
+    pub session: SessionLink,
+}
+
+/// The seller's session with the exchange now open. A VM outlives the
+/// session and the relay its lease began on (the exchange restarting, a
+/// partition, break both, not the lease): what it says goes to the new ones.
+pub(crate) type SessionLink = std::sync::Arc<std::sync::Mutex<mpsc::Sender<pb::SellerMessage>>>;
+
+/// Tells the exchange the lease's VM is up (metering starts). Said again on
+/// every new relay: one the exchange lost in a restart counts, a second is
+/// refused and harmless.
+async fn say_ready(setup: &Setup) {
+    let session = setup.session.lock().unwrap().clone();
+    let _ = session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await;
+}
+
+/// One relay to the buyer: its frames in, ours out.
+struct Relay {
+    inbound: tonic::Streaming<pb::RelayFrame>,
+    out: mpsc::Sender<pb::RelayFrame>,
+}
+
+impl Relay {
+    /// Opens the lease's relay again and waits for the buyer, which offers
+    /// the image again: it is told the image is all here (its VM runs on).
+    /// Tries until it succeeds; the lease ending aborts the whole task.
+    async fn reopen(setup: &Setup, sha256: &[u8], size: u64) -> Relay {
+        let mut pause = Duration::from_millis(500);
+        loop {
+            match Relay::try_reopen(setup, sha256, size).await {
+                Ok(r) => return r,
+                Err(e) => tracing::info!(lease = setup.lease, "the relay is not back yet: {e:#}"),
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn try_reopen(setup: &Setup, sha256: &[u8], size: u64) -> anyhow::Result<Relay> {
+        let mut conn = setup.node.connect().await?;
+        let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
+        out.send(pb::RelayFrame { lease: setup.lease, data: Default::default() }).await?;
+        let mut inbound = conn.exchange.relay(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|s| anyhow::anyhow!("the relay refused: {}", s.message()))?.into_inner();
+        match job::next(&mut inbound).await? {
+            Some(Job::ImageOffer(o)) if o.sha256 == sha256 && o.size == size => {}
+            other => anyhow::bail!("the buyer came back with {other:?}, not this VM's image"),
+        }
+        out.send(job::frame(Job::ImageWanted(pb::ImageWanted { from: size }))).await?;
+        Ok(Relay { inbound, out })
+    }
+
+    /// Until the buyer's side breaks off (what it sends meanwhile is not asked for).
+    async fn broken(&mut self) {
+        while let Ok(Some(_)) = job::next(&mut self.inbound).await {}
+    }
 }
 
 /// The signed statement of exactly what this VM runs.
@@ -178,7 +233,6 @@ pub(crate) async fn serve(
     offer: pb::ImageOffer,
     mut inbound: tonic::Streaming<pb::RelayFrame>,
     out: mpsc::Sender<pb::RelayFrame>,
-    session: mpsc::Sender<pb::SellerMessage>,
 ) -> anyhow::Result<()> {
     let refuse = |why: String| pb::Outcome { killed: why, ..Default::default() };
     if offer.sha256.len() != 32 || offer.size == 0 || offer.size > MAX_IMAGE {
@@ -281,11 +335,16 @@ pub(crate) async fn serve(
     let booted = pb::VmBooted { boot, accel: accel_name(setup.accel).into(), cmdline, attestation: Some(attestation), ip, mac };
 
     // The console to the buyer. The guest has booted when it first writes
-    // there (or has stayed silent a minute): the buyer is told, and metering starts.
+    // there (or has stayed silent a minute): the buyer is told, and metering
+    // starts. When the relay breaks, the VM runs on (what it writes meanwhile
+    // is not kept) and the relay is opened again.
     let mut ready = false;
     let silent = tokio::time::sleep(SILENT_BOOT);
     tokio::pin!(silent);
     let mut buf = vec![0u8; 64 << 10];
+    let mut relay = Some(Relay { inbound, out });
+    let reopen = || Box::pin(Relay::reopen(&setup, &offer.sha256, offer.size));
+    let mut reopening = None;
     loop {
         tokio::select! {
             n = machine.console.read(&mut buf) => {
@@ -295,29 +354,57 @@ pub(crate) async fn serve(
                 }
                 if !ready {
                     ready = true;
-                    session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await?;
-                    let _ = out.send(job::frame(Job::VmBooted(booted.clone()))).await;
+                    say_ready(&setup).await;
+                    if let Some(r) = &relay {
+                        let _ = r.out.send(job::frame(Job::VmBooted(booted.clone()))).await;
+                    }
                 }
                 let frame = job::chunk_frame(Job::Console, |to, _| {
                     to.extend_from_slice(&buf[..n]);
                     Ok(())
                 })?;
                 // A buyer that stopped listening does not stop the VM: the lease does.
-                let _ = out.send(frame).await;
+                if let Some(r) = &relay {
+                    let _ = r.out.send(frame).await;
+                }
             }
             _ = &mut silent, if !ready => {
                 ready = true;
-                session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await?;
-                let _ = out.send(job::frame(Job::VmBooted(booted.clone()))).await;
+                say_ready(&setup).await;
+                if let Some(r) = &relay {
+                    let _ = r.out.send(job::frame(Job::VmBooted(booted.clone()))).await;
+                }
+            }
+            _ = async { relay.as_mut().expect("guarded").broken().await }, if relay.is_some() => {
+                tracing::info!(lease = setup.lease, "the relay broke; the VM runs on");
+                relay = None;
+                reopening = Some(reopen());
+            }
+            r = async { reopening.as_mut().expect("guarded").await }, if reopening.is_some() => {
+                tracing::info!(lease = setup.lease, "the relay is back");
+                reopening = None;
+                if ready {
+                    say_ready(&setup).await;
+                    let _ = r.out.send(job::frame(Job::VmBooted(booted.clone()))).await;
+                }
+                relay = Some(r);
             }
         }
     }
     let status = machine.wait().await?;
     let _ = std::fs::remove_dir_all(&setup.work);
     let outcome = pb::Outcome { success: status.success(), exit_code: status.code().unwrap_or(-1), ..Default::default() };
-    let _ = out.send(job::frame(Job::Outcome(outcome))).await;
-    // Our end of the relay stays open until the buyer closes it or the lease ends.
-    let _ = tokio::time::timeout(Duration::from_secs(60), async { while let Ok(Some(_)) = job::next(&mut inbound).await {} }).await;
+    // The buyer hears how it ended, on a relay opened again if need be (for a while).
+    let relay = match (relay, reopening) {
+        (Some(r), _) => Some(r),
+        (None, Some(r)) => tokio::time::timeout(Duration::from_secs(60), r).await.ok(),
+        (None, None) => None,
+    };
+    if let Some(mut r) = relay {
+        let _ = r.out.send(job::frame(Job::Outcome(outcome))).await;
+        // Our end of the relay stays open until the buyer closes it or the lease ends.
+        let _ = tokio::time::timeout(Duration::from_secs(60), r.broken()).await;
+    }
     Ok(())
 }
 

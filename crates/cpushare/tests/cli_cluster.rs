@@ -5,6 +5,7 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::*;
 
@@ -101,4 +102,85 @@ fn the_vm_demo_boots_a_cluster_replaces_a_lost_node_and_balances_the_books() {
 /// Whether `scripts/make-live-iso` cannot run here (said aloud; a failure under CI).
 fn livecd_prerequisites_missing(dir: &std::path::Path) -> bool {
     cpushare_sandbox::vm::testing::livecd(dir, "probe", "#!/bin/sh\n").is_none()
+}
+
+/// The exchange killed (SIGKILL) and started again under a running cluster:
+/// the VM runs on at its seller (its clock goes on, it does not boot again),
+/// the buyer's console follows it again on new relays, the same lease goes on
+/// being metered, and `cluster stop` ends it with the books balanced.
+#[test]
+fn a_cluster_outlives_an_exchange_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let payload = "#!/bin/sh\ni=0\nwhile true; do echo \"tick $i\"; i=$((i+1)); sleep 1; done\n";
+    let Some(iso) = cpushare_sandbox::vm::testing::livecd(tmp.path(), "ticking", payload) else { return };
+    let (mut exchange, operator) = exchange(tmp.path());
+    let (seller, buyer) = (tmp.path().join("seller"), tmp.path().join("buyer"));
+    member(&operator, "seller", &seller);
+    let buyer_account = member(&operator, "buyer", &buyer);
+    ok(&operator, &["deposit", &buyer_account, "1000"]);
+    let _selling = selling(&seller, 1, Some(&tmp.path().join("seller-cache")));
+
+    let dir = tmp.path().join("c");
+    let mut start = Command::new(BIN)
+        .arg("--config")
+        .arg(&buyer)
+        .args(["cluster", "start", "--iso", iso.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
+    assert!(said.by_ref().map_while(Result::ok).any(|l| l.contains("node(s) up")), "the cluster came up");
+    let lease = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()])[0]["lease"].as_u64().unwrap();
+    let console = dir.join(format!("console-{lease}.log"));
+    let last_tick = || std::fs::read_to_string(&console).unwrap_or_default().lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse::<u64>().ok()).max();
+    let wait_tick = |at_least: u64| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while last_tick().is_none_or(|t| t < at_least) {
+            assert!(Instant::now() < deadline, "the console never reached tick {at_least}: {}", std::fs::read_to_string(&console).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait_tick(2);
+
+    let data = tmp.path().join("data");
+    exchange.0.kill().unwrap();
+    exchange.0.wait().unwrap();
+    let before = last_tick().unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    exchange = Running(Command::new(BIN).args(["exchange", "run", "--no-web", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run(&operator, &["exchange", "audit"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the exchange did not come back");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The same VM's clock, seen again at the buyer: it went on meanwhile.
+    wait_tick(before + 5);
+    let text = std::fs::read_to_string(&console).unwrap();
+    assert_eq!(text.matches("cpushare-livecd: up").count(), 1, "the VM did not boot again: {text}");
+    // The same lease, metered on (settled every 10 s) at its price.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let leases = json(&buyer, &["leases"]);
+        let live = leases.as_array().unwrap();
+        assert_eq!(live.len(), 1, "{leases}");
+        assert_eq!((live[0]["lease"].as_u64(), live[0]["state"].as_str()), (Some(lease), Some("running")), "{leases}");
+        let (price, secs) = (live[0]["cents/CPU-h"].as_i64().unwrap(), live[0]["delivered s"].as_i64().unwrap());
+        if secs >= 10 {
+            let charged: f64 = live[0]["charged EUR"].as_str().unwrap().parse().unwrap();
+            assert!(((charged * 100.0).round() as i64 - price * secs / 3600).abs() <= 1, "{leases}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the lease was not metered on: {leases}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+
+    ok(&buyer, &["cluster", "stop", "--dir", dir.to_str().unwrap()]);
+    let ended = start.wait().unwrap();
+    let rest: Vec<String> = said.map_while(Result::ok).collect();
+    assert!(ended.success(), "{ended:?}: {rest:?}");
+    assert!(rest.iter().any(|l| l.contains("the exchange went away")), "{rest:?}");
+    assert_eq!(json(&buyer, &["balance"])["escrow (EUR)"], "0.00");
+    assert_eq!(json(&operator, &["exchange", "audit"])["ok"], true);
+    drop(exchange);
 }
