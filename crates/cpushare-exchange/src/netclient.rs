@@ -81,11 +81,56 @@ pub async fn takes_inbound_udp(conn: &Connection) -> anyhow::Result<bool> {
 /// Joins `order`'s network (`lease` 0: as its buyer) with `public` as this
 /// node's key, receiving at `port` (probe: the one confirmed for it, or 0).
 pub async fn join(conn: &Connection, identity: &Identity, order: u64, lease: u64, public: [u8; 32], port: u16, probe: u64) -> anyhow::Result<tonic::Streaming<pb::NetworkView>> {
+    let req = join_request(identity, order, lease, public, port, probe, 0)?;
+    Ok(conn.exchange.clone().join_network(req).await.map_err(status)?.into_inner())
+}
+
+/// What [`join`] asks, `rejoin_as` the member id this node had (0: none).
+fn join_request(identity: &Identity, order: u64, lease: u64, public: [u8; 32], port: u16, probe: u64, rejoin_as: u32) -> anyhow::Result<pb::JoinNetworkRequest> {
     let statement = pb::VnetKey { order, public: public.to_vec() }.encode_to_vec();
     let signature = identity.sign_statement(VNET_KEY_STATEMENT, &statement)?;
     let key = pb::SignedStatement { statement, signature, certificate: identity.cert.to_vec() };
-    let req = pb::JoinNetworkRequest { order, lease, public: public.to_vec(), key: Some(key), endpoint: format!("0.0.0.0:{port}"), probe };
-    Ok(conn.exchange.clone().join_network(req).await.map_err(status)?.into_inner())
+    Ok(pb::JoinNetworkRequest { order, lease, public: public.to_vec(), key: Some(key), endpoint: format!("0.0.0.0:{port}"), probe, rejoin_as })
+}
+
+/// A member whose stream broke (the exchange restarted, the link failed)
+/// joins again as itself: the same key, port and id, its inbound UDP proved
+/// again through the running node (which hands over the probe's token).
+/// Tries until it is back, or returns None once the exchange says it may no
+/// longer join (its lease or order ended).
+async fn rejoin(conn: &Connection, identity: &Identity, order: u64, lease: u64, public: [u8; 32], port: u16, me: u32, tokens: &std::sync::Mutex<std::sync::mpsc::Receiver<[u8; 16]>>) -> Option<tonic::Streaming<pb::NetworkView>> {
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        let next_token = || tokens.lock().unwrap().try_recv().ok();
+        while next_token().is_some() {}
+        let Ok((probe, _)) = request_probe(conn, port).await else { continue };
+        let mut token = None;
+        for _ in 0..20 {
+            if let Some(t) = next_token() {
+                token = Some(t);
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let probe = match token {
+            Some(t) if confirm_probe(conn, probe, t).await.is_ok() => probe,
+            _ => 0,
+        };
+        let Ok(req) = join_request(identity, order, lease, public, port, probe, me) else { return None };
+        match conn.exchange.clone().join_network(req).await {
+            Ok(r) => {
+                tracing::info!(order, member = me, "back on the network's member list");
+                return Some(r.into_inner());
+            }
+            Err(s) if matches!(s.code(), tonic::Code::PermissionDenied | tonic::Code::NotFound | tonic::Code::InvalidArgument) => {
+                tracing::info!(order, member = me, "no longer a member: {}", s.message());
+                return None;
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// The members of a view whose keys are signed by certificates of `ca` naming
@@ -200,11 +245,12 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
         Local::Nothing => Attachments { tap: None, ports: vec![] },
     };
     let (tx, rx) = std::sync::mpsc::channel();
+    let (token_tx, tokens) = std::sync::mpsc::channel();
     let thread_stop = stop.clone();
     // Errors creating the attachment (a tap without CAP_NET_ADMIN) are the caller's to hear.
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     let thread = std::thread::Builder::new().name(format!("vnet-{order}")).spawn(move || {
-        let control = Control { members: Some(rx), probes: None, ready: Some(ready_tx) };
+        let control = Control { members: Some(rx), probes: Some(token_tx), ready: Some(ready_tx) };
         cpushare_vnet::run::run_on(&config, udp, attachments, control, stats, thread_stop)
     })?;
     let failed = |threads: Vec<std::thread::JoinHandle<anyhow::Result<()>>>| {
@@ -227,16 +273,24 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
             anyhow::bail!("the network's thread ended at once");
         }
     }
-    let ca = ca.clone();
+    let (ca, conn, identity, public, me_id) = (ca.clone(), conn.clone(), identity.clone(), keys.public, me.id);
+    let tokens = std::sync::Mutex::new(tokens);
     let views = tokio::spawn(async move {
-        while let Ok(Some(v)) = stream.message().await {
-            match verify(&ca, order, &v) {
-                Ok(view) => {
-                    if tx.send(members(&view)).is_err() {
-                        break;
+        loop {
+            while let Ok(Some(v)) = stream.message().await {
+                match verify(&ca, order, &v) {
+                    Ok(view) if view.me != me_id => tracing::warn!(order, "the exchange made this node member {} (it was {me_id}): the list is not followed", view.me),
+                    Ok(view) => {
+                        if tx.send(members(&view)).is_err() {
+                            return;
+                        }
                     }
+                    Err(e) => tracing::warn!("a member list refused: {e:#}"),
                 }
-                Err(e) => tracing::warn!("a member list refused: {e:#}"),
+            }
+            match rejoin(&conn, &identity, order, lease, public, port, me_id, &tokens).await {
+                Some(s) => stream = s,
+                None => return,
             }
         }
     });

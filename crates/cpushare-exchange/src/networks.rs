@@ -2,7 +2,9 @@
 //! (the buyer of a buy order and the sellers of its leases), their keys,
 //! endpoints, MAC and IP addresses, and whether each takes inbound UDP, which
 //! the exchange finds out by sending a probe datagram there. Soft state:
-//! after a restart, members join again (their streams broke).
+//! after a restart, members join again (their streams broke), each asking
+//! for the id it had; each network's secret is derived from the exchange's
+//! own, so it is the same after a restart.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
@@ -22,6 +24,8 @@ pub const VNET_KEY_STATEMENT: &str = "vnet-key";
 const PROBE_LIFETIME: Duration = Duration::from_secs(30);
 /// The cluster subnet: 10.77.0.0/16, the buyer at .1.
 pub const PREFIX: u32 = 16;
+/// The highest member id (10.77.255.254).
+const MAX_MEMBER: u32 = 0xfffe;
 
 struct Probe {
     node: NodeId,
@@ -41,6 +45,8 @@ struct Network {
 /// Every network, by its cluster's buy order.
 pub struct Networks {
     socket: UdpSocket,
+    /// What each network's secret is derived from.
+    secret: [u8; 32],
     probes: Mutex<HashMap<u64, Probe>>,
     networks: Mutex<HashMap<u64, Network>>,
     /// Nodes whose probe came back (what their slots may claim).
@@ -70,8 +76,15 @@ pub fn resolve_endpoint(given: &str, seen: Option<SocketAddr>) -> Result<SocketA
 }
 
 impl Networks {
-    pub fn new() -> std::io::Result<Networks> {
-        Ok(Networks { socket: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?, probes: Mutex::default(), networks: Mutex::default(), inbound: Mutex::default() })
+    /// `secret`: the exchange's own, lasting across its restarts.
+    pub fn new(secret: [u8; 32]) -> std::io::Result<Networks> {
+        Ok(Networks { socket: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?, secret, probes: Mutex::default(), networks: Mutex::default(), inbound: Mutex::default() })
+    }
+
+    /// The secret of `order`'s network.
+    fn psk_of(&self, order: u64) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::new().chain_update(self.secret).chain_update(order.to_le_bytes()).finalize().into()
     }
 
     /// Sends a probe datagram to `endpoint` for `node`; returns its id.
@@ -110,15 +123,24 @@ impl Networks {
     }
 
     /// Adds a member to `order`'s network (made on first join); returns its
-    /// id and a receiver of the member lists.
-    pub fn join(&self, order: u64, mut member: pb::NetworkMember, probe: u64, relay: bool) -> (u32, watch::Receiver<Vec<pb::NetworkMember>>) {
+    /// id and a receiver of the member lists. A member joining again gets the
+    /// id it asks for (`rejoin_as`) unless another node holds it.
+    pub fn join(&self, order: u64, mut member: pb::NetworkMember, probe: u64, relay: bool, rejoin_as: u32) -> (u32, watch::Receiver<Vec<pb::NetworkMember>>) {
         let endpoint: SocketAddr = member.endpoint.parse().expect("resolved before");
         member.inbound = relay || self.confirmed(NodeId(member.node), probe, endpoint);
+        let psk = self.psk_of(order);
         let mut networks = self.networks.lock().unwrap();
-        let net = networks.entry(order).or_insert_with(|| Network { psk: rand::random(), next_id: 2, members: BTreeMap::new(), views: watch::channel(Vec::new()).0 });
+        let net = networks.entry(order).or_insert_with(|| Network { psk, next_id: 2, members: BTreeMap::new(), views: watch::channel(Vec::new()).0 });
+        let free = |id: u32| net.members.get(&id).is_none_or(|m| m.node == member.node);
         let id = if relay {
             1
+        } else if (2..=MAX_MEMBER).contains(&rejoin_as) && free(rejoin_as) {
+            net.next_id = net.next_id.max(rejoin_as + 1);
+            rejoin_as
         } else {
+            while !free(net.next_id) {
+                net.next_id += 1;
+            }
             net.next_id += 1;
             net.next_id - 1
         };
@@ -180,5 +202,48 @@ pub struct Leave {
 impl Drop for Leave {
     fn drop(&mut self) {
         self.networks.leave(self.order, self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(node: u64) -> pb::NetworkMember {
+        pb::NetworkMember { node, endpoint: "127.0.0.1:9".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn members_joining_again_keep_their_ids_and_the_secret_outlives_a_restart() {
+        let secret = [7u8; 32];
+        let before = Networks::new(secret).unwrap();
+        assert_eq!(before.join(5, member(1), 0, true, 0).0, 1, "the buyer is 1");
+        assert_eq!(before.join(5, member(2), 0, false, 0).0, 2);
+        assert_eq!(before.join(5, member(3), 0, false, 0).0, 3);
+        let psk = before.psk(5).unwrap();
+        assert_ne!(Networks::new(secret).unwrap().psk_of(6), psk, "each network its own secret");
+
+        // The exchange restarted: the members come back in another order, a new one among them.
+        let after = Networks::new(secret).unwrap();
+        assert_eq!(after.join(5, member(3), 0, false, 3).0, 3, "the id it asks for");
+        assert_eq!(after.join(5, member(4), 0, false, 0).0, 4, "a new member takes none held");
+        assert_eq!(after.join(5, member(2), 0, false, 2).0, 2);
+        assert_eq!(after.join(5, member(1), 0, true, 0).0, 1);
+        assert_eq!(after.psk(5), Some(psk), "the same secret");
+        // An id another node holds is not given; nor one outside the subnet.
+        assert_eq!(after.join(5, member(9), 0, false, 3).0, 5);
+        assert_eq!(after.join(5, member(10), 0, false, 70_000).0, 6);
+        let ips: Vec<String> = after.networks.lock().unwrap()[&5].members.values().map(|m| m.ip.clone()).collect();
+        assert_eq!(ips, ["10.77.0.1", "10.77.0.2", "10.77.0.3", "10.77.0.4", "10.77.0.5", "10.77.0.6"]);
+    }
+
+    #[test]
+    fn a_new_member_skips_ids_taken_by_members_that_joined_again() {
+        let n = Networks::new([1; 32]).unwrap();
+        assert_eq!(n.join(8, member(2), 0, false, 2).0, 2);
+        assert_eq!(n.join(8, member(3), 0, false, 4).0, 4);
+        // next_id went past 4; 3 stays free for its owner, who may still come back.
+        assert_eq!(n.join(8, member(5), 0, false, 0).0, 5);
+        assert_eq!(n.join(8, member(6), 0, false, 3).0, 3);
     }
 }

@@ -69,6 +69,17 @@ impl Authority {
         fingerprint(&self.cert)
     }
 
+    /// A secret of this exchange's own, for `purpose`, that lasts as long as its CA.
+    pub fn derived_secret(&self, purpose: &str) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        h.update(b"cpushare derived secret\0");
+        h.update(purpose.as_bytes());
+        h.update(b"\0");
+        h.update(self.key.serialize_der());
+        h.finalize().into()
+    }
+
     fn issuer(&self) -> anyhow::Result<Issuer<'_, &KeyPair>> {
         Ok(Issuer::from_ca_cert_der(&self.cert, &self.key)?)
     }

@@ -65,7 +65,7 @@ impl std::ops::Deref for Handler {
 impl Api {
     pub fn new(engine: Engine, authority: Arc<Authority>, limits: Limits) -> Arc<Api> {
         let relays = Arc::new(Relays::default());
-        let networks = Arc::new(Networks::new().expect("a UDP socket for inbound probes"));
+        let networks = Arc::new(Networks::new(authority.derived_secret("vnet psk")).expect("a UDP socket for inbound probes"));
         // Sides still waiting when their lease ends are let go; so are network members.
         let mut notices = engine.shared.notices.subscribe();
         let weak = Arc::downgrade(&relays);
@@ -515,7 +515,7 @@ impl Exchange for Handler {
         }
         let endpoint = resolve_endpoint(&r.endpoint, seen)?;
         let member = pb::NetworkMember { node: c.node.0, public: r.public, key: Some(key), endpoint: endpoint.to_string(), lease, ..Default::default() };
-        let (id, views) = self.networks.join(order, member, r.probe, lease == 0);
+        let (id, views) = self.networks.join(order, member, r.probe, lease == 0, r.rejoin_as);
         let psk = self.networks.psk(order).expect("a network someone just joined");
         let leave = Leave { networks: self.networks.clone(), order, id };
         let stream = tokio_stream::wrappers::WatchStream::new(views).map(move |members| {

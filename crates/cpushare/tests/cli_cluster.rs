@@ -107,18 +107,27 @@ fn livecd_prerequisites_missing(dir: &std::path::Path) -> bool {
 /// The exchange killed (SIGKILL) and started again under a running cluster:
 /// the VM runs on at its seller (its clock goes on, it does not boot again),
 /// the buyer's console follows it again on new relays, the same lease goes on
-/// being metered, and `cluster stop` ends it with the books balanced.
+/// being metered, the VM still reaches the buyer across the cluster's
+/// network (both joined it again, as themselves); then its seller vanishes
+/// and the replacement, joining the network after the restart, reaches the
+/// buyer too. `cluster stop` ends it with the books balanced.
 #[test]
 fn a_cluster_outlives_an_exchange_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let payload = "#!/bin/sh\ni=0\nwhile true; do echo \"tick $i\"; i=$((i+1)); sleep 1; done\n";
+    let payload = "#!/bin/sh\ni=0\nwhile true; do if ping -c 1 -W 1 10.77.0.1 >/dev/null 2>&1; then p=ok; else p=lost; fi; echo \"tick $i ping $p\"; i=$((i+1)); sleep 1; done\n";
     let Some(iso) = cpushare_sandbox::vm::testing::livecd(tmp.path(), "ticking", payload) else { return };
     let (mut exchange, operator) = exchange(tmp.path());
-    let (seller, buyer) = (tmp.path().join("seller"), tmp.path().join("buyer"));
-    member(&operator, "seller", &seller);
+    let buyer = tmp.path().join("buyer");
     let buyer_account = member(&operator, "buyer", &buyer);
     ok(&operator, &["deposit", &buyer_account, "1000"]);
-    let _selling = selling(&seller, 1, Some(&tmp.path().join("seller-cache")));
+    let mut sellers = Vec::new();
+    for name in ["s1", "s2"] {
+        let dir = tmp.path().join(name);
+        member(&operator, name, &dir);
+        let node: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).unwrap()).unwrap();
+        let running = selling(&dir, 1, Some(&tmp.path().join(format!("{name}-cache"))));
+        sellers.push((node["node"].as_u64().unwrap(), running));
+    }
 
     let dir = tmp.path().join("c");
     let mut start = Command::new(BIN)
@@ -131,22 +140,34 @@ fn a_cluster_outlives_an_exchange_restart() {
         .unwrap();
     let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
     assert!(said.by_ref().map_while(Result::ok).any(|l| l.contains("node(s) up")), "the cluster came up");
-    let lease = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()])[0]["lease"].as_u64().unwrap();
-    let console = dir.join(format!("console-{lease}.log"));
-    let last_tick = || std::fs::read_to_string(&console).unwrap_or_default().lines().filter_map(|l| l.trim().strip_prefix("tick ")?.parse::<u64>().ok()).max();
-    let wait_tick = |at_least: u64| {
+    let first = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()])[0].clone();
+    let lease = first["lease"].as_u64().unwrap();
+    // A node's clock: each tick's number, and whether the buyer answered its ping.
+    let clock = |lease: u64| -> Vec<(u64, bool)> {
+        let text = std::fs::read_to_string(dir.join(format!("console-{lease}.log"))).unwrap_or_default();
+        text.lines().filter_map(|l| {
+            let (n, ping) = l.trim().strip_prefix("tick ")?.split_once(" ping ")?;
+            Some((n.parse().ok()?, ping == "ok"))
+        }).collect()
+    };
+    let wait_for = |what: &str, lease: u64, done: &dyn Fn(&[(u64, bool)]) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(120);
-        while last_tick().is_none_or(|t| t < at_least) {
-            assert!(Instant::now() < deadline, "the console never reached tick {at_least}: {}", std::fs::read_to_string(&console).unwrap_or_default());
+        while !done(&clock(lease)) {
+            assert!(Instant::now() < deadline, "lease {lease} never {what}: {:?}", clock(lease));
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    wait_tick(2);
+    wait_for("reached the buyer", lease, &|c| c.iter().any(|t| t.1));
 
+    // The exchange goes; it comes back with a heartbeat timeout of 5 s, for the seller killed below.
     let data = tmp.path().join("data");
     exchange.0.kill().unwrap();
     exchange.0.wait().unwrap();
-    let before = last_tick().unwrap();
+    let before = clock(lease).last().unwrap().0;
+    let settings = data.join("exchange.json");
+    let mut s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+    s["heartbeat_timeout_secs"] = 5.into();
+    std::fs::write(&settings, s.to_string()).unwrap();
     std::thread::sleep(Duration::from_secs(2));
     exchange = Running(Command::new(BIN).args(["exchange", "run", "--no-web", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -154,10 +175,13 @@ fn a_cluster_outlives_an_exchange_restart() {
         assert!(Instant::now() < deadline, "the exchange did not come back");
         std::thread::sleep(Duration::from_millis(100));
     }
-    // The same VM's clock, seen again at the buyer: it went on meanwhile.
-    wait_tick(before + 5);
-    let text = std::fs::read_to_string(&console).unwrap();
+    // The same VM's clock, seen again at the buyer: it went on meanwhile,
+    // and its pings still reach the buyer.
+    wait_for("went on after the restart", lease, &|c| c.last().is_some_and(|t| t.0 >= before + 5));
+    wait_for("reached the buyer after the restart", lease, &|c| c.iter().any(|t| t.0 > before + 3 && t.1));
+    let text = std::fs::read_to_string(dir.join(format!("console-{lease}.log"))).unwrap();
     assert_eq!(text.matches("cpushare-livecd: up").count(), 1, "the VM did not boot again: {text}");
+    assert!(clock(lease).windows(2).all(|w| w[0].0 < w[1].0), "one clock, never reset: {:?}", clock(lease));
     // The same lease, metered on (settled every 10 s) at its price.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -174,6 +198,20 @@ fn a_cluster_outlives_an_exchange_restart() {
         assert!(Instant::now() < deadline, "the lease was not metered on: {leases}");
         std::thread::sleep(Duration::from_millis(500));
     }
+
+    // Its seller vanishes: the replacement joins the network as it is since the restart.
+    let at = sellers.iter().position(|(node, _)| Some(*node) == first["seller node"].as_u64()).unwrap();
+    drop(sellers.remove(at));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let second = loop {
+        let status = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()]);
+        if let Some(n) = status.as_array().unwrap().iter().find(|n| n["lease"].as_u64() != Some(lease)) {
+            break n["lease"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no replacement: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    wait_for("reached the buyer from the replacement", second, &|c| c.iter().any(|t| t.1));
 
     ok(&buyer, &["cluster", "stop", "--dir", dir.to_str().unwrap()]);
     let ended = start.wait().unwrap();
