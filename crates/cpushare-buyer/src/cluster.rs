@@ -153,6 +153,7 @@ pub async fn run_cluster(conn: Connection, spec: ClusterSpec, events: mpsc::Send
                             Ok(Stop::Finished(why)) => (why, true),
                             Ok(Stop::Untrusted(why)) => (format!("not trusted, lease ended: {why}"), true),
                             Ok(Stop::LeaseEnded) => ("the lease ended".to_string(), false),
+                            Ok(Stop::SellerFault(why)) => (format!("lost: {why}"), false),
                             Err(e) => (format!("{e:#}"), false),
                         };
                         let _ = events.send(Event::Stopped { lease: id, why }).await;
@@ -291,6 +292,9 @@ enum Stop {
     Untrusted(String),
     /// Its lease ended under it.
     LeaseEnded,
+    /// Its seller could not run it (the seller restarted and lost it, QEMU
+    /// would not start): why. The order finds another slot.
+    SellerFault(String),
 }
 
 /// The image's SHA-256 and size, checked to be a livecd, and what its nodes must attest.
@@ -385,6 +389,7 @@ async fn attach_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clu
     out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib, network_order: if spec.network { facts.order } else { 0 } }))).await?;
     let from = match next(&mut inbound).await {
         Ok(Some(Say::ImageWanted(w))) => w.from.min(size),
+        Ok(Some(Say::Outcome(o))) if o.seller_fault => return Ok(Attach::Stopped(Stop::SellerFault(o.killed))),
         Ok(Some(Say::Outcome(o))) => return Ok(Attach::Stopped(Stop::Finished(format!("refused: {}", o.killed)))),
         Ok(None) => return broke(&"closed"),
         Err(e) => return broke(&e),
@@ -419,15 +424,14 @@ async fn attach_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clu
     loop {
         match next(&mut inbound).await {
             Ok(Some(Say::VmBooted(b))) => {
-                // The seller says it again on every relay: the buyer hears it once.
-                if node.booted {
-                    continue;
-                }
+                // The seller says it again on every relay (checked each time); the buyer hears it once.
                 let attested = match attestation::check(facts.ca, seller_node, lease, facts.expected, b.attestation.as_ref()) {
                     Ok(a) => a,
                     Err(why) => return Ok(Attach::Stopped(Stop::Untrusted(why))),
                 };
-                node.booted = true;
+                if std::mem::replace(&mut node.booted, true) {
+                    continue;
+                }
                 let booted = Node { lease, seller_node, boot: attested.boot.clone(), accel: attested.accel.clone(), uploaded: upload.0, upload_time: upload.1, console_log: node.log_path.clone(), attested, ip: b.ip.clone() };
                 let _ = events.send(Event::Booted(booted)).await;
             }
@@ -435,6 +439,7 @@ async fn attach_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clu
                 node.log.write_all(&c.data).await?;
                 node.log.flush().await?;
             }
+            Ok(Some(Say::Outcome(o))) if o.seller_fault => return Ok(Attach::Stopped(Stop::SellerFault(o.killed))),
             Ok(Some(Say::Outcome(o))) if !o.killed.is_empty() => return Ok(Attach::Stopped(Stop::Finished(o.killed))),
             Ok(Some(Say::Outcome(o))) => return Ok(Attach::Stopped(Stop::Finished(format!("the VM stopped (QEMU exit status {})", o.exit_code)))),
             Ok(Some(other)) => anyhow::bail!("unexpected message from the seller: {other:?}"),

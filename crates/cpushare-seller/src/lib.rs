@@ -241,6 +241,9 @@ pub struct Seller {
     images: Arc<vm_lease::Images>,
     /// The session now open: VMs outlive the session their lease began in.
     session: vm_lease::SessionLink,
+    /// The leases the exchange listed at this process's first session: an
+    /// earlier process of this node took them on, and their VMs died with it.
+    inherited: Mutex<Option<std::collections::HashSet<u64>>>,
 }
 
 impl Seller {
@@ -259,7 +262,7 @@ impl Seller {
         vm_lease::remove_stale_scratch();
         vm_lease::remove_stale_vms(&config.cache_dir);
         let images = Arc::new(vm_lease::Images::new(config.cache_dir.join("images"), config.image_cache_bytes)?);
-        Ok(Arc::new(Seller { config, node: Arc::new(node), probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images, session: Arc::new(Mutex::new(mpsc::channel(1).0)) }))
+        Ok(Arc::new(Seller { config, node: Arc::new(node), probe, cache: Mutex::default(), leases: Mutex::default(), orders: Mutex::default(), images, session: Arc::new(Mutex::new(mpsc::channel(1).0)), inherited: Mutex::default() }))
     }
 
     pub fn probe(&self) -> &Probe {
@@ -389,6 +392,7 @@ impl Seller {
                         tracing::info!(slots = r.orders.len(), leases = r.leases.len(), "registered");
                         *self.orders.lock().unwrap() = r.orders.clone();
                         let live: Vec<u64> = r.leases.iter().map(|l| l.lease).collect();
+                        self.inherited.lock().unwrap().get_or_insert_with(|| live.iter().copied().collect());
                         self.leases.lock().unwrap().retain(|lease, task| {
                             let keep = live.contains(lease);
                             if !keep {
@@ -442,6 +446,19 @@ impl Seller {
         );
     }
 
+    fn vm_setup(&self, lease: u64) -> vm_lease::Setup {
+        vm_lease::Setup {
+            lease,
+            images: self.images.clone(),
+            accel: if self.probe.vm_kvm { cpushare_sandbox::vm::Accel::Kvm } else { cpushare_sandbox::vm::Accel::Tcg },
+            slot_ram_mib: self.config.ram_per_slot_mib,
+            node: self.node.clone(),
+            qemu_version: self.probe.qemu_version.clone(),
+            work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
+            session: self.session.clone(),
+        }
+    }
+
     /// One lease: receive the program (or find it cached), report ready, then run
     /// fragments in order, each in a fresh jail, and send back what they wrote.
     async fn serve_lease(&self, lease: u64, buyer_account: u64, conn: Connection) -> anyhow::Result<()> {
@@ -462,19 +479,15 @@ impl Seller {
         // The program.
         let offer = match next(&mut inbound).await? {
             Some(Job::Offer(o)) => o,
+            Some(Job::ImageOffer(_)) if self.inherited.lock().unwrap().as_ref().is_some_and(|l| l.contains(&lease)) => {
+                // Its VM died with this node's earlier process: booting another
+                // under the same lease would pass a fresh machine off as the
+                // buyer's running one.
+                return vm_lease::give_back(&self.vm_setup(lease), &out, "the seller restarted, and the lease's VM died with it".into()).await;
+            }
             Some(Job::ImageOffer(image)) => {
                 anyhow::ensure!(self.probe.vm_tcg, "virtual machines do not run on this seller");
-                let setup = vm_lease::Setup {
-                    lease,
-                    images: self.images.clone(),
-                    accel: if self.probe.vm_kvm { cpushare_sandbox::vm::Accel::Kvm } else { cpushare_sandbox::vm::Accel::Tcg },
-                    slot_ram_mib: self.config.ram_per_slot_mib,
-                    node: self.node.clone(),
-                    qemu_version: self.probe.qemu_version.clone(),
-                    work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
-                    session: self.session.clone(),
-                };
-                return vm_lease::serve(setup, image, inbound, out).await;
+                return vm_lease::serve(self.vm_setup(lease), image, inbound, out).await;
             }
             other => anyhow::bail!("expected a program or image offer, got {other:?}"),
         };

@@ -154,6 +154,17 @@ async fn say_ready(setup: &Setup) {
     let _ = session.send(pb::SellerMessage { body: Some(Say::Ready(pb::Ready { lease: setup.lease })) }).await;
 }
 
+/// The seller cannot run the lease's VM: the buyer is told why, and the
+/// lease is given back (charged only for what was delivered: nothing, before
+/// the VM ran), so that the buyer's order finds another slot.
+pub(crate) async fn give_back(setup: &Setup, out: &mpsc::Sender<pb::RelayFrame>, why: String) -> anyhow::Result<()> {
+    let outcome = pb::Outcome { killed: why.clone(), seller_fault: true, ..Default::default() };
+    let _ = out.send(job::frame(Job::Outcome(outcome))).await;
+    let session = setup.session.lock().unwrap().clone();
+    session.send(pb::SellerMessage { body: Some(Say::Ended(pb::Ended { lease: setup.lease, why })) }).await?;
+    Ok(())
+}
+
 /// One relay to the buyer: its frames in, ours out.
 struct Relay {
     inbound: tonic::Streaming<pb::RelayFrame>,
@@ -305,11 +316,7 @@ pub(crate) async fn serve(
             let local = cpushare_exchange::netclient::Local::Vm { ours: ours.clone(), vm: vm.clone() };
             match cpushare_exchange::netclient::attach(&conn, &setup.node.identity, &setup.node.ca, order, setup.lease, local, Some(setup.work.join("vnet.json"))).await {
                 Ok(a) => Some((a, vm, ours)),
-                Err(e) => {
-                    let outcome = pb::Outcome { killed: format!("the seller could not join the cluster's network: {e:#}"), seller_fault: true, ..Default::default() };
-                    out.send(job::frame(Job::Outcome(outcome))).await?;
-                    return Ok(());
-                }
+                Err(e) => return give_back(&setup, &out, format!("the seller could not join the cluster's network: {e:#}")).await,
             }
         }
     };
@@ -317,11 +324,7 @@ pub(crate) async fn serve(
     let spec = VmSpec { iso, ram_mib, accel: setup.accel, work: setup.work.clone(), bios: false, scratch, net };
     let mut machine = match vm::start(&spec).await {
         Ok(m) => m,
-        Err(e) => {
-            let outcome = pb::Outcome { killed: format!("the seller could not start QEMU: {e}"), seller_fault: true, ..Default::default() };
-            out.send(job::frame(Job::Outcome(outcome))).await?;
-            return Ok(());
-        }
+        Err(e) => return give_back(&setup, &out, format!("the seller could not start QEMU: {e}")).await,
     };
     let (boot, cmdline) = match &machine.boot {
         Boot::Direct { cmdline, .. } => ("direct".to_string(), cmdline.clone()),

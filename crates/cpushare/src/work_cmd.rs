@@ -212,6 +212,8 @@ pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
 pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()> {
     let program = std::fs::read(&args.program).with_context(|| format!("cannot read the program {}", args.program.display()))?;
     anyhow::ensure!(program.starts_with(b"\x7fELF"), "{} is not an ELF executable", args.program.display());
+    // The loader's own checks (both jails load programs alike), here, before any CPU is paid for.
+    cpushare_sandbox::elf::check(&program).map_err(|why| anyhow::anyhow!("{} is not a program the jail can run: {why}", args.program.display()))?;
     if args.emulate || args.inputs.is_none() {
         anyhow::ensure!(!args.stream && args.replicas == 1, "--stream and --replicas are for fragments: give --inputs and --outputs");
         let request = crate::emulate_cmd::Request {
@@ -228,8 +230,6 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         return crate::emulate_cmd::run(request, config).await;
     }
     let (Some(inputs), Some(outputs)) = (args.inputs, args.outputs) else { anyhow::bail!("--inputs and --outputs are needed") };
-    // The loader's own checks, here, before any CPU is paid for.
-    cpushare_sandbox::elf::check(&program).map_err(|why| anyhow::anyhow!("{} is not a program the jail can run: {why}", args.program.display()))?;
     let fragments = read_inputs(&inputs)?;
     std::fs::create_dir_all(&outputs).with_context(|| format!("cannot create {}", outputs.display()))?;
     let argv0 = args.program.file_name().map_or("program".into(), |n| n.to_string_lossy().into_owned());

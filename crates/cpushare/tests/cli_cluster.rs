@@ -110,7 +110,8 @@ fn livecd_prerequisites_missing(dir: &std::path::Path) -> bool {
 /// being metered, the VM still reaches the buyer across the cluster's
 /// network (both joined it again, as themselves); then its seller vanishes
 /// and the replacement, joining the network after the restart, reaches the
-/// buyer too. `cluster stop` ends it with the books balanced.
+/// buyer too; then that seller restarts at once, and gives the lease whose
+/// VM it lost back. `cluster stop` ends it with the books balanced.
 #[test]
 fn a_cluster_outlives_an_exchange_restart() {
     let tmp = tempfile::tempdir().unwrap();
@@ -212,6 +213,25 @@ fn a_cluster_outlives_an_exchange_restart() {
         std::thread::sleep(Duration::from_millis(500));
     };
     wait_for("reached the buyer from the replacement", second, &|c| c.iter().any(|t| t.1));
+
+    // Its seller is killed and back at once, before the exchange misses it:
+    // the VM died with the process, so the restarted seller gives the lease
+    // back rather than boot another machine under it, and a new lease boots.
+    let s2 = tmp.path().join("s2");
+    drop(sellers.pop());
+    let _back = selling(&s2, 1, Some(&tmp.path().join("s2-cache")));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let third = loop {
+        let status = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()]);
+        if let Some(n) = status.as_array().unwrap().iter().find(|n| ![Some(lease), Some(second)].contains(&n["lease"].as_u64())) {
+            break n["lease"].as_u64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no new lease after the seller's restart: {status}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    wait_for("ticked on the new lease", third, &|c| !c.is_empty());
+    let text = std::fs::read_to_string(dir.join(format!("console-{second}.log"))).unwrap();
+    assert_eq!(text.matches("cpushare-livecd: up").count(), 1, "no second boot under lease {second}: {text}");
 
     ok(&buyer, &["cluster", "stop", "--dir", dir.to_str().unwrap()]);
     let ended = start.wait().unwrap();

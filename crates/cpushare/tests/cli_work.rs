@@ -51,6 +51,9 @@ fn examples_run_locally_and_bad_work_gets_a_clear_error() {
     fails(dir, &["run", "--local", &p("crack-ranges/range-00"), "--inputs", &p("crack-ranges"), "--outputs", &p("o")], "is not an ELF executable");
     // A program the jail would refuse is refused here, before an order is placed (this one has no exchange at all).
     fails(dir, &["run", "/bin/ls", "--inputs", &p("crack-ranges"), "--outputs", &p("o")], "/bin/ls is not a program the jail can run: dynamically linked (link it statically)");
+    // Unmodified programs too, on a seller or here.
+    fails(dir, &["run", "--emulate", "/bin/ls"], "/bin/ls is not a program the jail can run: dynamically linked (link it statically)");
+    fails(dir, &["run", "--local", "/bin/ls"], "/bin/ls is not a program the jail can run: dynamically linked (link it statically)");
     fails(dir, &["run", "--local", &p("crack"), "--inputs", empty.to_str().unwrap(), "--outputs", &p("o")], "holds no input files");
     fails(dir, &["run", "--local", &p("nothing"), "--inputs", &p("crack-ranges"), "--outputs", &p("o")], "cannot read the program");
 }

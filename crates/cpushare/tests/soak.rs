@@ -1,19 +1,22 @@
-//! The soak: an exchange, four sellers and two buyers as separate processes
+//! The soak: an exchange, four sellers and three buyers as separate processes
 //! on this machine, the sellers and buyers each in a network namespace of
 //! its own on one switch (as root), with work going on continuously (the
-//! Mandelbrot example's tiles, job after job, the two buyers competing for
-//! the sellers' slots) and, at random moments:
+//! Mandelbrot example's tiles, job after job, two buyers competing for the
+//! sellers' slots; where livecds can be built, a third buyer's cluster of one
+//! VM on the cluster's network, started, run a while and stopped, again and
+//! again) and, at random moments:
 //! - SIGKILL of a seller (started again a little later), of the exchange
-//!   itself (started again at once) or of a buyer's job (its leases must end
-//!   "buyer lost" and its escrow come back by themselves; the job then runs
-//!   again);
+//!   itself (started again at once; a cluster's VM runs on through it) or of
+//!   a buyer's job or cluster (its leases must end "buyer lost" and its escrow
+//!   come back by themselves; it then runs again);
 //! - network faults on a seller's or a buyer's link: a partition (the cable
 //!   unplugged at the switch for 1-10 s, against a heartbeat timeout of 5 s),
 //!   packet loss (10-40 %, with nftables: this kernel has no netem) or a
 //!   choked link (a 64-512 kbit/s token bucket, which delays what queues).
 //!
 //! Checked at every checkpoint and at the end: every tile of every job has
-//! exactly one result and it is the one a local run gives; the ledger
+//! exactly one result and it is the one a local run gives; every VM of a
+//! cluster booted once and its clock went on to the cluster's stop; the ledger
 //! balances (the exchange's audit of every invariant); no running lease was
 //! charged more or less than its delivered time at its price (within a cent);
 //! no lease outlives its job; each buyer paid what its jobs' reports say, to
@@ -36,7 +39,11 @@ use common::*;
 use rand::{Rng, SeedableRng};
 
 const SELLERS: usize = 4;
+/// Buyers of tiles; one more runs clusters.
 const BUYERS: usize = 2;
+
+/// The cluster's livecd: its clock, a tick a second, each with whether the buyer answered a ping across the cluster's network.
+const TICKING: &str = "#!/bin/sh\ni=0\nwhile true; do if ping -c 1 -W 1 10.77.0.1 >/dev/null 2>&1; then p=ok; else p=lost; fi; echo \"tick $i ping $p\"; i=$((i+1)); sleep 1; done\n";
 
 /// The exchange process, killed and started again on its data.
 struct Exchange {
@@ -115,19 +122,33 @@ impl Seller {
     }
 }
 
-/// A buyer's job under way.
+/// A buyer's job (or cluster) under way.
 struct Job {
     child: Child,
+    /// Where its tiles go (the cluster's directory).
     out: PathBuf,
     started: Instant,
     killed: bool,
+    /// A cluster: when it is stopped (from when all its nodes were up).
+    stop_at: Option<Instant>,
+    stopped: bool,
+}
+
+/// What a buyer runs, job after job.
+#[derive(PartialEq)]
+enum Work {
+    Tiles,
+    /// A one-node cluster booting this livecd.
+    Cluster(PathBuf),
 }
 
 struct Buyer {
     name: String,
     dir: PathBuf,
+    work: Work,
     job: Option<Job>,
-    /// A killed job's order and leases must end by themselves: since when this buyer waits for that.
+    /// A killed job's (or a stopped cluster's) order and leases must end by
+    /// themselves: since when this buyer waits for that.
     orphaned: Option<Instant>,
     /// What the buyer held (available + escrow) when its current job started.
     held_before: i64,
@@ -160,6 +181,31 @@ fn check_outputs(out: &Path, reference: &Path) -> usize {
         assert!(std::fs::read(out.join(name)).unwrap() == std::fs::read(reference.join(name)).unwrap(), "{name:?} differs from a local run");
     }
     want.len()
+}
+
+/// A cluster's run: each node's VM booted once and its clock only went on
+/// (through exchange restarts: a VM that booted again would start at tick 0).
+/// Returns its nodes, their ticks and how many of those reached the buyer by ping.
+fn check_cluster(dir: &Path, said: &str) -> (usize, usize, usize) {
+    let (mut nodes, mut ticks, mut pings) = (0, 0, 0);
+    for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
+        if !e.file_name().unwrap().to_string_lossy().starts_with("console-") {
+            continue;
+        }
+        let console = std::fs::read_to_string(&e).unwrap();
+        let boots = console.matches("cpushare-livecd: up").count();
+        assert!(boots <= 1, "a VM booted twice in one lease: {console}\n{said}");
+        let clock: Vec<(u64, bool)> = console.lines().filter_map(|l| {
+            let rest = l.trim().strip_prefix("tick ")?;
+            let (n, ping) = rest.split_once(" ping ")?;
+            Some((n.parse().ok()?, ping == "ok"))
+        }).collect();
+        assert!(clock.windows(2).all(|w| w[0].0 < w[1].0), "a VM's clock went back: {console}");
+        nodes += boots;
+        ticks += clock.len();
+        pings += clock.iter().filter(|t| t.1).count();
+    }
+    (nodes, ticks, pings)
 }
 
 /// The ledger balances and each running lease's charge is its delivered time at its price, within a cent.
@@ -215,13 +261,15 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
 
     // The switch: the exchange at .1 (this namespace, where the test's own
     // commands run too), buyers from .2, sellers from .10.
+    let iso = cpushare_sandbox::vm::testing::livecd(tmp.path(), "ticking", TICKING);
+    let buyer_count = BUYERS + iso.is_some() as usize;
     let mut net = Net(can_build(&["ip", "nft", "tc"]).then(|| Lab::new("k", "10.211.0")));
     // The links that can fail: each buyer's and each seller's.
     let mut links = Vec::new();
     let address = match &mut net.0 {
         Some(lab) => {
             lab.plug_here(1);
-            for i in 0..BUYERS {
+            for i in 0..buyer_count {
                 links.push(format!("b{i}"));
                 lab.plug(&format!("b{i}"), 2 + i as u8);
             }
@@ -249,14 +297,21 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
     let mut ex = Exchange { data: tmp.path().join("data"), operator: operator.clone(), process: Exchange::start(&tmp.path().join("data")) };
     ex.wait_up();
 
-    let mut buyers: Vec<Buyer> = (0..BUYERS)
+    let mut buyers: Vec<Buyer> = (0..buyer_count)
         .map(|i| {
             let dir = tmp.path().join(format!("buyer-{i}"));
             let account = member(&operator, &format!("buyer-{i}"), &dir);
             ok(&operator, &["deposit", &account, "100000"]);
-            Buyer { name: format!("b{i}"), dir, job: None, orphaned: None, held_before: 0, cost: 0, runs: 0 }
+            let work = match &iso {
+                Some(iso) if i == BUYERS => Work::Cluster(iso.clone()),
+                _ => Work::Tiles,
+            };
+            Buyer { name: format!("b{i}"), dir, work, job: None, orphaned: None, held_before: 0, cost: 0, runs: 0 }
         })
         .collect();
+    if iso.is_none() {
+        eprintln!("soak: no clusters (no livecd here)");
+    }
     let mut sellers: Vec<Seller> = (0..SELLERS)
         .map(|i| {
             let dir = tmp.path().join(format!("seller-{i}"));
@@ -279,6 +334,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
 
     let started = Instant::now();
     let (mut jobs, mut tiles, mut reruns) = (0, 0, 0u64);
+    let (mut clusters, mut vm_nodes, mut ticks, mut pings) = (0, 0, 0, 0);
     let mut faults: BTreeMap<Fault, usize> = BTreeMap::new();
     let mut peak: BTreeMap<&'static str, u64> = BTreeMap::new();
     // Links under a fault, and when each heals.
@@ -323,9 +379,18 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                 None if running => {
                     let out = tmp.path().join(format!("out-{}-{}", b.name, b.runs));
                     b.held_before = held(&b.dir);
-                    let args = ["--json", "run", "--cpus", "2", "--max-price", "40000", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", out.to_str().unwrap()];
-                    let child = net.cpushare(&b.name, &b.dir, &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-                    b.job = Some(Job { child, out, started: Instant::now(), killed: false });
+                    let child = match &b.work {
+                        Work::Tiles => {
+                            let args = ["--json", "run", "--cpus", "2", "--max-price", "40000", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", out.to_str().unwrap()];
+                            net.cpushare(&b.name, &b.dir, &args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+                        }
+                        Work::Cluster(iso) => {
+                            let args = ["cluster", "start", "--iso", iso.to_str().unwrap(), "--nodes", "1", "--max-price", "40000", "--ram", "256M", "--dir", out.to_str().unwrap()];
+                            let said = std::fs::File::create(out.with_extension("said")).unwrap();
+                            net.cpushare(&b.name, &b.dir, &args).stdout(Stdio::null()).stderr(said).spawn().unwrap()
+                        }
+                    };
+                    b.job = Some(Job { child, out, started: Instant::now(), killed: false, stop_at: None, stopped: false });
                     b.runs += 1;
                 }
                 None => {}
@@ -333,12 +398,34 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                     note(&mut peak, "buyer", job.child.id());
                     if job.child.try_wait().unwrap().is_none() {
                         assert!(job.started.elapsed() < Duration::from_secs(300), "a job of {} did not finish in 300 s", b.name);
+                        if b.work != Work::Tiles && !job.killed && !job.stopped {
+                            // A cluster runs a while once up (to the end of the soak at most), then is stopped.
+                            let said = std::fs::read_to_string(job.out.with_extension("said")).unwrap_or_default();
+                            if job.stop_at.is_none() && said.contains("node(s) up") {
+                                job.stop_at = Some(now + Duration::from_millis(rng.gen_range(15_000..30_000)));
+                            }
+                            if job.stop_at.is_some_and(|t| now >= t || !running) {
+                                // Not while the exchange restarts: then again a moment later.
+                                job.stopped = net.cpushare(&b.name, &b.dir, &["cluster", "stop", "--dir", job.out.to_str().unwrap()]).output().unwrap().status.success();
+                            }
+                        }
                         continue;
                     }
                     let job = b.job.take().unwrap();
                     let output = job.child.wait_with_output().unwrap();
                     if job.killed {
                         b.orphaned = Some(Instant::now());
+                        continue;
+                    }
+                    if b.work != Work::Tiles {
+                        // It ended: stopped, or its buyer taken for lost (a long partition) and its order with it.
+                        let said = std::fs::read_to_string(job.out.with_extension("said")).unwrap_or_default();
+                        assert!(output.status.success(), "a cluster of {} failed: {said}", b.name);
+                        let (n, t, ok) = check_cluster(&job.out, &said);
+                        (clusters, vm_nodes, ticks, pings) = (clusters + 1, vm_nodes + n, ticks + t, pings + ok);
+                        // What it cost is what the buyer holds less, once its leases ended.
+                        b.orphaned = Some(Instant::now());
+                        checkpoint(&operator, &members);
                         continue;
                     }
                     assert!(output.status.success(), "a job of {} failed: {}", b.name, String::from_utf8_lossy(&output.stderr));
@@ -419,6 +506,10 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
         for s in &sellers {
             if let Some(r) = &s.process {
                 note(&mut peak, "seller", r.0.id());
+                // Whether it grows with the run: the first half's peak against the whole run's.
+                if started.elapsed() < Duration::from_secs(secs / 2) {
+                    note(&mut peak, "seller in the first half", r.0.id());
+                }
             }
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -444,6 +535,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
     }
     eprintln!(
         "soak report: {:.0} s, seed {seed}: {jobs} jobs, {tiles} tiles, each with one result equal to a local run's; {reruns} reruns; \
+         {clusters} clusters, {vm_nodes} VMs, each booted once, {ticks} ticks of their clocks, {pings} of them with the buyer answering a ping; \
          faults {}; the buyers paid {} cents, as their reports say; audit ok; peak memory {}",
         started.elapsed().as_secs_f64(),
         faults.iter().map(|(f, n)| format!("{f:?} {n}")).collect::<Vec<_>>().join(", "),
@@ -451,4 +543,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
         peak.iter().map(|(w, k)| format!("{w} {} MiB", k / 1024)).collect::<Vec<_>>().join(", ")
     );
     assert!(jobs >= 1);
+    if iso.is_some() {
+        assert!(clusters >= 1 && ticks >= 1, "a cluster ran: {clusters} clusters, {ticks} ticks");
+    }
 }
