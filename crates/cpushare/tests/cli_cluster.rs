@@ -41,17 +41,7 @@ fn a_cluster_starts_shows_its_consoles_and_stops() {
 
     // One that stays up until `cluster stop`.
     let d2 = tmp.path().join("c2");
-    let mut start = Command::new(BIN)
-        .arg("--config")
-        .arg(&buyer)
-        .args(["cluster", "start", "--iso", long.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", d2.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
-    let up = said.by_ref().map_while(Result::ok).find(|l| l.contains("node(s) up"));
-    assert!(up.is_some(), "the cluster came up");
+    let (mut start, said) = cluster_up(&buyer, &long, &d2);
     // Its console, followed live as the guest runs, until the lease ends.
     let lease = json(&buyer, &["cluster", "status", "--dir", d2.to_str().unwrap()])[0]["lease"].as_u64().unwrap().to_string();
     let mut follow = Command::new(BIN)
@@ -99,6 +89,22 @@ fn the_vm_demo_boots_a_cluster_replaces_a_lost_node_and_balances_the_books() {
     assert!(console.contains("node up: kernel") && console.contains("tick 2"), "{console}");
 }
 
+/// `cluster start` of one node booting `iso`, in the foreground as a buyer
+/// runs it, once all its nodes are up; with the rest of what it says.
+fn cluster_up(buyer: &std::path::Path, iso: &std::path::Path, dir: &std::path::Path) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStderr>>) {
+    let mut start = Command::new(BIN)
+        .arg("--config")
+        .arg(buyer)
+        .args(["cluster", "start", "--iso", iso.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
+    assert!(said.by_ref().map_while(Result::ok).any(|l| l.contains("node(s) up")), "the cluster came up");
+    (start, said)
+}
+
 /// Whether `scripts/make-live-iso` cannot run here (said aloud; a failure under CI).
 fn livecd_prerequisites_missing(dir: &std::path::Path) -> bool {
     cpushare_sandbox::vm::testing::livecd(dir, "probe", "#!/bin/sh\n").is_none()
@@ -131,16 +137,7 @@ fn a_cluster_outlives_an_exchange_restart() {
     }
 
     let dir = tmp.path().join("c");
-    let mut start = Command::new(BIN)
-        .arg("--config")
-        .arg(&buyer)
-        .args(["cluster", "start", "--iso", iso.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", dir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
-    assert!(said.by_ref().map_while(Result::ok).any(|l| l.contains("node(s) up")), "the cluster came up");
+    let (mut start, said) = cluster_up(&buyer, &iso, &dir);
     let first = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()])[0].clone();
     let lease = first["lease"].as_u64().unwrap();
     // A node's clock: each tick's number, and whether the buyer answered its ping.
