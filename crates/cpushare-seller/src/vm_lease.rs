@@ -523,10 +523,11 @@ mod tests {
     fn a_vm_left_by_a_killed_seller_is_killed_at_the_next_start() {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
-        // A seller process that is gone, and one that lives (this one).
-        let mut gone = std::process::Command::new("true").spawn().unwrap();
-        let dead = gone.id();
-        gone.wait().unwrap();
+        // A seller process that is gone (a pid above the highest the kernel
+        // gives: one that exited could be reused at once by a busy machine),
+        // and one that lives (this one).
+        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+        let dead = pid_max + 1;
         let orphan_dir = dir.path().join(format!("vm/lease-7-{dead}"));
         let live_dir = dir.path().join(format!("vm/lease-8-{}", std::process::id()));
         // What looks like its QEMU (only a QEMU is killed: a pid may be reused).
@@ -541,7 +542,17 @@ mod tests {
         std::fs::write(other.join(vm::PIDFILE), bystander.id().to_string()).unwrap();
 
         remove_stale_vms(dir.path());
-        let status = qemu.wait().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(s) = qemu.try_wait().unwrap() {
+                break s;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = qemu.kill();
+                panic!("the orphaned QEMU was not killed");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL));
         assert!(!orphan_dir.exists() && !other.exists(), "the dead sellers' directories are gone");
         assert!(live_dir.exists(), "a live seller's VM is its own business");

@@ -132,8 +132,9 @@ fn a_cluster_outlives_an_exchange_restart() {
         let dir = tmp.path().join(name);
         member(&operator, name, &dir);
         let node: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("node.json")).unwrap()).unwrap();
-        let running = selling(&dir, 1, Some(&tmp.path().join(format!("{name}-cache"))));
-        sellers.push((node["node"].as_u64().unwrap(), running));
+        let cache = tmp.path().join(format!("{name}-cache"));
+        let running = selling(&dir, 1, Some(&cache));
+        sellers.push((node["node"].as_u64().unwrap(), running, cache));
     }
 
     let dir = tmp.path().join("c");
@@ -198,8 +199,19 @@ fn a_cluster_outlives_an_exchange_restart() {
     }
 
     // Its seller vanishes: the replacement joins the network as it is since the restart.
-    let at = sellers.iter().position(|(node, _)| Some(*node) == first["seller node"].as_u64()).unwrap();
-    drop(sellers.remove(at));
+    let at = sellers.iter().position(|(node, ..)| Some(*node) == first["seller node"].as_u64()).unwrap();
+    let (_, killed, cache) = sellers.remove(at);
+    drop(killed);
+    // Its VM dies with it: the kernel kills a seller's QEMUs when it dies.
+    let runs_from = |cache: &std::path::Path| {
+        let cache = cache.to_string_lossy().into_owned();
+        std::fs::read_dir("/proc").unwrap().flatten().any(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&cache)))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while runs_from(&cache) {
+        assert!(Instant::now() < deadline, "the killed seller's VM runs on");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let deadline = Instant::now() + Duration::from_secs(120);
     let second = loop {
         let status = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()]);

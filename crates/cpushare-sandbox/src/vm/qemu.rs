@@ -232,7 +232,21 @@ pub async fn start(spec: &VmSpec) -> io::Result<Vm> {
     args.extend(["-qmp".into(), format!("unix:{},server=on,wait=off", path(&qmp)?.replace(',', ",,"))]);
     // For whoever finds this VM orphaned (its seller killed): see `PIDFILE`.
     args.extend(["-pidfile".into(), path(&spec.work.join(PIDFILE))?.replace(',', ",,")]);
-    let mut child = Command::new(QEMU).args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true).spawn()?;
+    let mut command = Command::new(QEMU);
+    command.args(&args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).kill_on_drop(true);
+    // A seller killed outright (SIGKILL, a crash) runs no destructor: the
+    // kernel kills its VMs with it. (It fires when the spawning thread ends:
+    // a runtime worker, which lives as long as the seller.)
+    // SAFETY: prctl(2) with integer arguments only, async-signal-safe, between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = command.spawn()?;
     let console = child.stdout.take().expect("piped");
     Ok(Vm { child: Some(child), console, boot, qmp })
 }
