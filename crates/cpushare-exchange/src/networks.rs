@@ -36,7 +36,6 @@ struct Probe {
 }
 
 struct Network {
-    psk: [u8; 32],
     next_id: u32,
     members: BTreeMap<u32, pb::NetworkMember>,
     views: watch::Sender<Vec<pb::NetworkMember>>,
@@ -81,8 +80,8 @@ impl Networks {
         Ok(Networks { socket: UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?, secret, probes: Mutex::default(), networks: Mutex::default(), inbound: Mutex::default() })
     }
 
-    /// The secret of `order`'s network.
-    fn psk_of(&self, order: u64) -> [u8; 32] {
+    /// The secret of `order`'s network: derived, so the same after a restart.
+    pub fn psk(&self, order: u64) -> [u8; 32] {
         use sha2::Digest;
         sha2::Sha256::new().chain_update(self.secret).chain_update(order.to_le_bytes()).finalize().into()
     }
@@ -128,9 +127,8 @@ impl Networks {
     pub fn join(&self, order: u64, mut member: pb::NetworkMember, probe: u64, relay: bool, rejoin_as: u32) -> (u32, watch::Receiver<Vec<pb::NetworkMember>>) {
         let endpoint: SocketAddr = member.endpoint.parse().expect("resolved before");
         member.inbound = relay || self.confirmed(NodeId(member.node), probe, endpoint);
-        let psk = self.psk_of(order);
         let mut networks = self.networks.lock().unwrap();
-        let net = networks.entry(order).or_insert_with(|| Network { psk, next_id: 2, members: BTreeMap::new(), views: watch::channel(Vec::new()).0 });
+        let net = networks.entry(order).or_insert_with(|| Network { next_id: 2, members: BTreeMap::new(), views: watch::channel(Vec::new()).0 });
         let free = |id: u32| net.members.get(&id).is_none_or(|m| m.node == member.node);
         let id = if relay {
             1
@@ -152,10 +150,6 @@ impl Networks {
         let list: Vec<pb::NetworkMember> = net.members.values().cloned().collect();
         net.views.send_replace(list);
         (id, net.views.subscribe())
-    }
-
-    pub fn psk(&self, order: u64) -> Option<[u8; 32]> {
-        self.networks.lock().unwrap().get(&order).map(|n| n.psk)
     }
 
     /// A member leaves (its stream closed, its lease ended).
@@ -220,8 +214,8 @@ mod tests {
         assert_eq!(before.join(5, member(1), 0, true, 0).0, 1, "the buyer is 1");
         assert_eq!(before.join(5, member(2), 0, false, 0).0, 2);
         assert_eq!(before.join(5, member(3), 0, false, 0).0, 3);
-        let psk = before.psk(5).unwrap();
-        assert_ne!(Networks::new(secret).unwrap().psk_of(6), psk, "each network its own secret");
+        let psk = before.psk(5);
+        assert_ne!(Networks::new(secret).unwrap().psk(6), psk, "each network its own secret");
 
         // The exchange restarted: the members come back in another order, a new one among them.
         let after = Networks::new(secret).unwrap();
@@ -229,7 +223,7 @@ mod tests {
         assert_eq!(after.join(5, member(4), 0, false, 0).0, 4, "a new member takes none held");
         assert_eq!(after.join(5, member(2), 0, false, 2).0, 2);
         assert_eq!(after.join(5, member(1), 0, true, 0).0, 1);
-        assert_eq!(after.psk(5), Some(psk), "the same secret");
+        assert_eq!(after.psk(5), psk, "the same secret");
         // An id another node holds is not given; nor one outside the subnet.
         assert_eq!(after.join(5, member(9), 0, false, 3).0, 5);
         assert_eq!(after.join(5, member(10), 0, false, 70_000).0, 6);

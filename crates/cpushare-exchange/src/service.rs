@@ -516,7 +516,7 @@ impl Exchange for Handler {
         let endpoint = resolve_endpoint(&r.endpoint, seen)?;
         let member = pb::NetworkMember { node: c.node.0, public: r.public, key: Some(key), endpoint: endpoint.to_string(), lease, ..Default::default() };
         let (id, views) = self.networks.join(order, member, r.probe, lease == 0, r.rejoin_as);
-        let psk = self.networks.psk(order).expect("a network someone just joined");
+        let psk = self.networks.psk(order);
         let leave = Leave { networks: self.networks.clone(), order, id };
         let stream = tokio_stream::wrappers::WatchStream::new(views).map(move |members| {
             let _ = &leave;

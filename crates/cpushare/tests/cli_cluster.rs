@@ -121,8 +121,7 @@ fn livecd_prerequisites_missing(dir: &std::path::Path) -> bool {
 #[test]
 fn a_cluster_outlives_an_exchange_restart() {
     let tmp = tempfile::tempdir().unwrap();
-    let payload = "#!/bin/sh\ni=0\nwhile true; do if ping -c 1 -W 1 10.77.0.1 >/dev/null 2>&1; then p=ok; else p=lost; fi; echo \"tick $i ping $p\"; i=$((i+1)); sleep 1; done\n";
-    let Some(iso) = cpushare_sandbox::vm::testing::livecd(tmp.path(), "ticking", payload) else { return };
+    let Some(iso) = cpushare_sandbox::vm::testing::livecd(tmp.path(), "ticking", TICKING) else { return };
     let (mut exchange, operator) = exchange(tmp.path());
     let buyer = tmp.path().join("buyer");
     let buyer_account = member(&operator, "buyer", &buyer);
@@ -142,13 +141,7 @@ fn a_cluster_outlives_an_exchange_restart() {
     let first = json(&buyer, &["cluster", "status", "--dir", dir.to_str().unwrap()])[0].clone();
     let lease = first["lease"].as_u64().unwrap();
     // A node's clock: each tick's number, and whether the buyer answered its ping.
-    let clock = |lease: u64| -> Vec<(u64, bool)> {
-        let text = std::fs::read_to_string(dir.join(format!("console-{lease}.log"))).unwrap_or_default();
-        text.lines().filter_map(|l| {
-            let (n, ping) = l.trim().strip_prefix("tick ")?.split_once(" ping ")?;
-            Some((n.parse().ok()?, ping == "ok"))
-        }).collect()
-    };
+    let clock = |lease: u64| ticks(&std::fs::read_to_string(dir.join(format!("console-{lease}.log"))).unwrap_or_default());
     let wait_for = |what: &str, lease: u64, done: &dyn Fn(&[(u64, bool)]) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !done(&clock(lease)) {
@@ -163,17 +156,10 @@ fn a_cluster_outlives_an_exchange_restart() {
     exchange.0.kill().unwrap();
     exchange.0.wait().unwrap();
     let before = clock(lease).last().unwrap().0;
-    let settings = data.join("exchange.json");
-    let mut s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
-    s["heartbeat_timeout_secs"] = 5.into();
-    std::fs::write(&settings, s.to_string()).unwrap();
+    set_heartbeat_timeout(&data, 5);
     std::thread::sleep(Duration::from_secs(2));
-    exchange = Running(Command::new(BIN).args(["exchange", "run", "--no-web", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while run(&operator, &["exchange", "audit"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "the exchange did not come back");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    exchange = exchange_again(&data);
+    wait_for_exchange(&operator);
     // The same VM's clock, seen again at the buyer: it went on meanwhile,
     // and its pings still reach the buyer.
     wait_for("went on after the restart", lease, &|c| c.last().is_some_and(|t| t.0 >= before + 5));

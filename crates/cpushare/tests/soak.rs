@@ -42,9 +42,6 @@ const SELLERS: usize = 4;
 /// Buyers of tiles; one more runs clusters.
 const BUYERS: usize = 2;
 
-/// The cluster's livecd: its clock, a tick a second, each with whether the buyer answered a ping across the cluster's network.
-const TICKING: &str = "#!/bin/sh\ni=0\nwhile true; do if ping -c 1 -W 1 10.77.0.1 >/dev/null 2>&1; then p=ok; else p=lost; fi; echo \"tick $i ping $p\"; i=$((i+1)); sleep 1; done\n";
-
 /// The exchange process, killed and started again on its data.
 struct Exchange {
     data: PathBuf,
@@ -53,23 +50,11 @@ struct Exchange {
 }
 
 impl Exchange {
-    fn start(data: &Path) -> Running {
-        Running(Command::new(BIN).args(["exchange", "run", "--no-web", "--data"]).arg(data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-    }
-
     fn kill_and_restart(&mut self) {
         kill9(self.process.0.id());
         let _ = self.process.0.wait();
-        self.process = Exchange::start(&self.data);
-        self.wait_up();
-    }
-
-    fn wait_up(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while run(&self.operator, &["exchange", "audit"]).status.code() != Some(0) {
-            assert!(Instant::now() < deadline, "the exchange did not come back");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        self.process = exchange_again(&self.data);
+        wait_for_exchange(&self.operator);
     }
 }
 
@@ -135,7 +120,6 @@ struct Job {
 }
 
 /// What a buyer runs, job after job.
-#[derive(PartialEq)]
 enum Work {
     Tiles,
     /// A one-node cluster booting this livecd.
@@ -187,7 +171,7 @@ fn check_outputs(out: &Path, reference: &Path) -> usize {
 /// (through exchange restarts: a VM that booted again would start at tick 0).
 /// Returns its nodes, their ticks and how many of those reached the buyer by ping.
 fn check_cluster(dir: &Path, said: &str) -> (usize, usize, usize) {
-    let (mut nodes, mut ticks, mut pings) = (0, 0, 0);
+    let (mut nodes, mut ticked, mut pings) = (0, 0, 0);
     for e in std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()) {
         if !e.file_name().unwrap().to_string_lossy().starts_with("console-") {
             continue;
@@ -195,17 +179,13 @@ fn check_cluster(dir: &Path, said: &str) -> (usize, usize, usize) {
         let console = std::fs::read_to_string(&e).unwrap();
         let boots = console.matches("cpushare-livecd: up").count();
         assert!(boots <= 1, "a VM booted twice in one lease: {console}\n{said}");
-        let clock: Vec<(u64, bool)> = console.lines().filter_map(|l| {
-            let rest = l.trim().strip_prefix("tick ")?;
-            let (n, ping) = rest.split_once(" ping ")?;
-            Some((n.parse().ok()?, ping == "ok"))
-        }).collect();
+        let clock = ticks(&console);
         assert!(clock.windows(2).all(|w| w[0].0 < w[1].0), "a VM's clock went back: {console}");
         nodes += boots;
-        ticks += clock.len();
+        ticked += clock.len();
         pings += clock.iter().filter(|t| t.1).count();
     }
-    (nodes, ticks, pings)
+    (nodes, ticked, pings)
 }
 
 /// The ledger balances and each running lease's charge is its delivered time at its price, within a cent.
@@ -290,12 +270,9 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
     // From here on the exchange runs as this test's own process, killed at will,
     // with a heartbeat timeout of 5 s so that lost sellers and buyers end soon.
     drop(first);
-    let settings = tmp.path().join("data/exchange.json");
-    let mut s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
-    s["heartbeat_timeout_secs"] = 5.into();
-    std::fs::write(&settings, s.to_string()).unwrap();
-    let mut ex = Exchange { data: tmp.path().join("data"), operator: operator.clone(), process: Exchange::start(&tmp.path().join("data")) };
-    ex.wait_up();
+    set_heartbeat_timeout(&tmp.path().join("data"), 5);
+    let mut ex = Exchange { data: tmp.path().join("data"), operator: operator.clone(), process: exchange_again(&tmp.path().join("data")) };
+    wait_for_exchange(&operator);
 
     let mut buyers: Vec<Buyer> = (0..buyer_count)
         .map(|i| {
@@ -398,7 +375,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                     note(&mut peak, "buyer", job.child.id());
                     if job.child.try_wait().unwrap().is_none() {
                         assert!(job.started.elapsed() < Duration::from_secs(300), "a job of {} did not finish in 300 s", b.name);
-                        if b.work != Work::Tiles && !job.killed && !job.stopped {
+                        if matches!(b.work, Work::Cluster(_)) && !job.killed && !job.stopped {
                             // A cluster runs a while once up (to the end of the soak at most), then is stopped.
                             let said = std::fs::read_to_string(job.out.with_extension("said")).unwrap_or_default();
                             if job.stop_at.is_none() && said.contains("node(s) up") {
@@ -417,7 +394,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                         b.orphaned = Some(Instant::now());
                         continue;
                     }
-                    if b.work != Work::Tiles {
+                    if matches!(b.work, Work::Cluster(_)) {
                         // It ended: stopped, or its buyer taken for lost (a long partition) and its order with it.
                         let said = std::fs::read_to_string(job.out.with_extension("said")).unwrap_or_default();
                         assert!(output.status.success(), "a cluster of {} failed: {said}", b.name);

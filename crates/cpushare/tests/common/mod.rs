@@ -58,12 +58,45 @@ pub fn exchange_on(tmp: &Path, address: &str) -> (Running, PathBuf) {
     fails(&operator, &["exchange", "init", "--data", data.to_str().unwrap()], "already holds an exchange");
     let child = Command::new(BIN).args(["exchange", "run", "--web", "127.0.0.1:0", "--data"]).arg(&data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let running = Running(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while run(&operator, &["exchange", "audit"]).status.code() != Some(0) {
-        assert!(Instant::now() < deadline, "the exchange did not start");
+    wait_for_exchange(&operator);
+    (running, operator)
+}
+
+/// The exchange on `data` again (as after a kill), without its dashboard.
+pub fn exchange_again(data: &Path) -> Running {
+    Running(Command::new(BIN).args(["exchange", "run", "--no-web", "--data"]).arg(data).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
+}
+
+/// Waits (at most 30 s) until the exchange answers `operator`'s audit.
+pub fn wait_for_exchange(operator: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while run(operator, &["exchange", "audit"]).status.code() != Some(0) {
+        assert!(Instant::now() < deadline, "the exchange did not come up");
         std::thread::sleep(Duration::from_millis(100));
     }
-    (running, operator)
+}
+
+/// Sets the heartbeat timeout of the exchange on `data` (taken at its next start).
+pub fn set_heartbeat_timeout(data: &Path, secs: u64) {
+    let settings = data.join("exchange.json");
+    let mut s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+    s["heartbeat_timeout_secs"] = secs.into();
+    std::fs::write(&settings, s.to_string()).unwrap();
+}
+
+/// A livecd payload that is a clock: a tick a second, each saying whether
+/// the buyer (10.77.0.1) answered a ping across the cluster's network.
+pub const TICKING: &str = "#!/bin/sh\ni=0\nwhile true; do if ping -c 1 -W 1 10.77.0.1 >/dev/null 2>&1; then p=ok; else p=lost; fi; echo \"tick $i ping $p\"; i=$((i+1)); sleep 1; done\n";
+
+/// The ticks in a [`TICKING`] node's console: each one's number, and whether its ping was answered.
+pub fn ticks(console: &str) -> Vec<(u64, bool)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let (n, ping) = l.trim().strip_prefix("tick ")?.split_once(" ping ")?;
+            Some((n.parse().ok()?, ping == "ok"))
+        })
+        .collect()
 }
 
 
