@@ -81,16 +81,28 @@ pub async fn takes_inbound_udp(conn: &Connection) -> anyhow::Result<bool> {
 /// Joins `order`'s network (`lease` 0: as its buyer) with `public` as this
 /// node's key, receiving at `port` (probe: the one confirmed for it, or 0).
 pub async fn join(conn: &Connection, identity: &Identity, order: u64, lease: u64, public: [u8; 32], port: u16, probe: u64) -> anyhow::Result<tonic::Streaming<pb::NetworkView>> {
-    let req = join_request(identity, order, lease, public, port, probe, 0)?;
+    let req = Joining { identity, order, lease, public, port }.request(probe, 0)?;
     Ok(conn.exchange.clone().join_network(req).await.map_err(status)?.into_inner())
 }
 
-/// What [`join`] asks, `rejoin_as` the member id this node had (0: none).
-fn join_request(identity: &Identity, order: u64, lease: u64, public: [u8; 32], port: u16, probe: u64, rejoin_as: u32) -> anyhow::Result<pb::JoinNetworkRequest> {
-    let statement = pb::VnetKey { order, public: public.to_vec() }.encode_to_vec();
-    let signature = identity.sign_statement(VNET_KEY_STATEMENT, &statement)?;
-    let key = pb::SignedStatement { statement, signature, certificate: identity.cert.to_vec() };
-    Ok(pb::JoinNetworkRequest { order, lease, public: public.to_vec(), key: Some(key), endpoint: format!("0.0.0.0:{port}"), probe, rejoin_as })
+/// Who joins which network, with which key, receiving at which port.
+struct Joining<'a> {
+    identity: &'a Identity,
+    order: u64,
+    lease: u64,
+    public: [u8; 32],
+    port: u16,
+}
+
+impl Joining<'_> {
+    /// What it asks, `rejoin_as` the member id it had (0: none).
+    fn request(&self, probe: u64, rejoin_as: u32) -> anyhow::Result<pb::JoinNetworkRequest> {
+        let Joining { identity, order, lease, public, port } = *self;
+        let statement = pb::VnetKey { order, public: public.to_vec() }.encode_to_vec();
+        let signature = identity.sign_statement(VNET_KEY_STATEMENT, &statement)?;
+        let key = pb::SignedStatement { statement, signature, certificate: identity.cert.to_vec() };
+        Ok(pb::JoinNetworkRequest { order, lease, public: public.to_vec(), key: Some(key), endpoint: format!("0.0.0.0:{port}"), probe, rejoin_as })
+    }
 }
 
 /// A member whose stream broke (the exchange restarted, the link failed)
@@ -98,14 +110,15 @@ fn join_request(identity: &Identity, order: u64, lease: u64, public: [u8; 32], p
 /// again through the running node (which hands over the probe's token).
 /// Tries until it is back, or returns None once the exchange says it may no
 /// longer join (its lease or order ended).
-async fn rejoin(conn: &Connection, identity: &Identity, order: u64, lease: u64, public: [u8; 32], port: u16, me: u32, tokens: &std::sync::Mutex<std::sync::mpsc::Receiver<[u8; 16]>>) -> Option<tonic::Streaming<pb::NetworkView>> {
+async fn rejoin(conn: &Connection, who: &Joining<'_>, me: u32, tokens: &std::sync::Mutex<std::sync::mpsc::Receiver<[u8; 16]>>) -> Option<tonic::Streaming<pb::NetworkView>> {
+    let order = who.order;
     let mut pause = std::time::Duration::from_millis(500);
     loop {
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(std::time::Duration::from_secs(5));
         let next_token = || tokens.lock().unwrap().try_recv().ok();
         while next_token().is_some() {}
-        let Ok((probe, _)) = request_probe(conn, port).await else { continue };
+        let Ok((probe, _)) = request_probe(conn, who.port).await else { continue };
         let mut token = None;
         for _ in 0..20 {
             if let Some(t) = next_token() {
@@ -118,7 +131,7 @@ async fn rejoin(conn: &Connection, identity: &Identity, order: u64, lease: u64, 
             Some(t) if confirm_probe(conn, probe, t).await.is_ok() => probe,
             _ => 0,
         };
-        let Ok(req) = join_request(identity, order, lease, public, port, probe, me) else { return None };
+        let Ok(req) = who.request(probe, me) else { return None };
         match conn.exchange.clone().join_network(req).await {
             Ok(r) => {
                 tracing::info!(order, member = me, "back on the network's member list");
@@ -288,7 +301,8 @@ pub async fn attach(conn: &Connection, identity: &Identity, ca: &rustls::pki_typ
                     Err(e) => tracing::warn!("a member list refused: {e:#}"),
                 }
             }
-            match rejoin(&conn, &identity, order, lease, public, port, me_id, &tokens).await {
+            let who = Joining { identity: &identity, order, lease, public, port };
+            match rejoin(&conn, &who, me_id, &tokens).await {
                 Some(s) => stream = s,
                 None => return,
             }
