@@ -68,7 +68,7 @@ pub(crate) async fn serve(
     mut inbound: tonic::Streaming<pb::RelayFrame>,
     out: mpsc::Sender<pb::RelayFrame>,
 ) -> anyhow::Result<()> {
-    let work = setup.cache_dir.join("work").join(format!("lease-{}-{}", setup.lease, std::process::id()));
+    let work = setup.cache_dir.join("work").join(format!("lease-{}-{}", setup.lease, crate::process_tag::own()));
     let files_dir = setup.cache_dir.join("files");
     std::fs::create_dir_all(&files_dir)?;
     let _ = std::fs::remove_dir_all(&work);

@@ -6,6 +6,7 @@
 
 pub mod bench;
 mod emulated;
+mod process_tag;
 pub mod vm_lease;
 pub mod testbed;
 
@@ -454,7 +455,7 @@ impl Seller {
             slot_ram_mib: self.config.ram_per_slot_mib,
             node: self.node.clone(),
             qemu_version: self.probe.qemu_version.clone(),
-            work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", std::process::id())),
+            work: self.config.cache_dir.join("vm").join(format!("lease-{lease}-{}", process_tag::own())),
             session: self.session.clone(),
         }
     }

@@ -300,7 +300,7 @@ pub(crate) async fn serve(
         mib => {
             let shm = Path::new("/dev/shm");
             let dir = if shm.is_dir() { shm } else { setup.work.as_path() };
-            let at = dir.join(format!("cpushare-scratch-{}-{}", setup.lease, std::process::id()));
+            let at = dir.join(format!("cpushare-scratch-{}-{}", setup.lease, crate::process_tag::own()));
             File::create(&at)?.set_len(mib as u64 * (1 << 20))?;
             Some(RemoveOnDrop(at))
         }
@@ -412,14 +412,14 @@ pub(crate) async fn serve(
 }
 
 /// Kills the VMs that sellers killed before they could stop them left
-/// running, and removes their work directories: `cache_dir/vm/lease-N-PID`,
-/// PID a seller process now dead, holding QEMU's pid file.
+/// running, and removes their work directories: `cache_dir/vm/lease-N-TAG`,
+/// TAG a seller process now gone (see `process_tag`), holding QEMU's pid file.
 pub fn remove_stale_vms(cache_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(cache_dir.join("vm")) else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(seller) = name.strip_prefix("lease-").and_then(|r| r.rsplit('-').next()).and_then(|p| p.parse::<u32>().ok()) else { continue };
-        if Path::new("/proc").join(seller.to_string()).exists() {
+        let Some(seller) = name.strip_prefix("lease-").and_then(|r| r.rsplit('-').next()) else { continue };
+        if crate::process_tag::alive(seller) {
             continue;
         }
         let qemu = std::fs::read_to_string(e.path().join(vm::PIDFILE)).ok().and_then(|p| p.trim().parse::<i32>().ok());
@@ -437,13 +437,13 @@ pub fn remove_stale_vms(cache_dir: &Path) {
 }
 
 /// Removes the scratch disks that sellers killed before they could clean up
-/// left in RAM (their names end with the seller's process id, now dead).
+/// left in RAM (their names end with the tag of the seller that made them, now gone).
 pub fn remove_stale_scratch() {
     let Ok(entries) = std::fs::read_dir("/dev/shm") else { return };
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name.strip_prefix("cpushare-scratch-").and_then(|r| r.rsplit('-').next()) else { continue };
-        if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
+        let Some(seller) = name.strip_prefix("cpushare-scratch-").and_then(|r| r.rsplit('-').next()) else { continue };
+        if !crate::process_tag::alive(seller) {
             let _ = std::fs::remove_file(e.path());
         }
     }
@@ -523,13 +523,13 @@ mod tests {
     fn a_vm_left_by_a_killed_seller_is_killed_at_the_next_start() {
         use std::os::unix::process::CommandExt;
         let dir = tempfile::tempdir().unwrap();
-        // A seller process that is gone (a pid above the highest the kernel
-        // gives: one that exited could be reused at once by a busy machine),
-        // and one that lives (this one).
-        let pid_max: u32 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
-        let dead = pid_max + 1;
+        // A seller process that is gone (this pid, started at another time:
+        // what a reused pid looks like), and one that lives (this one).
+        let live = crate::process_tag::own();
+        let (pid, start) = live.split_once('.').unwrap();
+        let dead = format!("{pid}.{}", start.parse::<u64>().unwrap() + 1);
         let orphan_dir = dir.path().join(format!("vm/lease-7-{dead}"));
-        let live_dir = dir.path().join(format!("vm/lease-8-{}", std::process::id()));
+        let live_dir = dir.path().join(format!("vm/lease-8-{live}"));
         // What looks like its QEMU (only a QEMU is killed: a pid may be reused).
         let mut qemu = std::process::Command::new("sleep").arg0("qemu-system-x86_64").arg("600").spawn().unwrap();
         for d in [&orphan_dir, &live_dir] {
