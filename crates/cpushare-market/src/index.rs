@@ -26,8 +26,6 @@
 //! Deeper trees, or extra flat lists per score bucket, cost more in upkeep and
 //! node visits than they saved in scanning.
 
-use std::collections::BTreeMap;
-
 use arrayvec::ArrayVec;
 
 use crate::OrderId;
@@ -113,23 +111,18 @@ impl Bound {
         }
     }
 
-    /// Buckets whose every value passes, as a bit mask.
-    fn whole_buckets(self, query: u32) -> Mask {
-        if self == Bound::Intersects {
-            return self.reachable(query);
-        }
+    /// The buckets that may hold a passing entry, as a range, for a number
+    /// (`reachable` as a range: a bound on a number reaches one side of its
+    /// query's bucket), and the bucket of that range that also holds failing
+    /// values, if any (`FANOUT` if none). A bit set reaches buckets in no order:
+    /// all of them, its mask decides.
+    fn span(self, query: u32) -> ((usize, usize), usize) {
         let b = bucket(query);
         let (lo, hi) = bucket_range(b);
-        let reachable = self.reachable(query);
-        let boundary = match self {
-            Bound::AtLeast => lo < query,
-            Bound::AtMost => hi > query,
-            Bound::Intersects => unreachable!(),
-        };
-        if boundary {
-            reachable & !(1 << b)
-        } else {
-            reachable
+        match self {
+            Bound::AtLeast => ((b, FANOUT), if lo < query { b } else { FANOUT }),
+            Bound::AtMost => ((0, b + 1), if hi > query { b } else { FANOUT }),
+            Bound::Intersects => ((0, FANOUT), FANOUT),
         }
     }
 }
@@ -199,6 +192,15 @@ impl Node {
         let bit: Mask = 1 << bucket;
         (self.present & bit != 0).then(|| (self.present & (bit - 1)).count_ones() as usize)
     }
+
+    /// How many children have a bucket below `bucket` (up to `FANOUT`).
+    fn rank(&self, bucket: usize) -> usize {
+        if bucket >= FANOUT {
+            self.children.len()
+        } else {
+            (self.present & ((1 << bucket) - 1)).count_ones() as usize
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -209,7 +211,7 @@ struct Entry {
 
 /// Entries in priority order.
 #[derive(Debug, Clone, Default)]
-struct Cell(BTreeMap<Key, Entry>);
+struct Cell(std::collections::BTreeMap<Key, Entry>);
 
 impl Cell {
     fn insert(&mut self, key: Key, e: Entry) -> bool {
@@ -341,7 +343,8 @@ impl FilterIndex {
             free_from[d] = free_from[d + 1] && self.bounds[d].unconstrained(query[d]);
         }
         let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
-        let whole = std::array::from_fn(|d| self.bounds[d].whole_buckets(query[d]));
+        let spans: [_; TREE] = std::array::from_fn(|d| self.bounds[d].span(query[d]));
+        let numeric = std::array::from_fn(|d| self.bounds[d] != Bound::Intersects);
         // Scanning checks each attribute against a range; a bit set is a tree level, and
         // its buckets are exact, so the tree has already decided it.
         let mut lo = [0; DIMS];
@@ -354,7 +357,7 @@ impl FilterIndex {
             }
         }
         let mut search =
-            Search { index: self, free_from, reachable, whole, lo, hi, found: None, bound: limit.saturating_add(1) };
+            Search { index: self, free_from, reachable, numeric, spans, lo, hi, found: None, bound: limit.saturating_add(1) };
         search.node(0, 0, true, self.root_best);
         search.found
     }
@@ -419,9 +422,12 @@ struct Search<'a> {
     index: &'a FilterIndex,
     /// `free_from[d]`: no attribute from `d` on is constrained.
     free_from: [bool; DIMS + 1],
-    /// Per tree level, the buckets that may hold a passing entry, and those that only do.
+    /// Per tree level, the buckets that may hold a passing entry (for a bit set)...
     reachable: [Mask; TREE],
-    whole: [Mask; TREE],
+    /// ...or whether it is a number, and then the range of buckets that may hold
+    /// a passing entry and the one of them that may also hold failing ones.
+    numeric: [bool; TREE],
+    spans: [((usize, usize), usize); TREE],
     /// Per attribute, the range of values that pass.
     lo: [u32; DIMS],
     hi: [u32; DIMS],
@@ -453,30 +459,38 @@ impl Search<'_> {
             return;
         }
         let node = &self.index.nodes[n];
-        let (reachable, whole) = (self.reachable[level], self.whole[level]);
         // A child whose whole subtree passes is answered by its cached best: only the
         // best of those matters. The others must be searched, best-first, so that the
-        // first fit prunes the rest.
+        // first fit prunes the rest. On a number's level only the children in the
+        // reachable range are visited at all.
         let child_free = self.free_from[level + 1];
-        let mut partial: ArrayVec<(Key, u8), FANOUT> = ArrayVec::new();
-        for (pos, c) in node.children.iter().enumerate() {
-            let bit: Mask = 1 << c.bucket;
-            if reachable & bit == 0 || !self.could_win(c.best) {
+        let ((from, to), edge) = self.spans[level];
+        let first = node.rank(from);
+        let mut partial: ArrayVec<(Key, u8, bool), FANOUT> = ArrayVec::new();
+        for (i, c) in node.children[first..node.rank(to)].iter().enumerate() {
+            if !self.could_win(c.best) {
                 continue;
             }
-            if passing && child_free && whole & bit != 0 {
+            let whole = if self.numeric[level] {
+                c.bucket as usize != edge
+            } else if self.reachable[level] & (1 << c.bucket) == 0 {
+                continue;
+            } else {
+                true
+            };
+            if passing && child_free && whole {
                 self.take((c.best, c.best_id));
             } else {
-                partial.push((c.best, pos as u8));
+                partial.push((c.best, (first + i) as u8, whole));
             }
         }
         partial.sort_unstable_by_key(|o| o.0);
-        for &(best, pos) in partial.iter() {
+        for &(best, pos, whole) in partial.iter() {
             if !self.could_win(best) {
                 break;
             }
             let c = node.children[pos as usize];
-            let child_passing = passing && whole & (1 << c.bucket) != 0;
+            let child_passing = passing && whole;
             if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
             } else if child_passing && self.free_from[TREE] {
