@@ -9,7 +9,7 @@ use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&which, bytes)) = data.split_first() else { return };
-    match which % 8 {
+    match which % 9 {
         0 => {
             if let Ok(r) = pb::PlaceBuyRequest::decode(bytes) {
                 let _ = convert::buy_from(r);
@@ -39,6 +39,18 @@ fuzz_target!(|data: &[u8]| {
         4 => drop(pb::JobMessage::decode(bytes)),
         5 => drop(pb::NetworkView::decode(bytes)),
         6 => drop(pb::SessionMessage::decode(bytes)),
+        7 => {
+            if let Ok(e) = pb::OrderEntry::decode(bytes) {
+                match e.order {
+                    Some(pb::order_entry::Order::Buy(r)) => drop(convert::buy_from(r)),
+                    Some(pb::order_entry::Order::Sell(r)) => {
+                        let _ = convert::slot_from(r.slot);
+                        let _ = convert::kind_asks_from(&r.kind_asks);
+                    }
+                    _ => {}
+                }
+            }
+        }
         _ => drop(pb::JoinNetworkRequest::decode(bytes)),
     }
 });

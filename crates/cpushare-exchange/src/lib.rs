@@ -8,6 +8,7 @@ pub mod job;
 pub mod netclient;
 pub mod networks;
 pub mod node;
+pub mod order_entry;
 pub mod pki;
 pub mod relay;
 pub mod server;

@@ -50,6 +50,7 @@ pub struct Api {
 }
 
 type Stream_<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+pub(crate) type OrderAcks = Stream_<pb::OrderAck>;
 
 /// What tonic serves: the API behind a shared pointer.
 #[derive(Clone)]
@@ -113,10 +114,7 @@ impl Api {
             .ok_or_else(|| Status::unauthenticated("this call needs a node certificate: enroll first (cpushare enroll)"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
         let fp = fingerprint(leaf);
-        let caller = self.engine.shared.caller(&fp).ok_or_else(|| {
-            Status::unauthenticated("this node's certificate is not trusted here (revoked, or from another exchange)")
-        })?;
-        Ok((caller, fp))
+        Ok((self.trusted(&fp)?, fp))
     }
 
     fn admin<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
@@ -142,6 +140,45 @@ impl Api {
         }
         *tokens -= 1.0;
         Ok(())
+    }
+
+    /// PlaceBuy for a caller already identified (by its call, or by the
+    /// order-entry stream it sends on); PlaceSell and CancelOrder alike below.
+    pub(crate) async fn place_buy_as(&self, c: Caller, r: pb::PlaceBuyRequest) -> Result<pb::OrderReply, Status> {
+        self.rate_limit(c.account)?;
+        let request = buy_from(r)?;
+        self.call(move |core| {
+            let now = core.now();
+            let order = core.state.market.place_buy(c.account, request, now).map_err(market_error)?;
+            let leases = core.state.market.buy_order(order).map(|o| o.leases.iter().map(|l| l.0).collect()).unwrap_or_default();
+            Ok(pb::OrderReply { order: order.0, leases })
+        })
+        .await?
+    }
+
+    pub(crate) async fn place_sell_as(&self, c: Caller, r: pb::PlaceSellRequest) -> Result<pb::OrderReply, Status> {
+        self.rate_limit(c.account)?;
+        let request = SellRequest { node: c.node, slot: slot_from(r.slot)?, ask: r.ask, kind_asks: kind_asks_from(&r.kind_asks)? };
+        self.call(move |core| {
+            let now = core.now();
+            let order = core.state.market.place_sell(c.account, request, now).map_err(market_error)?;
+            let leases = core.state.market.sell_order(order).and_then(|o| o.lease).map(|l| vec![l.0]).unwrap_or_default();
+            Ok(pb::OrderReply { order: order.0, leases })
+        })
+        .await?
+    }
+
+    pub(crate) async fn cancel_order_as(&self, c: Caller, order: OrderId) -> Result<(), Status> {
+        self.rate_limit(c.account)?;
+        self.call(move |core| core.cancel_order(c.account, order).map_err(market_error)).await?
+    }
+
+    /// The node whose certificate has this fingerprint, while it is trusted
+    /// (a revoked node is refused from its next request on).
+    pub(crate) fn trusted(&self, fingerprint: &str) -> Result<Caller, Status> {
+        self.engine.shared.caller(fingerprint).ok_or_else(|| {
+            Status::unauthenticated("this node's certificate is not trusted here (revoked, or from another exchange)")
+        })
     }
 
     async fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Core) -> T + Send + 'static) -> Result<T, Status> {
@@ -319,41 +356,25 @@ impl Exchange for Handler {
 
     async fn place_buy(&self, req: Request<pb::PlaceBuyRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let c = self.caller(&req)?;
-        self.rate_limit(c.account)?;
-        let request = buy_from(req.into_inner())?;
-        let reply = self
-            .call(move |core| {
-                let now = core.now();
-                let order = core.state.market.place_buy(c.account, request, now).map_err(market_error)?;
-                let leases = core.state.market.buy_order(order).map(|o| o.leases.iter().map(|l| l.0).collect()).unwrap_or_default();
-                Ok::<_, Status>(pb::OrderReply { order: order.0, leases })
-            })
-            .await??;
-        Ok(Response::new(reply))
+        Ok(Response::new(self.place_buy_as(c, req.into_inner()).await?))
     }
 
     async fn place_sell(&self, req: Request<pb::PlaceSellRequest>) -> Result<Response<pb::OrderReply>, Status> {
         let c = self.caller(&req)?;
-        self.rate_limit(c.account)?;
-        let r = req.into_inner();
-        let request = SellRequest { node: c.node, slot: slot_from(r.slot)?, ask: r.ask, kind_asks: kind_asks_from(&r.kind_asks)? };
-        let reply = self
-            .call(move |core| {
-                let now = core.now();
-                let order = core.state.market.place_sell(c.account, request, now).map_err(market_error)?;
-                let leases = core.state.market.sell_order(order).and_then(|o| o.lease).map(|l| vec![l.0]).unwrap_or_default();
-                Ok::<_, Status>(pb::OrderReply { order: order.0, leases })
-            })
-            .await??;
-        Ok(Response::new(reply))
+        Ok(Response::new(self.place_sell_as(c, req.into_inner()).await?))
     }
 
     async fn cancel_order(&self, req: Request<pb::CancelOrderRequest>) -> Result<Response<pb::CancelReply>, Status> {
         let c = self.caller(&req)?;
-        self.rate_limit(c.account)?;
-        let order = OrderId(req.into_inner().order);
-        self.call(move |core| core.cancel_order(c.account, order).map_err(market_error)).await??;
+        self.cancel_order_as(c, OrderId(req.into_inner().order)).await?;
         Ok(Response::new(pb::CancelReply {}))
+    }
+
+    type PlaceOrdersStream = OrderAcks;
+
+    async fn place_orders(&self, req: Request<Streaming<pb::OrderEntry>>) -> Result<Response<Self::PlaceOrdersStream>, Status> {
+        let (_, fingerprint) = self.identify(&req)?;
+        Ok(Response::new(crate::order_entry::serve(self.0.clone(), fingerprint, req.into_inner())))
     }
 
     async fn list_orders(&self, req: Request<pb::ListOrdersRequest>) -> Result<Response<pb::ListOrdersReply>, Status> {

@@ -401,3 +401,100 @@ async fn a_vanished_buyer_of_a_watched_order_is_lost_and_pays_for_nothing_more()
     beats.abort();
     ex.running.listening.shutdown().await;
 }
+
+/// Sends `entries` on one order-entry stream, all at once, and collects the answers.
+async fn entry_stream(conn: &mut cpushare_exchange::client::Connection, entries: Vec<pb::OrderEntry>) -> Vec<pb::OrderAck> {
+    let n = entries.len();
+    let acks = conn.exchange.place_orders(tokio_stream::iter(entries)).await.unwrap().into_inner();
+    let acks: Vec<pb::OrderAck> = acks.map(|a| a.unwrap()).collect().await;
+    assert_eq!(acks.len(), n, "every entry is answered");
+    acks
+}
+
+fn entry(tag: u64, order: pb::order_entry::Order) -> pb::OrderEntry {
+    pb::OrderEntry { tag, order: Some(order) }
+}
+
+#[tokio::test]
+async fn many_orders_in_flight_on_one_stream_are_answered_in_order_each_as_its_call_would() {
+    let mut ex = Exchange::start(|s| {
+        s.orders_per_sec = 1e6;
+        s.order_burst = 1e6;
+    })
+    .await;
+    let (alice, mut a) = ex.member("alice", 1_000_000).await;
+    let (_b, mut b) = ex.member("bob", 0).await;
+    let (_c, mut carol) = ex.member("carol", 1_000_000).await;
+    let carols = carol.exchange.place_buy(buy(1, 1)).await.unwrap().into_inner().order;
+
+    // Bob sells 150 slots and Alice buys 200 CPUs, on a stream each, far more
+    // than the window in flight; among Alice's entries, refused ones.
+    use pb::order_entry::Order;
+    let sells = (0..150).map(|i| entry(i, Order::Sell(pb::PlaceSellRequest { slot: Some(slot()), ask: 5, kind_asks: vec![] }))).collect();
+    let sold = entry_stream(&mut b, sells).await;
+    assert!(sold.iter().enumerate().all(|(i, a)| a.tag == i as u64 && a.code == 0 && a.placed.is_some()), "{sold:?}");
+    let mut buys: Vec<_> = (0..200).map(|i| entry(i, Order::Buy(buy(1, 10)))).collect();
+    buys[10] = entry(10, Order::Buy(buy(0, 10)));
+    buys[20] = entry(20, Order::Cancel(pb::CancelOrderRequest { order: carols }));
+    buys[30] = pb::OrderEntry { tag: 30, order: None };
+    let acks = entry_stream(&mut a, buys).await;
+    assert!(acks.iter().enumerate().all(|(i, a)| a.tag == i as u64), "answers in the order sent");
+    assert_eq!(acks[10].code, Code::InvalidArgument as i32);
+    assert!(acks[10].error.contains("cpus must be between"), "{}", acks[10].error);
+    assert_eq!(acks[20].code, Code::NotFound as i32, "another account's order does not exist: {:?}", acks[20]);
+    assert_eq!(acks[30].code, Code::InvalidArgument as i32);
+    let placed: Vec<_> = acks.iter().filter_map(|a| a.placed.clone()).collect();
+    assert_eq!(placed.len(), 197, "the stream carried on past refused entries");
+    // The first 150 buys each took one of Bob's slots; the rest rest in the book.
+    let leased: usize = placed.iter().map(|p| p.leases.len()).sum();
+    assert_eq!(leased, 150);
+    let orders = a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders;
+    assert_eq!(orders.len(), 197, "every answered order is there");
+    let leases = a.exchange.list_leases(pb::ListLeasesRequest {}).await.unwrap().into_inner().leases;
+    assert_eq!(leases.len(), 150);
+
+    // A cancel on the stream, and what a restart finds: everything answered was durable.
+    let resting = placed.iter().find(|p| p.leases.is_empty()).unwrap().order;
+    let cancelled = entry_stream(&mut a, vec![entry(7, Order::Cancel(pb::CancelOrderRequest { order: resting }))]).await;
+    assert_eq!((cancelled[0].code, cancelled[0].placed.as_ref().map(|p| p.order)), (0, Some(resting)));
+    let balance = a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner();
+    ex.running.listening.shutdown().await;
+    let running = datadir::run(&ex.data, Some("127.0.0.1:0".parse().unwrap())).await.unwrap();
+    let mut node = alice;
+    node.url = format!("https://127.0.0.1:{}", running.listening.addr.port());
+    let mut a = node.connect().await.unwrap();
+    assert_eq!(a.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner().orders.len(), 196);
+    assert_eq!(a.exchange.balance(pb::BalanceRequest {}).await.unwrap().into_inner(), balance);
+    running.listening.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_order_stream_is_rate_limited_and_stops_at_its_node_s_revocation() {
+    let mut ex = Exchange::start(|s| {
+        s.orders_per_sec = 1.0;
+        s.order_burst = 3.0;
+    })
+    .await;
+    let (alice, mut a) = ex.member("alice", 10_000).await;
+    use pb::order_entry::Order;
+    let acks = entry_stream(&mut a, (0..5).map(|i| entry(i, Order::Buy(buy(1, 1)))).collect()).await;
+    let codes: Vec<i32> = acks.iter().map(|a| a.code).collect();
+    assert_eq!(&codes[..3], &[0, 0, 0], "the burst");
+    assert_eq!(&codes[3..], &[Code::ResourceExhausted as i32; 2]);
+    assert!(acks[4].error.contains("per second per account"), "{}", acks[4].error);
+
+    // An open stream: one entry taken, then the node is revoked, and the next is refused.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut acks = a.exchange.place_orders(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap().into_inner();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tx.send(entry(1, Order::Buy(buy(1, 1)))).await.unwrap();
+    assert_eq!(acks.next().await.unwrap().unwrap().code, 0);
+    ex.admin.admin.revoke_node(pb::RevokeNodeRequest { node: alice.node }).await.unwrap();
+    tx.send(entry(2, Order::Buy(buy(1, 1)))).await.unwrap();
+    let refused = acks.next().await.unwrap().unwrap();
+    assert_eq!(refused.code, Code::Unauthenticated as i32);
+    assert!(refused.error.contains("revoked"), "{}", refused.error);
+    drop(tx);
+    assert!(acks.next().await.is_none(), "the stream ends when its sender does");
+    ex.running.listening.shutdown().await;
+}
