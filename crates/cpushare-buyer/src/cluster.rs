@@ -341,7 +341,7 @@ impl<R: std::io::Read> std::io::Read for Counted<R> {
 /// kept the VM running, and says so when offered the image again.
 async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &ClusterSpec, facts: &Facts<'_>, events: &mpsc::Sender<Event>) -> anyhow::Result<Stop> {
     let log_path = spec.logs.join(format!("console-{lease}.log"));
-    let mut node = NodeSoFar { log: tokio::fs::File::create(&log_path).await?, log_path, booted: false, upload: None };
+    let mut node = NodeSoFar { log: tokio::fs::File::create(&log_path).await?, log_path, console: 0, booted: false, upload: None };
     loop {
         match attach_node(conn, lease, seller_node, spec, facts, events, &mut node).await? {
             Attach::Stopped(stop) => return Ok(stop),
@@ -360,6 +360,8 @@ async fn boot_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clust
 struct NodeSoFar {
     log_path: PathBuf,
     log: tokio::fs::File,
+    /// Console bytes in the log (a relay opened again asks for what follows).
+    console: u64,
     /// Whether the buyer has been told it booted.
     booted: bool,
     /// What the upload sent and how long it took, once done.
@@ -386,7 +388,7 @@ async fn attach_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clu
         Ok(r) => r.into_inner(),
         Err(s) => return broke(&s.message()),
     };
-    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib, network_order: if spec.network { facts.order } else { 0 } }))).await?;
+    out.send(job::frame(Say::ImageOffer(pb::ImageOffer { sha256: sha.to_vec(), size, ram_mib: spec.ram_mib, scratch_mib: spec.scratch_mib, network_order: if spec.network { facts.order } else { 0 }, console_from: node.console }))).await?;
     let from = match next(&mut inbound).await {
         Ok(Some(Say::ImageWanted(w))) => w.from.min(size),
         Ok(Some(Say::Outcome(o))) if o.seller_fault => return Ok(Attach::Stopped(Stop::SellerFault(o.killed))),
@@ -438,6 +440,7 @@ async fn attach_node(conn: &Connection, lease: u64, seller_node: u64, spec: &Clu
             Ok(Some(Say::Console(c))) => {
                 node.log.write_all(&c.data).await?;
                 node.log.flush().await?;
+                node.console += c.data.len() as u64;
             }
             Ok(Some(Say::Outcome(o))) if o.seller_fault => return Ok(Attach::Stopped(Stop::SellerFault(o.killed))),
             Ok(Some(Say::Outcome(o))) if !o.killed.is_empty() => return Ok(Attach::Stopped(Stop::Finished(o.killed))),

@@ -165,10 +165,56 @@ pub(crate) async fn give_back(setup: &Setup, out: &mpsc::Sender<pb::RelayFrame>,
     Ok(())
 }
 
-/// One relay to the buyer: its frames in, ours out.
+/// One relay to the buyer: its frames in, ours out, and how much of the
+/// console the buyer said it has.
 struct Relay {
     inbound: tonic::Streaming<pb::RelayFrame>,
     out: mpsc::Sender<pb::RelayFrame>,
+    console_from: u64,
+}
+
+/// Console output the buyer may not have yet, for a relay opened again: the
+/// last `CONSOLE_KEPT` bytes, and how many the VM has written in all (what a
+/// relay sent just before it broke may not have arrived either).
+#[derive(Default)]
+struct ConsoleTail {
+    kept: std::collections::VecDeque<u8>,
+    written: u64,
+}
+
+const CONSOLE_KEPT: usize = 1 << 20;
+
+impl ConsoleTail {
+    fn push(&mut self, data: &[u8]) {
+        self.kept.extend(data);
+        let over = self.kept.len().saturating_sub(CONSOLE_KEPT);
+        self.kept.drain(..over);
+        self.written += data.len() as u64;
+    }
+
+    /// What follows the first `from` bytes, as far as it is kept.
+    fn since(&self, from: u64) -> Vec<u8> {
+        let start = self.written - self.kept.len() as u64;
+        if from < start {
+            tracing::warn!(lost = start - from, "console output the buyer missed is no longer kept");
+        }
+        let skip = (from.clamp(start, self.written) - start) as usize;
+        self.kept.range(skip..).copied().collect()
+    }
+}
+
+/// Sends console bytes in relay-sized frames; a relay gone is not an error.
+async fn send_console(out: &mpsc::Sender<pb::RelayFrame>, data: &[u8]) -> anyhow::Result<()> {
+    for piece in data.chunks(64 << 10) {
+        let frame = job::chunk_frame(Job::Console, |to, _| {
+            to.extend_from_slice(piece);
+            Ok(())
+        })?;
+        if out.send(frame).await.is_err() {
+            break;
+        }
+    }
+    Ok(())
 }
 
 impl Relay {
@@ -192,12 +238,12 @@ impl Relay {
         let (out, rx) = mpsc::channel::<pb::RelayFrame>(8);
         out.send(pb::RelayFrame { lease: setup.lease, data: Default::default() }).await?;
         let mut inbound = conn.exchange.relay(tokio_stream::wrappers::ReceiverStream::new(rx)).await.map_err(|s| anyhow::anyhow!("the relay refused: {}", s.message()))?.into_inner();
-        match job::next(&mut inbound).await? {
-            Some(Job::ImageOffer(o)) if o.sha256 == sha256 && o.size == size => {}
+        let console_from = match job::next(&mut inbound).await? {
+            Some(Job::ImageOffer(o)) if o.sha256 == sha256 && o.size == size => o.console_from,
             other => anyhow::bail!("the buyer came back with {other:?}, not this VM's image"),
-        }
+        };
         out.send(job::frame(Job::ImageWanted(pb::ImageWanted { from: size }))).await?;
-        Ok(Relay { inbound, out })
+        Ok(Relay { inbound, out, console_from })
     }
 
     /// Until the buyer's side breaks off (what it sends meanwhile is not asked for).
@@ -339,13 +385,14 @@ pub(crate) async fn serve(
 
     // The console to the buyer. The guest has booted when it first writes
     // there (or has stayed silent a minute): the buyer is told, and metering
-    // starts. When the relay breaks, the VM runs on (what it writes meanwhile
-    // is not kept) and the relay is opened again.
+    // starts. When the relay breaks, the VM runs on and the relay is opened
+    // again; the buyer then gets the console from where its log stops.
     let mut ready = false;
     let silent = tokio::time::sleep(SILENT_BOOT);
     tokio::pin!(silent);
     let mut buf = vec![0u8; 64 << 10];
-    let mut relay = Some(Relay { inbound, out });
+    let mut tail = ConsoleTail::default();
+    let mut relay = Some(Relay { inbound, out, console_from: 0 });
     let reopen = || Box::pin(Relay::reopen(&setup, &offer.sha256, offer.size));
     let mut reopening = None;
     loop {
@@ -362,13 +409,10 @@ pub(crate) async fn serve(
                         let _ = r.out.send(job::frame(Job::VmBooted(booted.clone()))).await;
                     }
                 }
-                let frame = job::chunk_frame(Job::Console, |to, _| {
-                    to.extend_from_slice(&buf[..n]);
-                    Ok(())
-                })?;
+                tail.push(&buf[..n]);
                 // A buyer that stopped listening does not stop the VM: the lease does.
                 if let Some(r) = &relay {
-                    let _ = r.out.send(frame).await;
+                    send_console(&r.out, &buf[..n]).await?;
                 }
             }
             _ = &mut silent, if !ready => {
@@ -390,6 +434,7 @@ pub(crate) async fn serve(
                     say_ready(&setup).await;
                     let _ = r.out.send(job::frame(Job::VmBooted(booted.clone()))).await;
                 }
+                send_console(&r.out, &tail.since(r.console_from)).await?;
                 relay = Some(r);
             }
         }
@@ -558,6 +603,27 @@ mod tests {
         assert!(live_dir.exists(), "a live seller's VM is its own business");
         assert!(bystander.try_wait().unwrap().is_none(), "a process that is not QEMU is left alone");
         bystander.kill().unwrap();
+    }
+
+    #[test]
+    fn a_relay_opened_again_gets_the_console_from_where_the_buyer_stopped() {
+        let mut tail = ConsoleTail::default();
+        tail.push(b"tick 0\n");
+        tail.push(b"tick 1\n");
+        assert_eq!(tail.since(0), b"tick 0\ntick 1\n");
+        assert_eq!(tail.since(7), b"tick 1\n", "what the buyer has is not sent again");
+        assert_eq!(tail.since(14), b"");
+        assert_eq!(tail.since(99), b"", "a buyer claiming more gets nothing");
+        // Only the last MiB is kept: a buyer further behind gets that much.
+        let line = vec![b'x'; 1000];
+        for _ in 0..2000 {
+            tail.push(&line);
+        }
+        assert_eq!(tail.written, 14 + 2_000_000);
+        let late = tail.since(7);
+        assert_eq!(late.len(), CONSOLE_KEPT);
+        assert!(late.iter().all(|&b| b == b'x'));
+        assert_eq!(tail.since(tail.written - 3), b"xxx");
     }
 
     #[test]

@@ -167,6 +167,10 @@ fn a_cluster_outlives_an_exchange_restart() {
     let text = std::fs::read_to_string(dir.join(format!("console-{lease}.log"))).unwrap();
     assert_eq!(text.matches("cpushare-livecd: up").count(), 1, "the VM did not boot again: {text}");
     assert!(clock(lease).windows(2).all(|w| w[0].0 < w[1].0), "one clock, never reset: {:?}", clock(lease));
+    // And what the VM printed while the exchange was away reached the buyer
+    // when its relay came back: no tick around the restart is missing.
+    let around: Vec<u64> = clock(lease).iter().map(|t| t.0).filter(|n| (before.saturating_sub(3)..=before + 5).contains(n)).collect();
+    assert_eq!(around, (before.saturating_sub(3)..=before + 5).collect::<Vec<_>>(), "console output lost across the restart");
     // The same lease, metered on (settled every 10 s) at its price.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
