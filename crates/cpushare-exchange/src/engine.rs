@@ -96,6 +96,8 @@ pub struct Shared {
     pub watchers: Mutex<FxHashMap<AccountId, (u32, Time)>>,
     pub notices: broadcast::Sender<Arc<Notice>>,
     pub store: Arc<Store>,
+    /// Whether a snapshot is being written out now.
+    saving_snapshot: std::sync::atomic::AtomicBool,
     /// The live session of each seller node: its id and its mailbox.
     sessions: Mutex<FxHashMap<NodeId, (u64, mpsc::Sender<ToSeller>)>>,
 }
@@ -340,6 +342,7 @@ impl Engine {
             watchers: Mutex::new(FxHashMap::default()),
             notices,
             store: Arc::new(store),
+            saving_snapshot: Default::default(),
             sessions: Mutex::new(FxHashMap::default()),
         });
         let parties = state
@@ -423,8 +426,8 @@ struct Batch {
     replies: Vec<Reply>,
     notices: Vec<Notice>,
     mail: Vec<(NodeId, ToSeller)>,
-    /// A snapshot of the state as of the end of this batch (sequence, JSON).
-    snapshot: Option<(u64, String)>,
+    /// A snapshot of the state as of the end of this batch.
+    snapshot: Option<StateSnapshot>,
 }
 
 /// Numbers the batch's records and takes everything it must announce.
@@ -438,10 +441,9 @@ fn seal(core: &mut Core, replies: Vec<Reply>, snapshot_every: u64) -> Batch {
         .collect();
     let before = core.state.seq;
     core.state.seq += records.len() as u64;
-    let snapshot = (before / snapshot_every != core.state.seq / snapshot_every).then(|| {
-        let snapshot = core.state.snapshot();
-        (snapshot.seq, serde_json::to_string(&snapshot).expect("a snapshot serialises"))
-    });
+    // Only the copy here: serialising and saving it happen off this thread
+    // and off the commit path (see `save_snapshot`).
+    let snapshot = (before / snapshot_every != core.state.seq / snapshot_every).then(|| core.state.snapshot());
     Batch {
         records,
         ledger: std::mem::take(&mut core.ledger),
@@ -488,15 +490,38 @@ async fn commit_in_order(mut batches: mpsc::Receiver<Batch>, shared: Arc<Shared>
             for (node, message) in batch.mail {
                 shared.deliver(node, message);
             }
-            if let Some((seq, body)) = batch.snapshot {
+            if let Some(snapshot) = batch.snapshot {
                 // After its records are durable, so a snapshot never runs ahead of the log.
+                save_snapshot(&shared, snapshot);
+            }
+        }
+    }
+}
+
+/// Serialises and saves a snapshot in the background: a snapshot of a large
+/// market takes tens of milliseconds to write out, which every order
+/// committed meanwhile would otherwise wait for. One at a time: one taken
+/// while the last is still being saved is dropped (the log has everything,
+/// and the next one comes after as many records again).
+fn save_snapshot(shared: &Arc<Shared>, snapshot: StateSnapshot) {
+    if shared.saving_snapshot.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let seq = snapshot.seq;
+        let body = tokio::task::spawn_blocking(move || serde_json::to_string(&snapshot).expect("a snapshot serialises")).await;
+        match body {
+            Ok(body) => {
                 if let Err(e) = shared.store.save_snapshot(seq, &body).await {
                     // Not fatal: the log holds everything; the next snapshot may work.
                     tracing::warn!("could not save a snapshot: {e:#}");
                 }
             }
+            Err(e) => tracing::warn!("could not serialise a snapshot: {e}"),
         }
-    }
+        shared.saving_snapshot.store(false, std::sync::atomic::Ordering::Release);
+    });
 }
 
 /// Deadlines, and sellers silent for longer than the heartbeat timeout.
