@@ -66,10 +66,15 @@ async fn main() {
     // A whole number of rounds over the three sellers.
     let count = (mib << 20).div_ceil(each).div_ceil(3) * 3;
     let fragments = (0..count).map(|i| Fragment { name: format!("big{i}"), input: vec![i as u8; each] }).collect();
+    // Each output is checked as it is settled and then let go, as `cpushare
+    // run` writes each to its file: the buyer's memory holds the outputs in
+    // flight, not all of them (so does the peer's).
+    let checked = Arc::new(Checked(each, std::sync::atomic::AtomicUsize::new(0)));
     let started = Instant::now();
-    let report = run(buyer.connect().await.unwrap(), job(fragments, false), Arc::new(())).await.unwrap();
+    let report = run(buyer.connect().await.unwrap(), job(fragments, false), checked.clone()).await.unwrap();
     let secs = started.elapsed().as_secs_f64();
-    assert!(report.results.iter().enumerate().all(|(i, r)| r.success && r.output.len() == each && r.output[each - 1] == i as u8));
+    assert!(report.results.iter().all(|r| r.success));
+    assert_eq!(checked.1.load(std::sync::atomic::Ordering::Relaxed), count, "every output was checked");
     let bytes = (count * each * 2) as f64;
     println!(
         "large fragments: {count} x 64 MiB in and out in {secs:.2} s = {:.0} MB/s through the relay ({:.0} MB/s each way)",
@@ -86,6 +91,19 @@ async fn main() {
     loopback_echo(total).await;
     let secs = started.elapsed().as_secs_f64();
     println!("peer, plain loopback TCP echo of the same {} MiB: {:.0} MB/s in and out", total >> 20, (total * 2) as f64 / secs / 1e6);
+}
+
+/// Checks each large output (its size, and its last byte: the fragment's
+/// number) as it is settled, counts it, and lets it go.
+struct Checked(usize, std::sync::atomic::AtomicUsize);
+
+impl cpushare_buyer::Progress for Checked {
+    fn settled(&self, r: &cpushare_buyer::FragmentResult) -> bool {
+        let i: usize = r.name.strip_prefix("big").unwrap().parse().unwrap();
+        assert!(r.success && r.output.len() == self.0 && r.output[self.0 - 1] == i as u8, "{}", r.name);
+        self.1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        true
+    }
 }
 
 /// Sends `total` bytes over loopback TCP to an echo task and reads them back.

@@ -101,10 +101,18 @@ pub struct Report {
     pub cost_cents: i64,
 }
 
-/// Hooks for showing progress.
+/// Hooks called as a job goes: progress, notes, and each result as it is settled.
 pub trait Progress: Send + Sync + 'static {
     fn done(&self, _done: usize, _total: usize) {}
     fn note(&self, _message: &str) {}
+    /// A fragment's result is final (replicas agreed). Return true once its
+    /// output is kept elsewhere (written to a file, checked and dropped): the
+    /// report then holds the result without its output, and the run reuses
+    /// the memory. So a run's memory does not grow with its outputs, and a
+    /// run cut short keeps what it had finished.
+    fn settled(&self, _result: &FragmentResult) -> bool {
+        false
+    }
 }
 
 impl Progress for () {}
@@ -132,7 +140,14 @@ struct Farm {
     done: usize,
     reruns: u32,
     mismatches: Vec<Mismatch>,
+    /// Output buffers given back once their results were kept elsewhere,
+    /// already in memory: filling fresh pages costs this VM more than the
+    /// relay does (see BENCHMARKS.md).
+    spare: Vec<Vec<u8>>,
 }
+
+/// Bytes of output buffers kept for reuse, at most.
+const SPARE_BYTES: usize = 256 << 20;
 
 impl Farm {
     fn new(job: &Job) -> Farm {
@@ -148,6 +163,23 @@ impl Farm {
             done: 0,
             reruns: 0,
             mismatches: Vec::new(),
+            spare: Vec::new(),
+        }
+    }
+
+    /// An empty buffer for an output of about `size` bytes.
+    fn buffer(&mut self, size: usize) -> Vec<u8> {
+        match self.spare.iter().position(|b| b.capacity() >= size) {
+            Some(k) => self.spare.swap_remove(k),
+            None => Vec::with_capacity(size),
+        }
+    }
+
+    fn give_buffer(&mut self, mut buffer: Vec<u8>) {
+        let kept: usize = self.spare.iter().map(|b| b.capacity()).sum();
+        if buffer.capacity() > 0 && kept + buffer.capacity() <= SPARE_BYTES {
+            buffer.clear();
+            self.spare.push(buffer);
         }
     }
 
@@ -584,7 +616,7 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
                         // Room for all of it: its size when the seller knows it, else as
                         // much as the input (many programs transform their input).
                         let hint = if c.size > 0 { c.size } else { job.fragments[i].input.len() as u64 };
-                        output.reserve(hint.min(MAX_OUTPUT) as usize);
+                        output = farm.lock().unwrap().buffer(hint.min(MAX_OUTPUT) as usize);
                     }
                     output.extend_from_slice(&c.data);
                     continue;
@@ -606,8 +638,11 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
             }
             let ending = if outcome.killed.is_empty() { format!("exited with status {}", outcome.exit_code) } else { outcome.killed };
             let answer = Answer { output: std::mem::take(&mut output), success: outcome.success, ending, log: outcome.log };
-            f.answer(i, account, node, answer);
-            drop(f);
+            if f.answer(i, account, node, answer) {
+                hand_over(f, farm, i, progress);
+            } else {
+                drop(f);
+            }
             changed.notify_waiters();
             let gap = std::mem::replace(&mut last_answer, std::time::Instant::now()).elapsed();
             // Only a stream-mode jail takes fragments back to back; with a jail
@@ -633,6 +668,22 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     result
 }
 
+/// Shows fragment `i`'s settled result to [`Progress::settled`], outside the
+/// farm's lock (it may write a large file); if that kept the output, the
+/// result keeps none and its buffer is reused.
+fn hand_over(mut f: std::sync::MutexGuard<'_, Farm>, farm: &Mutex<Farm>, i: usize, progress: &dyn Progress) {
+    let r = f.slots[i].result.as_mut().expect("settled");
+    let settled = FragmentResult { output: std::mem::take(&mut r.output), ..r.clone() };
+    drop(f);
+    let kept = progress.settled(&settled);
+    let mut f = farm.lock().unwrap();
+    if kept {
+        f.give_buffer(settled.output);
+    } else {
+        f.slots[i].result.as_mut().expect("settled").output = settled.output;
+    }
+}
+
 /// Runs a job on this machine, in the same jail, `parallel` fragments at a time:
 /// no exchange, no money. `debuggable` leaves the jails traceable (gdb, strace).
 pub async fn run_local(job: Job, parallel: usize, limits: Limits, debuggable: bool, progress: Arc<dyn Progress>) -> anyhow::Result<Report> {
@@ -656,8 +707,7 @@ pub async fn run_local(job: Job, parallel: usize, limits: Limits, debuggable: bo
                     Some(session) => session.run(&f.input).await?,
                     None => jail::run(&program, &args, f.input.clone(), &limits, &options).await?,
                 };
-                let mut all = results.lock().unwrap();
-                all[i] = Some(FragmentResult {
+                let mut result = FragmentResult {
                     name: f.name.clone(),
                     success: r.ending.success(),
                     ending: match &r.ending {
@@ -667,7 +717,12 @@ pub async fn run_local(job: Job, parallel: usize, limits: Limits, debuggable: bo
                     output: r.output,
                     log: r.log,
                     seller_node: 0,
-                });
+                };
+                if progress.settled(&result) {
+                    result.output = Vec::new();
+                }
+                let mut all = results.lock().unwrap();
+                all[i] = Some(result);
                 let done = all.iter().filter(|r| r.is_some()).count();
                 drop(all);
                 progress.done(done, total);

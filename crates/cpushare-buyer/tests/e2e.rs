@@ -121,7 +121,12 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
         replicas: 2,
         stream: false,
     };
-    let report = run(buyer.connect().await.unwrap(), job, Arc::new(())).await.unwrap();
+    // Each result is handed over once, when it is final, and kept out of the report.
+    let kept = Arc::new(Kept::default());
+    let report = run(buyer.connect().await.unwrap(), job, kept.clone()).await.unwrap();
+    let kept = std::mem::take(&mut *kept.0.lock().unwrap());
+    assert_eq!(kept.len(), 12, "each fragment was settled once");
+    assert!(report.results.iter().all(|r| r.output.is_empty()), "outputs handed over are not held");
     // Every kept output is the honest one (checked against a local run).
     let local = cpushare_buyer::run_local(
         Job {
@@ -141,8 +146,9 @@ async fn replicas_catch_a_seller_that_returns_wrong_output() {
     )
     .await
     .unwrap();
-    for (remote, local) in report.results.iter().zip(&local.results) {
-        assert_eq!(remote.output, local.output, "{}", remote.name);
+    for local in &local.results {
+        assert!(local.output.starts_with(b"P5\n"), "a local run's report holds its outputs");
+        assert_eq!(kept[&local.name], local.output, "{}", local.name);
     }
     assert!(!report.mismatches.is_empty(), "the liar was caught");
     assert!(report.mismatches.iter().all(|m| m.seller_account == liar), "{:?}", report.mismatches);
@@ -182,6 +188,18 @@ async fn a_stream_job_runs_many_small_fragments_and_reports_each_failure() {
     }
     assert_eq!(report.reruns, 0);
     assert!(report.per_seller.len() >= 2, "the work spread: {:?}", report.per_seller);
+}
+
+/// Settled results, taken out of the report as a caller writing them to files would.
+#[derive(Default)]
+struct Kept(std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>);
+
+impl cpushare_buyer::Progress for Kept {
+    fn settled(&self, result: &cpushare_buyer::FragmentResult) -> bool {
+        let earlier = self.0.lock().unwrap().insert(result.name.clone(), result.output.clone());
+        assert!(earlier.is_none(), "{} handed over twice", result.name);
+        true
+    }
 }
 
 /// Progress notes, shown when a test fails.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use cpushare_buyer::{Fragment, Job, Progress, Report};
+use cpushare_buyer::{Fragment, FragmentResult, Job, Progress, Report};
 use cpushare_exchange::convert::{euros, kind_to};
 use cpushare_exchange::node::NodeConfig;
 use cpushare_market::SandboxKind;
@@ -171,15 +171,33 @@ pub struct RunArgs {
 }
 
 /// A progress bar for the buyer library.
-struct Bar(ProgressBar);
+/// The progress bar, and each fragment's output written to the outputs
+/// directory as soon as it is settled: a run cut short keeps what it finished,
+/// and outputs do not pile up in memory.
+struct Bar {
+    bar: ProgressBar,
+    outputs: PathBuf,
+    /// What could not be written as it came (it is written at the end, or the run fails there).
+    unwritten: std::sync::Mutex<Vec<String>>,
+}
 
 impl Progress for Bar {
     fn done(&self, done: usize, total: usize) {
-        self.0.set_length(total as u64);
-        self.0.set_position(done as u64);
+        self.bar.set_length(total as u64);
+        self.bar.set_position(done as u64);
     }
     fn note(&self, message: &str) {
-        self.0.println(message);
+        self.bar.println(message);
+    }
+    fn settled(&self, result: &FragmentResult) -> bool {
+        match write_output(result, &self.outputs) {
+            Ok(()) => true,
+            Err(e) => {
+                self.bar.println(format!("{e:#}"));
+                self.unwritten.lock().unwrap().push(result.name.clone());
+                false
+            }
+        }
     }
 }
 
@@ -249,10 +267,10 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
     };
     let total = job.fragments.len();
     let pb = if out.json { ProgressBar::hidden() } else { bar(total) };
-    let progress = Arc::new(Bar(pb.clone()));
+    let progress = Arc::new(Bar { bar: pb.clone(), outputs: outputs.clone(), unwritten: Default::default() });
     let report = if args.local {
         let limits = cpushare_sandbox::Limits::default();
-        cpushare_buyer::run_local(job, args.cpus as usize, limits, true, progress).await?
+        cpushare_buyer::run_local(job, args.cpus as usize, limits, true, progress.clone()).await?
     } else {
         let node = NodeConfig::load(config)?;
         // An exchange restarting is waited for (a minute), as the run waits for it later.
@@ -267,28 +285,34 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
                 Err(e) => return Err(e),
             }
         };
-        cpushare_buyer::run(conn, job, progress).await?
+        cpushare_buyer::run(conn, job, progress.clone()).await?
     };
     pb.finish_and_clear();
-    let failed = write_outputs(&report, &outputs)?;
+    // One more try for what could not be written as it came (the report still holds it).
+    let unwritten = std::mem::take(&mut *progress.unwritten.lock().unwrap());
+    for r in report.results.iter().filter(|r| unwritten.contains(&r.name)) {
+        write_output(r, &outputs)?;
+    }
+    let failed = report.results.iter().filter(|r| !r.success).count();
     summarize(&report, out, args.local);
     anyhow::ensure!(failed == 0, "{failed} fragment(s) failed: see the .error files in {}", outputs.display());
     Ok(())
 }
 
-/// Writes each fragment's output (or NAME.error); returns how many failed.
-pub fn write_outputs(report: &Report, dir: &Path) -> anyhow::Result<usize> {
-    let mut failed = 0;
-    for r in &report.results {
-        if r.success {
-            std::fs::write(dir.join(&r.name), &r.output)?;
-        } else {
-            failed += 1;
-            let text = format!("{}\n--- log ---\n{}", r.ending, String::from_utf8_lossy(&r.log));
-            std::fs::write(dir.join(format!("{}.error", r.name)), text)?;
-        }
-    }
-    Ok(failed)
+/// Writes a fragment's output as NAME (or, if it failed, how and its log as
+/// NAME.error), through a temporary file renamed into place: a file there is
+/// whole.
+fn write_output(r: &FragmentResult, dir: &Path) -> anyhow::Result<()> {
+    let (name, body) = if r.success {
+        (r.name.clone(), std::borrow::Cow::Borrowed(&r.output[..]))
+    } else {
+        let text = format!("{}\n--- log ---\n{}", r.ending, String::from_utf8_lossy(&r.log));
+        (format!("{}.error", r.name), std::borrow::Cow::Owned(text.into_bytes()))
+    };
+    let part = dir.join(format!(".{name}.part"));
+    std::fs::write(&part, &body).with_context(|| format!("cannot write {}", part.display()))?;
+    std::fs::rename(&part, dir.join(&name)).with_context(|| format!("cannot write {}", dir.join(&name).display()))?;
+    Ok(())
 }
 
 pub fn summarize(report: &Report, out: Output, local: bool) {

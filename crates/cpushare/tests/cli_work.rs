@@ -30,6 +30,36 @@ fn examples_run_locally_and_bad_work_gets_a_clear_error() {
     assert_eq!(report["succeeded"], 26);
     assert_eq!(found(&ex.join("crack-out")), vec![("range-18".to_string(), "found share\n".to_string())]);
 
+    // A run cut short keeps the outputs it had finished, each whole: they are
+    // written as they are settled, not at the end.
+    let cut = ex.join("cut-out");
+    let mut running = Running(
+        Command::new(BIN)
+            .arg("--config")
+            .arg(dir)
+            .args(["run", "--local", "--cpus", "1", &p("crack"), "--inputs", &p("crack-ranges"), "--outputs", cut.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let written = || -> Vec<String> {
+        let names = std::fs::read_dir(&cut).into_iter().flatten().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+        names.filter(|n| !n.starts_with('.')).collect()
+    };
+    let since = std::time::Instant::now();
+    while written().is_empty() {
+        assert!(since.elapsed() < std::time::Duration::from_secs(60), "no output was written while the run went on");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    running.0.kill().unwrap();
+    running.0.wait().unwrap();
+    let kept = written();
+    assert!(kept.len() < 26, "the run was cut short: {kept:?}");
+    for name in kept {
+        assert_eq!(std::fs::read(cut.join(&name)).unwrap(), std::fs::read(ex.join("crack-out").join(&name)).unwrap(), "{name}");
+    }
+
     let report = json(dir, &["run", "--local", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", &p("tiles-out")]);
     assert_eq!(report["succeeded"], 24);
     let tile = std::fs::read(ex.join("tiles-out/tile-1-2")).unwrap();
