@@ -170,7 +170,6 @@ pub struct RunArgs {
     log: Option<PathBuf>,
 }
 
-/// A progress bar for the buyer library.
 /// The progress bar, and each fragment's output written to the outputs
 /// directory as soon as it is settled: a run cut short keeps what it finished,
 /// and outputs do not pile up in memory.
