@@ -127,6 +127,10 @@ pub struct RunArgs {
     /// Where each fragment's output goes (same file names; NAME.error for failures).
     #[arg(long, value_name = "DIR", requires = "inputs")]
     outputs: Option<PathBuf>,
+    /// Run only the inputs with no output in --outputs yet (failures, NAME.error,
+    /// run again): to pick up a run that was cut short, paying only for the rest.
+    #[arg(long, requires = "inputs")]
+    resume: bool,
     /// CPUs to rent.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
@@ -207,7 +211,9 @@ pub fn bar(total: usize) -> ProgressBar {
 }
 
 /// Reads a directory of inputs, sorted by name.
-pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
+/// The fragments of the inputs directory `dir`, but for those `skip` names
+/// (which are not read); returns them and how many were skipped.
+pub fn read_inputs(dir: &Path, skip: impl Fn(&str) -> bool) -> anyhow::Result<(Vec<Fragment>, usize)> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read the inputs directory {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -215,7 +221,10 @@ pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
         .collect();
     names.sort();
     anyhow::ensure!(!names.is_empty(), "{} holds no input files: each file is one fragment", dir.display());
-    names
+    let all = names.len();
+    names.retain(|p| !skip(&p.file_name().unwrap().to_string_lossy()));
+    let skipped = all - names.len();
+    let fragments = names
         .into_iter()
         .map(|p| {
             Ok(Fragment {
@@ -223,7 +232,8 @@ pub fn read_inputs(dir: &Path) -> anyhow::Result<Vec<Fragment>> {
                 input: std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
             })
         })
-        .collect()
+        .collect::<anyhow::Result<_>>()?;
+    Ok((fragments, skipped))
 }
 
 pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()> {
@@ -247,8 +257,14 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         return crate::emulate_cmd::run(request, config).await;
     }
     let (Some(inputs), Some(outputs)) = (args.inputs, args.outputs) else { anyhow::bail!("--inputs and --outputs are needed") };
-    let fragments = read_inputs(&inputs)?;
+    let done = |name: &str| args.resume && outputs.join(name).is_file();
+    let (fragments, skipped) = read_inputs(&inputs, done)?;
     std::fs::create_dir_all(&outputs).with_context(|| format!("cannot create {}", outputs.display()))?;
+    if fragments.is_empty() {
+        // Everything is there already: no order, nothing paid.
+        summarize(&Report::default(), skipped, out, args.local);
+        return Ok(());
+    }
     let argv0 = args.program.file_name().map_or("program".into(), |n| n.to_string_lossy().into_owned());
     let job = Job {
         program,
@@ -293,7 +309,7 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         write_output(r, &outputs)?;
     }
     let failed = report.results.iter().filter(|r| !r.success).count();
-    summarize(&report, out, args.local);
+    summarize(&report, skipped, out, args.local);
     anyhow::ensure!(failed == 0, "{failed} fragment(s) failed: see the .error files in {}", outputs.display());
     Ok(())
 }
@@ -302,19 +318,22 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
 /// NAME.error), through a temporary file renamed into place: a file there is
 /// whole.
 fn write_output(r: &FragmentResult, dir: &Path) -> anyhow::Result<()> {
-    let (name, body) = if r.success {
-        (r.name.clone(), std::borrow::Cow::Borrowed(&r.output[..]))
+    let (name, body, stale) = if r.success {
+        (r.name.clone(), std::borrow::Cow::Borrowed(&r.output[..]), format!("{}.error", r.name))
     } else {
         let text = format!("{}\n--- log ---\n{}", r.ending, String::from_utf8_lossy(&r.log));
-        (format!("{}.error", r.name), std::borrow::Cow::Owned(text.into_bytes()))
+        (format!("{}.error", r.name), std::borrow::Cow::Owned(text.into_bytes()), r.name.clone())
     };
+    // What an earlier run into the same directory left for this fragment goes.
+    let _ = std::fs::remove_file(dir.join(stale));
     let part = dir.join(format!(".{name}.part"));
     std::fs::write(&part, &body).with_context(|| format!("cannot write {}", part.display()))?;
     std::fs::rename(&part, dir.join(&name)).with_context(|| format!("cannot write {}", dir.join(&name).display()))?;
     Ok(())
 }
 
-pub fn summarize(report: &Report, out: Output, local: bool) {
+/// The closing summary; `skipped`: fragments not run because their outputs were there (--resume).
+pub fn summarize(report: &Report, skipped: usize, out: Output, local: bool) {
     let ok = report.results.iter().filter(|r| r.success).count();
     if out.json {
         println!(
@@ -322,6 +341,7 @@ pub fn summarize(report: &Report, out: Output, local: bool) {
             json!({
                 "fragments": report.results.len(),
                 "succeeded": ok,
+                "skipped": skipped,
                 "reruns": report.reruns,
                 "mismatches": report.mismatches.iter().map(|m| json!({"fragment": m.fragment, "seller_account": m.seller_account, "seller_node": m.seller_node})).collect::<Vec<_>>(),
                 "per_seller_node": report.per_seller,
@@ -332,6 +352,9 @@ pub fn summarize(report: &Report, out: Output, local: bool) {
         return;
     }
     println!("fragments   {} ({} succeeded)", report.results.len(), ok);
+    if skipped > 0 {
+        println!("skipped     {skipped} (their outputs were there: --resume)");
+    }
     println!("reruns      {}", report.reruns);
     for m in &report.mismatches {
         println!("mismatch    {}: seller node {} (account {}) disagreed with the others", m.fragment, m.seller_node, m.seller_account);

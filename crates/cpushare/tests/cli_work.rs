@@ -56,9 +56,18 @@ fn examples_run_locally_and_bad_work_gets_a_clear_error() {
     running.0.wait().unwrap();
     let kept = written();
     assert!(kept.len() < 26, "the run was cut short: {kept:?}");
-    for name in kept {
+    for name in &kept {
+        assert_eq!(std::fs::read(cut.join(name)).unwrap(), std::fs::read(ex.join("crack-out").join(name)).unwrap(), "{name}");
+    }
+    // --resume runs only the rest; then there is nothing left to run.
+    let resumed = json(dir, &["run", "--local", "--resume", &p("crack"), "--inputs", &p("crack-ranges"), "--outputs", cut.to_str().unwrap()]);
+    assert_eq!((resumed["fragments"].as_u64(), resumed["skipped"].as_u64()), (Some(26 - kept.len() as u64), Some(kept.len() as u64)));
+    assert_eq!(written().len(), 26);
+    for name in written() {
         assert_eq!(std::fs::read(cut.join(&name)).unwrap(), std::fs::read(ex.join("crack-out").join(&name)).unwrap(), "{name}");
     }
+    let again = json(dir, &["run", "--local", "--resume", &p("crack"), "--inputs", &p("crack-ranges"), "--outputs", cut.to_str().unwrap()]);
+    assert_eq!((again["fragments"].as_u64(), again["skipped"].as_u64()), (Some(0), Some(26)));
 
     let report = json(dir, &["run", "--local", &p("mandelbrot"), "--inputs", &p("mandelbrot-tiles"), "--outputs", &p("tiles-out")]);
     assert_eq!(report["succeeded"], 24);
@@ -74,6 +83,11 @@ fn examples_run_locally_and_bad_work_gets_a_clear_error() {
     let error = std::fs::read_to_string(ex.join("bad-out/nonsense.error")).unwrap();
     assert!(error.contains("exited with status 2") && error.contains("expected six numbers"), "{error}");
     assert!(ex.join("bad-out/good").exists());
+    // Resumed once the input is fixed: only the failed one runs, and its .error goes.
+    std::fs::write(bad.join("nonsense"), "-2 -1 0.5 4 4 10").unwrap();
+    let resumed = json(dir, &["run", "--local", "--resume", &p("mandelbrot"), "--inputs", bad.to_str().unwrap(), "--outputs", &p("bad-out")]);
+    assert_eq!((resumed["fragments"].as_u64(), resumed["succeeded"].as_u64(), resumed["skipped"].as_u64()), (Some(1), Some(1), Some(1)));
+    assert!(ex.join("bad-out/nonsense").exists() && !ex.join("bad-out/nonsense.error").exists());
 
     // Not a program, no inputs, nothing to read.
     let empty = dir.join("empty");
