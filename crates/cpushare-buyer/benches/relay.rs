@@ -47,7 +47,7 @@ async fn main() {
     let buyer = tb.member("buyer", 10_000_000).await.unwrap();
 
     for stream in [true, false] {
-        let fragments = (0..small).map(|i| Fragment { name: format!("f{i}"), input: format!("fragment {i}").into_bytes() }).collect();
+        let fragments = (0..small).map(|i| Fragment { name: format!("f{i}"), input: format!("fragment {i}").into_bytes().into() }).collect();
         let started = Instant::now();
         let report = run(buyer.connect().await.unwrap(), job(fragments, stream), Arc::new(())).await.unwrap();
         let secs = started.elapsed().as_secs_f64();
@@ -65,7 +65,7 @@ async fn main() {
     let each = 64usize << 20;
     // A whole number of rounds over the three sellers.
     let count = (mib << 20).div_ceil(each).div_ceil(3) * 3;
-    let fragments = (0..count).map(|i| Fragment { name: format!("big{i}"), input: vec![i as u8; each] }).collect();
+    let fragments = (0..count).map(|i| Fragment { name: format!("big{i}"), input: vec![i as u8; each].into() }).collect();
     // Each output is checked as it is settled and then let go, as `cpushare
     // run` writes each to its file: the buyer's memory holds the outputs in
     // flight, not all of them (so does the peer's).

@@ -12,9 +12,11 @@
 
 pub mod attestation;
 pub mod cluster;
+mod input;
 pub mod share;
 mod unmodified;
 
+pub use input::Input;
 pub use unmodified::{run_unmodified, Finished, Unmodified};
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -47,7 +49,7 @@ const WINDOW_BYTES: usize = 4 << 20;
 #[derive(Debug, Clone)]
 pub struct Fragment {
     pub name: String,
-    pub input: Vec<u8>,
+    pub input: Input,
 }
 
 #[derive(Debug, Clone)]
@@ -382,7 +384,8 @@ pub async fn run(conn: Connection, job: Job, progress: Arc<dyn Progress>) -> any
                 }
             },
             Some((lease, e)) = fatal_rx.recv() => {
-                if workers.iter().any(|(id, w)| *id != lease && !w.is_finished()) {
+                // An input that cannot be read fails every lease alike: the run ends now.
+                if !e.is::<BadInput>() && workers.iter().any(|(id, w)| *id != lease && !w.is_finished()) {
                     progress.note(&format!("{e:#}"));
                 } else {
                     let _ = ex.cancel_order(pb::CancelOrderRequest { order }).await;
@@ -487,6 +490,9 @@ async fn serve_lease(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     let mut pause = std::time::Duration::from_millis(200);
     loop {
         let Err(e) = work(w, conn.clone()).await else { return Ok(()) };
+        if e.is::<BadInput>() {
+            return Err(e);
+        }
         let leases = list_leases(&ex).await?;
         let stands = leases.iter().any(|l| l.id == lease && l.state != "ended");
         if !stands || farm.lock().unwrap().finished() {
@@ -590,13 +596,17 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
                     permit = out.reserve() => {
                         let input = &job.fragments[up].input;
                         let end = (sent_of_first + CHUNK).min(input.len());
+                        let mut unread = None;
                         let frame = job::chunk_frame(Say::Input, |buf, chunk| {
-                            buf.extend_from_slice(&input[sent_of_first..end]);
+                            unread = input.read_range(sent_of_first, end, buf).err();
                             chunk.fragment = up as u64;
                             chunk.last = end == input.len();
                             chunk.size = if sent_of_first == 0 { input.len() as u64 } else { 0 };
                             Ok(())
                         });
+                        if let Some(e) = unread {
+                            return Err(BadInput(e).into());
+                        }
                         permit?.send(frame?);
                         sent_of_first = end;
                         if end == input.len() {
@@ -668,6 +678,18 @@ async fn work(w: &Worker<'_>, conn: Connection) -> anyhow::Result<()> {
     result
 }
 
+/// An input that could not be read (a file gone or changed since the job was made).
+#[derive(Debug)]
+struct BadInput(std::io::Error);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
 /// Shows fragment `i`'s settled result to [`Progress::settled`], outside the
 /// farm's lock (it may write a large file); if that kept the output, the
 /// result keeps none and its buffer is reused.
@@ -704,8 +726,8 @@ pub async fn run_local(job: Job, parallel: usize, limits: Limits, debuggable: bo
                 let Some(i) = queue.lock().unwrap().pop_front() else { return Ok::<_, anyhow::Error>(()) };
                 let f = &job.fragments[i];
                 let r = match &mut session {
-                    Some(session) => session.run(&f.input).await?,
-                    None => jail::run(&program, &args, f.input.clone(), &limits, &options).await?,
+                    Some(session) => session.run(&f.input.load()?).await?,
+                    None => jail::run(&program, &args, f.input.load()?, &limits, &options).await?,
                 };
                 let mut result = FragmentResult {
                     name: f.name.clone(),
@@ -751,7 +773,7 @@ mod tests {
         Job {
             program: Vec::new(),
             args: Vec::new(),
-            fragments: (0..n).map(|i| Fragment { name: format!("f{i}"), input: Vec::new() }).collect(),
+            fragments: (0..n).map(|i| Fragment { name: format!("f{i}"), input: Vec::new().into() }).collect(),
             cpus: 1,
             max_price: 1,
             requirements: pb::Requirements::default(),

@@ -21,7 +21,7 @@ fn tiles(n: usize) -> Vec<Fragment> {
 /// Tiles of `iterations` per point: more makes each fragment take longer.
 fn tiles_of(n: usize, iterations: u32) -> Vec<Fragment> {
     (0..n)
-        .map(|i| Fragment { name: format!("tile{i}"), input: format!("-2.0 {} 0.02 64 8 {iterations}", -1.2 + 0.16 * i as f64).into_bytes() })
+        .map(|i| Fragment { name: format!("tile{i}"), input: format!("-2.0 {} 0.02 64 8 {iterations}", -1.2 + 0.16 * i as f64).into_bytes().into() })
         .collect()
 }
 
@@ -73,7 +73,7 @@ async fn a_seller_killed_mid_fragment_loses_only_that_fragment() {
     let hash = "2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824"; // "hello"
     let per = 1_500_000u64;
     let fragments: Vec<Fragment> = (0..8)
-        .map(|i| Fragment { name: format!("range{i}"), input: format!("{hash} abcdefghijklmnopqrstuvwxyz 5 {} {per}", i * per).into_bytes() })
+        .map(|i| Fragment { name: format!("range{i}"), input: format!("{hash} abcdefghijklmnopqrstuvwxyz 5 {} {per}", i * per).into_bytes().into() })
         .collect();
     let job = Job {
         program: examples::CRACK.to_vec(),
@@ -162,10 +162,10 @@ async fn a_stream_job_runs_many_small_fragments_and_reports_each_failure() {
         tb.seller(name, 1, 3600, |_| {}).await.unwrap();
     }
     let buyer = tb.member("buyer", 100_000).await.unwrap();
-    let mut fragments: Vec<Fragment> = (0..600).map(|i| Fragment { name: format!("f{i}"), input: format!("word {i}").into_bytes() }).collect();
-    fragments[100].input = b"crash".to_vec();
-    fragments[200].input = b"log".to_vec();
-    fragments[300].input = b"fail".to_vec();
+    let mut fragments: Vec<Fragment> = (0..600).map(|i| Fragment { name: format!("f{i}"), input: format!("word {i}").into_bytes().into() }).collect();
+    fragments[100].input = b"crash".to_vec().into();
+    fragments[200].input = b"log".to_vec().into();
+    fragments[300].input = b"fail".to_vec().into();
     let job = Job {
         program: cpushare_sandbox::test_guests::STREAM.to_vec(),
         args: vec!["stream".into()],
@@ -263,4 +263,52 @@ async fn an_unmodified_program_whose_seller_vanishes_runs_again_elsewhere() {
     assert_eq!(done.exit_code, Some(0), "{}", done.killed);
     assert_eq!(String::from_utf8_lossy(&out), "counted 3000000\n", "the output once, from the second seller");
     assert_ne!(done.seller_node, victim);
+}
+
+/// Inputs read from files as they are sent: the job runs as with bytes; an
+/// input file gone meanwhile ends the run at once with a clear error, and its
+/// order is cancelled (nothing left escrowed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inputs_are_read_from_their_files_as_they_are_sent_and_a_vanished_one_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tb = Testbed::start(&dir.path().join("tb"), 5).await.unwrap();
+    tb.seller("s1", 1, 3600, |_| {}).await.unwrap();
+    let buyer = tb.member("buyer", 100_000).await.unwrap();
+    let inputs = dir.path().join("inputs");
+    std::fs::create_dir(&inputs).unwrap();
+    let from_files = |fragments: Vec<Fragment>| -> Vec<Fragment> {
+        fragments
+            .into_iter()
+            .map(|f| {
+                let path = inputs.join(&f.name);
+                std::fs::write(&path, f.input.load().unwrap()).unwrap();
+                Fragment { name: f.name, input: cpushare_buyer::Input::file(path).unwrap() }
+            })
+            .collect()
+    };
+    let job = |fragments| Job {
+        program: examples::MANDELBROT.to_vec(),
+        args: vec!["mandelbrot".into()],
+        fragments,
+        cpus: 1,
+        max_price: 4000,
+        requirements: requirements(),
+        replicas: 1,
+        stream: false,
+    };
+    let report = run(buyer.connect().await.unwrap(), job(from_files(tiles(4))), Arc::new(())).await.unwrap();
+    let local = cpushare_buyer::run_local(job(tiles(4)), 1, cpushare_sandbox::Limits::default(), false, Arc::new(())).await.unwrap();
+    for (remote, local) in report.results.iter().zip(&local.results) {
+        assert!(remote.success && remote.output == local.output, "{}", remote.name);
+    }
+
+    let fragments = from_files(tiles(3));
+    std::fs::remove_file(inputs.join("tile2")).unwrap();
+    let started = std::time::Instant::now();
+    let e = run(buyer.connect().await.unwrap(), job(fragments), Arc::new(())).await.unwrap_err();
+    assert!(format!("{e:#}").contains("cannot read the input") && format!("{e:#}").contains("tile2"), "{e:#}");
+    assert!(started.elapsed() < Duration::from_secs(30), "it ended at once, not after the lease's retries");
+    let mut conn = buyer.connect().await.unwrap();
+    let orders = conn.exchange.list_orders(pb::ListOrdersRequest {}).await.unwrap().into_inner();
+    assert!(orders.orders.iter().all(|o| o.side != "buy"), "the order was cancelled: {orders:?}");
 }

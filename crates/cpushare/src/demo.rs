@@ -122,7 +122,7 @@ pub async fn run(args: DemoArgs, out: Output) -> anyhow::Result<()> {
                 y0 + (ty * TILE_H) as f64 * step,
                 step
             );
-            Fragment { name: format!("tile-{ty:02}-{tx:02}.pgm"), input: input.into_bytes() }
+            Fragment { name: format!("tile-{ty:02}-{tx:02}.pgm"), input: input.into_bytes().into() }
         })
         .collect();
     let total = fragments.len();

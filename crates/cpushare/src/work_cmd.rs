@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
-use cpushare_buyer::{Fragment, FragmentResult, Job, Progress, Report};
+use cpushare_buyer::{Fragment, FragmentResult, Input, Job, Progress, Report};
 use cpushare_exchange::convert::{euros, kind_to};
 use cpushare_exchange::node::NodeConfig;
 use cpushare_market::SandboxKind;
@@ -229,7 +229,8 @@ pub fn read_inputs(dir: &Path, skip: impl Fn(&str) -> bool) -> anyhow::Result<(V
         .map(|p| {
             Ok(Fragment {
                 name: p.file_name().unwrap().to_string_lossy().into_owned(),
-                input: std::fs::read(&p).with_context(|| format!("reading {}", p.display()))?,
+                // Read a piece at a time as it is sent: the inputs need not fit in memory.
+                input: Input::file(&p).with_context(|| format!("reading {}", p.display()))?,
             })
         })
         .collect::<anyhow::Result<_>>()?;
