@@ -8,8 +8,8 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     Bytes(Vec<u8>),
-    /// A file of `len` bytes (its size when the job was made: a file that
-    /// changes size meanwhile is an error when it is read, not a silent cut).
+    /// A file of `len` bytes, its size when the job was made: what it grows
+    /// by meanwhile is not sent, and one that shrank is an error when read.
     File { path: PathBuf, len: u64 },
 }
 
@@ -61,12 +61,6 @@ impl Input {
 impl From<Vec<u8>> for Input {
     fn from(bytes: Vec<u8>) -> Input {
         Input::Bytes(bytes)
-    }
-}
-
-impl From<&[u8]> for Input {
-    fn from(bytes: &[u8]) -> Input {
-        Input::Bytes(bytes.to_vec())
     }
 }
 

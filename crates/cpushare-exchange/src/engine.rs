@@ -442,8 +442,10 @@ fn seal(core: &mut Core, replies: Vec<Reply>, snapshot_every: u64) -> Batch {
     let before = core.state.seq;
     core.state.seq += records.len() as u64;
     // Only the copy here: serialising and saving it happen off this thread
-    // and off the commit path (see `save_snapshot`).
-    let snapshot = (before / snapshot_every != core.state.seq / snapshot_every).then(|| core.state.snapshot());
+    // and off the commit path (see `save_snapshot`). None is copied while the
+    // last is still being saved: it would only be dropped.
+    let due = before / snapshot_every != core.state.seq / snapshot_every;
+    let snapshot = (due && !core.shared.saving_snapshot.load(std::sync::atomic::Ordering::Acquire)).then(|| core.state.snapshot());
     Batch {
         records,
         ledger: std::mem::take(&mut core.ledger),

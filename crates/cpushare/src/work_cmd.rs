@@ -210,9 +210,8 @@ pub fn bar(total: usize) -> ProgressBar {
     pb
 }
 
-/// Reads a directory of inputs, sorted by name.
-/// The fragments of the inputs directory `dir`, but for those `skip` names
-/// (which are not read); returns them and how many were skipped.
+/// The fragments of the inputs directory `dir`, sorted by name, but for those
+/// `skip` names; returns them and how many were skipped.
 pub fn read_inputs(dir: &Path, skip: impl Fn(&str) -> bool) -> anyhow::Result<(Vec<Fragment>, usize)> {
     let mut names: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read the inputs directory {}", dir.display()))?
