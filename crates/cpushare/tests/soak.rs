@@ -14,6 +14,10 @@
 //!   packet loss (10-40 %, with nftables: this kernel has no netem) or a
 //!   choked link (a 64-512 kbit/s token bucket, which delays what queues).
 //!
+//! The cluster's buyer is spared both until a cluster has ticked to its stop,
+//! so that even a short run sees one through. Each fault is printed as it
+//! strikes.
+//!
 //! Checked at every checkpoint and at the end: every tile of every job has
 //! exactly one result and it is the one a local run gives; every VM of a
 //! cluster booted once and its clock went on to the cluster's stop; the ledger
@@ -186,6 +190,12 @@ fn check_cluster(dir: &Path, said: &str) -> (usize, usize, usize) {
         pings += clock.iter().filter(|t| t.1).count();
     }
     (nodes, ticked, pings)
+}
+
+/// Whether a node of the cluster in `dir` has shown a tick of its clock.
+fn has_ticked(dir: &Path) -> bool {
+    let consoles = std::fs::read_dir(dir).into_iter().flatten().map(|e| e.unwrap().path());
+    consoles.filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("console-")).any(|p| !ticks(&std::fs::read_to_string(p).unwrap_or_default()).is_empty())
 }
 
 /// The ledger balances and each running lease's charge is its delivered time at its price, within a cent.
@@ -378,8 +388,10 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                         if matches!(b.work, Work::Cluster(_)) && !job.killed && !job.stopped {
                             // A cluster runs a while once up (to the end of the soak at most), then is stopped.
                             let said = std::fs::read_to_string(job.out.with_extension("said")).unwrap_or_default();
-                            if job.stop_at.is_none() && said.contains("node(s) up") {
+                            // Its clock is seen to start before it may be stopped: a slow TCG boot is not a failure.
+                            if job.stop_at.is_none() && said.contains("node(s) up") && has_ticked(&job.out) {
                                 job.stop_at = Some(now + Duration::from_millis(rng.gen_range(15_000..30_000)));
+                                eprintln!("soak: {:.1} s: the cluster of {} is up and ticking", started.elapsed().as_secs_f64(), b.name);
                             }
                             if job.stop_at.is_some_and(|t| now >= t || !running) {
                                 // Not while the exchange restarts: then again a moment later.
@@ -399,6 +411,7 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                         let said = std::fs::read_to_string(job.out.with_extension("said")).unwrap_or_default();
                         assert!(output.status.success(), "a cluster of {} failed: {said}", b.name);
                         let (n, t, ok) = check_cluster(&job.out, &said);
+                        eprintln!("soak: {:.1} s: the cluster of {} ended, {t} ticks", started.elapsed().as_secs_f64(), b.name);
                         (clusters, vm_nodes, ticks, pings) = (clusters + 1, vm_nodes + n, ticks + t, pings + ok);
                         // What it cost is what the buyer holds less, once its leases ended.
                         b.orphaned = Some(Instant::now());
@@ -421,40 +434,47 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
 
         if running && now >= next_fault {
             let kind = next_kind;
-            let done = match kind {
+            // Until one cluster has ticked to its end, its buyer's job and link are left alone: a
+            // short soak's few faults could otherwise leave no cluster seen through.
+            let spared = ticks == 0;
+            let cluster_link = format!("b{BUYERS}");
+            // What the fault struck, if anything could be struck now.
+            let struck: Option<String> = match kind {
                 Fault::KillExchange => {
                     ex.kill_and_restart();
-                    true
+                    Some("the exchange".into())
                 }
                 Fault::KillJob => {
-                    // A job that is under way.
-                    let under_way: Vec<usize> = (0..buyers.len()).filter(|&i| buyers[i].job.as_ref().is_some_and(|j| j.started.elapsed() > Duration::from_millis(500))).collect();
-                    if let Some(&i) = under_way.get(rng.gen_range(0..under_way.len().max(1))) {
+                    // A job that is under way (a cluster only once one has ticked to its end: see `spared`).
+                    let under_way: Vec<usize> = (0..buyers.len())
+                        .filter(|&i| !(spared && matches!(buyers[i].work, Work::Cluster(_))) && buyers[i].job.as_ref().is_some_and(|j| j.started.elapsed() > Duration::from_millis(500)))
+                        .collect();
+                    under_way.get(rng.gen_range(0..under_way.len().max(1))).map(|&i| {
                         let job = buyers[i].job.as_mut().unwrap();
                         let _ = job.child.kill();
                         job.killed = true;
-                    }
-                    !under_way.is_empty()
+                        format!("the job of {}", buyers[i].name)
+                    })
                 }
                 Fault::KillSeller => {
                     // A seller vanishes; it comes back a little later (with its node's identity).
                     let alive: Vec<usize> = (0..sellers.len()).filter(|&i| sellers[i].process.is_some()).collect();
-                    if alive.len() > 1 {
+                    (alive.len() > 1).then(|| {
                         let s = &mut sellers[alive[rng.gen_range(0..alive.len())]];
                         let victim = s.process.take().unwrap();
                         kill9(victim.0.id());
                         drop(victim);
                         s.back_at = Some(now + Duration::from_millis(rng.gen_range(500..3000)));
-                    }
-                    alive.len() > 1
+                        s.name.clone()
+                    })
                 }
                 Fault::Partition | Fault::Loss | Fault::Choke => {
                     let lab = net.0.as_ref().unwrap();
-                    let free: Vec<&String> = links.iter().filter(|n| !faulted.contains_key(*n)).collect();
+                    let free: Vec<&String> = links.iter().filter(|n| !faulted.contains_key(*n) && !(spared && **n == cluster_link)).collect();
                     // Leave one seller's link whole, so that work goes on.
                     let whole_sellers = free.iter().filter(|n| n.starts_with('s')).count();
                     let free: Vec<&String> = free.into_iter().filter(|n| !n.starts_with('s') || whole_sellers > 1).collect();
-                    if let Some(&name) = free.get(rng.gen_range(0..free.len().max(1))) {
+                    free.get(rng.gen_range(0..free.len().max(1))).map(|&name| {
                         match kind {
                             Fault::Partition => lab.set_link(name, false),
                             Fault::Loss => lab.set_loss(name, rng.gen_range(10..=40)),
@@ -465,11 +485,13 @@ fn soak_with_processes_killed_and_links_failing_at_random() {
                             _ => rng.gen_range(3000..10_000),
                         };
                         faulted.insert(name.clone(), now + Duration::from_millis(heal));
-                    }
-                    !free.is_empty()
+                        format!("{name}'s link for {heal} ms")
+                    })
                 }
             };
-            if done {
+            if let Some(what) = struck {
+                // A line per fault, so that a failed run's story can be read back.
+                eprintln!("soak: {:.1} s: {kind:?} of {what}", started.elapsed().as_secs_f64());
                 *faults.entry(kind).or_default() += 1;
                 next_fault = now + Duration::from_millis(rng.gen_range(1500..5000));
                 next_kind = Fault::roll(&mut rng, net.0.is_some());
