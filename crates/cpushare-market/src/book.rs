@@ -3,7 +3,9 @@
 
 use rustc_hash::FxHashMap;
 
-use crate::index::{key, Bound, FilterIndex, Key, DIMS};
+use arrayvec::ArrayVec;
+
+use crate::index::{key, Bound, FilterIndex, Key, DIMS, MAX_N};
 use crate::{BuyOrder, KindSet, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
 
 /// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency].
@@ -94,7 +96,13 @@ impl AskBook {
 
     /// The best ask at or under `max_price` that meets `req`.
     pub fn best(&self, req: &Requirements, max_price: u64) -> Option<OrderId> {
-        self.index.best(requirement_attrs(req), key(max_price, u64::MAX)).map(|(_, id)| id)
+        self.best_n(req, max_price, 1).first().copied()
+    }
+
+    /// The `n` best such asks (at most [`MAX_N`]), best first: distinct slots, since a
+    /// slot's entries (one per price) offer disjoint kinds and a buyer wants one.
+    pub fn best_n(&self, req: &Requirements, max_price: u64, n: usize) -> ArrayVec<OrderId, MAX_N> {
+        self.index.best_n(requirement_attrs(req), key(max_price, u64::MAX), n).iter().map(|f| f.1).collect()
     }
 
     /// (price, slots) from the best ask up.

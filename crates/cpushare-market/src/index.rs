@@ -244,6 +244,12 @@ pub struct FilterIndex {
 
 const NONE: (Key, OrderId) = (NONE_KEY, OrderId(0));
 
+/// The most entries one [`FilterIndex::best_n`] returns.
+pub const MAX_N: usize = 8;
+
+/// Entries found by a search, best first.
+pub type Found = ArrayVec<(Key, OrderId), MAX_N>;
+
 impl FilterIndex {
     pub fn new(bounds: [Bound; DIMS]) -> Self {
         assert!(bounds[TREE..].iter().all(|b| *b != Bound::Intersects), "bit sets must be tree levels");
@@ -333,9 +339,18 @@ impl FilterIndex {
     /// The entry with the smallest key `<= limit` whose attributes pass `query` under the
     /// index's bounds.
     pub fn best(&self, query: [u32; DIMS], limit: Key) -> Option<(Key, OrderId)> {
+        self.best_n(query, limit, 1).first().copied()
+    }
+
+    /// The `n` (at most [`MAX_N`]) entries with the smallest keys `<= limit` whose
+    /// attributes pass `query`, best first: what `n` calls of [`best`](Self::best) would
+    /// give, each after removing the last one found, in one walk (an order for
+    /// several CPUs is filled from one search instead of one per CPU).
+    pub fn best_n(&self, query: [u32; DIMS], limit: Key, n: usize) -> Found {
+        assert!((1..=MAX_N).contains(&n), "between 1 and {MAX_N} entries at a time, not {n}");
         if self.root_best.0 > limit {
             // Nothing in the index is within the limit (often: the book is empty).
-            return None;
+            return Found::new();
         }
         let mut free_from = [false; DIMS + 1];
         free_from[DIMS] = true;
@@ -356,8 +371,20 @@ impl FilterIndex {
                 Bound::Intersects => {}
             }
         }
-        let mut search =
-            Search { index: self, free_from, reachable, numeric, spans, lo, hi, found: None, bound: limit.saturating_add(1) };
+        let single = n == 1;
+        let mut search = Search {
+            index: self,
+            free_from,
+            reachable,
+            numeric,
+            spans,
+            lo,
+            hi,
+            want: n,
+            single,
+            found: Found::new(),
+            bound: limit.saturating_add(1),
+        };
         search.node(0, 0, true, self.root_best);
         search.found
     }
@@ -415,7 +442,15 @@ impl FilterIndex {
 }
 
 fn best_of(node: &Node) -> (Key, OrderId) {
-    node.children.iter().map(|c| (c.best, c.best_id)).min_by_key(|c| c.0).unwrap_or(NONE)
+    // Compares keys alone (they never tie) and takes the id of the winner once.
+    let Some((first, rest)) = node.children.split_first() else { return NONE };
+    let mut best = first;
+    for c in rest {
+        if c.best < best.best {
+            best = c;
+        }
+    }
+    (best.best, best.best_id)
 }
 
 struct Search<'a> {
@@ -431,9 +466,13 @@ struct Search<'a> {
     /// Per attribute, the range of values that pass.
     lo: [u32; DIMS],
     hi: [u32; DIMS],
-    found: Option<(Key, OrderId)>,
-    /// Keys below this can still win: one past the limit, then the best found so far.
-    /// (The reserved empty key never gets under it.)
+    /// How many entries are wanted, and whether just one: then a subtree that
+    /// passes as a whole is answered by its cached best (with more, it is walked).
+    want: usize,
+    single: bool,
+    found: Found,
+    /// Keys below this can still win: one past the limit, then (once `want` are found)
+    /// the worst of those. (The reserved empty key never gets under it.)
     bound: Key,
 }
 
@@ -443,9 +482,16 @@ impl Search<'_> {
         key < self.bound
     }
 
+    /// Keeps `found` (which beats `bound`) among the best `want`.
     fn take(&mut self, found: (Key, OrderId)) {
-        self.found = Some(found);
-        self.bound = found.0;
+        if self.found.len() == self.want {
+            self.found.pop();
+        }
+        let at = self.found.partition_point(|f| f.0 < found.0);
+        self.found.insert(at, found);
+        if self.found.len() == self.want {
+            self.bound = self.found[self.want - 1].0;
+        }
     }
 
     /// `passing`: every attribute fixed on the path to here passes for the whole bucket.
@@ -454,7 +500,7 @@ impl Search<'_> {
         if !self.could_win(best.0) {
             return;
         }
-        if passing && self.free_from[level] {
+        if self.single && passing && self.free_from[level] {
             self.take(best);
             return;
         }
@@ -463,7 +509,7 @@ impl Search<'_> {
         // best of those matters. The others must be searched, best-first, so that the
         // first fit prunes the rest. On a number's level only the children in the
         // reachable range are visited at all.
-        let child_free = self.free_from[level + 1];
+        let child_free = self.single && self.free_from[level + 1];
         let ((from, to), edge) = self.spans[level];
         let first = node.rank(from);
         let mut partial: ArrayVec<(Key, u8, bool), FANOUT> = ArrayVec::new();
@@ -493,7 +539,7 @@ impl Search<'_> {
             let child_passing = passing && whole;
             if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
-            } else if child_passing && self.free_from[TREE] {
+            } else if self.single && child_passing && self.free_from[TREE] {
                 self.take((c.best, c.best_id));
             } else {
                 self.scan(self.index.cells[c.index as usize].iter());
@@ -501,7 +547,7 @@ impl Search<'_> {
         }
     }
 
-    /// Takes the first entry, in priority order, that passes and still wins.
+    /// Takes the entries, in priority order, that pass while they still win.
     fn scan<'e>(&mut self, entries: impl Iterator<Item = (&'e Key, &'e Entry)>) {
         for (&k, e) in entries {
             if !self.could_win(k) {
@@ -509,7 +555,9 @@ impl Search<'_> {
             }
             if self.passes(&e.attrs) {
                 self.take((k, e.id));
-                return;
+                if self.single {
+                    return;
+                }
             }
         }
     }
@@ -599,6 +647,20 @@ mod tests {
                 let q = [kinds, a, b, c, if d > 5500 { u32::MAX } else { d }];
                 let limit = key(limit, u64::MAX);
                 prop_assert_eq!(ix.best(q, limit), naive(&live, q, limit));
+                // n at once: the n best, in order (unconstrained queries too, where whole
+                // subtrees pass and are walked rather than answered by their best).
+                for q in [q, [kinds, 0, 0, 0, u32::MAX]] {
+                    for n in [2, 3, MAX_N] {
+                        let mut want: Vec<_> = live
+                            .iter()
+                            .filter(|(k, _, a)| *k <= limit && (0..DIMS).all(|d| BOUNDS[d].passes(a[d], q[d])))
+                            .map(|(k, id, _)| (*k, *id))
+                            .collect();
+                        want.sort_unstable();
+                        want.truncate(n);
+                        prop_assert_eq!(ix.best_n(q, limit, n).to_vec(), want);
+                    }
+                }
             }
         }
     }

@@ -149,6 +149,11 @@ impl KindAsks {
     /// each group is one entry of the ask book.
     pub fn tiers(&self, kinds: KindSet, ask: u64) -> smallvec::SmallVec<[(KindSet, u64); 2]> {
         let mut tiers: smallvec::SmallVec<[(KindSet, u64); 2]> = smallvec::SmallVec::new();
+        if self.is_empty() && !kinds.is_empty() {
+            // Most slots: one ask for every kind (asked on every book change of the slot).
+            tiers.push((kinds, ask));
+            return tiers;
+        }
         for kind in kinds.iter() {
             let price = self.get(kind).unwrap_or(ask);
             match tiers.iter_mut().find(|t| t.1 == price) {

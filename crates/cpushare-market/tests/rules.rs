@@ -285,6 +285,33 @@ fn a_buy_for_several_cpus_fills_from_several_sellers_and_rests_with_the_rest() {
 }
 
 #[test]
+fn a_large_buy_takes_the_cheapest_fitting_slots_in_price_time_order() {
+    // More CPUs than one search of the book returns at a time (index::MAX_N).
+    let mut m = market();
+    let mut fitting = Vec::new();
+    for i in 0..30u64 {
+        // Prices in no order, some equal; every third slot has too little RAM.
+        let ram_mib = if i % 3 == 0 { 1024 } else { 4096 };
+        let ask = 100 + (i * 7) % 11;
+        let s = sell(&mut m, NodeId(100 + i), SlotAttributes { ram_mib, ..slot() }, ask, 1);
+        if ram_mib >= 2048 {
+            fitting.push((ask, s));
+        }
+    }
+    fitting.sort(); // by price, then by placing (ids grow with time)
+    let req = BuyRequest { requirements: Requirements { min_ram_mib: 2048, ..Requirements::any(SandboxKind::SeccompStrict) }, ..buy(15, 200) };
+    let b = m.place_buy(BUYER, req, 2).unwrap();
+    let mut leases = leases_of(&m, b);
+    leases.sort_by_key(|l| l.id);
+    let taken: Vec<(u64, OrderId)> = leases.iter().map(|l| (l.price, l.sell)).collect();
+    assert_eq!(taken, fitting[..15], "the 15 cheapest slots that fit, opened best first");
+    assert_eq!(m.buy_order(b).unwrap().open, 0);
+    // The rest of the fitting slots and every small one still rest.
+    assert_eq!(m.asks().len(SandboxKind::SeccompStrict), 15);
+    check(&m);
+}
+
+#[test]
 fn upload_time_is_not_billed_and_running_time_is_metered_per_second() {
     let mut m = market();
     sell(&mut m, NODE, slot(), 100, 0);
