@@ -6,7 +6,7 @@
 //! that fits, and on a book of 100,000 slots that walk is the whole book.
 //!
 //! The index is a shallow tree over the first [`TREE`] attributes (for the
-//! book: sandbox kinds, score, RAM). Level `d` splits on attribute `d`: numbers
+//! book: RAM, score, sandbox kinds). Level `d` splits on attribute `d`: numbers
 //! by a log-linear bucket (four buckets per power of two), small bit sets (the
 //! kinds) by their exact value. The leaves are cells holding entries in
 //! priority order; the remaining attributes (latency, inbound UDP) are checked
