@@ -3,7 +3,7 @@
 //! - [`node`]: a member of a cluster's network as a state machine (switch,
 //!   paths direct or through the buyer's relay, handshakes, timers), no I/O.
 //! - [`handshake`], [`session`], [`replay`], [`wire`]: Noise IKpsk2 with
-//!   WireGuard's cookies, ChaCha20-Poly1305 data packets, replay windows,
+//!   WireGuard's cookies, AES-256-GCM data packets, replay windows,
 //!   the datagram formats.
 //! - [`frames`], [`gso`]: Ethernet frames (64 KiB offload frames included)
 //!   in datagram-sized pieces, and cut to MTU size where a port needs it.
