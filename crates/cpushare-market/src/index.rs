@@ -371,7 +371,6 @@ impl FilterIndex {
                 Bound::Intersects => {}
             }
         }
-        let single = n == 1;
         let mut search = Search {
             index: self,
             free_from,
@@ -381,7 +380,6 @@ impl FilterIndex {
             lo,
             hi,
             want: n,
-            single,
             found: Found::new(),
             bound: limit.saturating_add(1),
         };
@@ -466,10 +464,8 @@ struct Search<'a> {
     /// Per attribute, the range of values that pass.
     lo: [u32; DIMS],
     hi: [u32; DIMS],
-    /// How many entries are wanted, and whether just one: then a subtree that
-    /// passes as a whole is answered by its cached best (with more, it is walked).
+    /// How many entries are wanted (see `single`).
     want: usize,
-    single: bool,
     found: Found,
     /// Keys below this can still win: one past the limit, then (once `want` are found)
     /// the worst of those. (The reserved empty key never gets under it.)
@@ -477,6 +473,12 @@ struct Search<'a> {
 }
 
 impl Search<'_> {
+    /// Whether just one entry is wanted: then a subtree that passes as a whole is
+    /// answered by its cached best (with more, it is walked).
+    fn single(&self) -> bool {
+        self.want == 1
+    }
+
     /// Whether a subtree whose best key is `key` could still improve the answer.
     fn could_win(&self, key: Key) -> bool {
         key < self.bound
@@ -500,7 +502,7 @@ impl Search<'_> {
         if !self.could_win(best.0) {
             return;
         }
-        if self.single && passing && self.free_from[level] {
+        if self.single() && passing && self.free_from[level] {
             self.take(best);
             return;
         }
@@ -509,7 +511,7 @@ impl Search<'_> {
         // best of those matters. The others must be searched, best-first, so that the
         // first fit prunes the rest. On a number's level only the children in the
         // reachable range are visited at all.
-        let child_free = self.single && self.free_from[level + 1];
+        let child_free = self.single() && self.free_from[level + 1];
         let ((from, to), edge) = self.spans[level];
         let first = node.rank(from);
         let mut partial: ArrayVec<(Key, u8, bool), FANOUT> = ArrayVec::new();
@@ -539,7 +541,7 @@ impl Search<'_> {
             let child_passing = passing && whole;
             if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
-            } else if self.single && child_passing && self.free_from[TREE] {
+            } else if self.single() && child_passing && self.free_from[TREE] {
                 self.take((c.best, c.best_id));
             } else {
                 self.scan(self.index.cells[c.index as usize].iter());
@@ -555,7 +557,7 @@ impl Search<'_> {
             }
             if self.passes(&e.attrs) {
                 self.take((k, e.id));
-                if self.single {
+                if self.single() {
                     return;
                 }
             }
