@@ -577,6 +577,14 @@ mod tests {
         let live_dir = dir.path().join(format!("vm/lease-8-{live}"));
         // What looks like its QEMU (only a QEMU is killed: a pid may be reused).
         let mut qemu = std::process::Command::new("sleep").arg0("qemu-system-x86_64").arg("600").spawn().unwrap();
+        // spawn returns once the child's exec has replaced its memory, which
+        // is before the kernel has set where its arguments are: until then
+        // /proc/PID/cmdline reads empty and it would not look like a QEMU.
+        // (Python's Popen saw that half the time; CI once, under load.)
+        let cmdline = format!("/proc/{}/cmdline", qemu.id());
+        while !String::from_utf8_lossy(&std::fs::read(&cmdline).unwrap()).contains("qemu-system") {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         for d in [&orphan_dir, &live_dir] {
             std::fs::create_dir_all(d).unwrap();
             std::fs::write(d.join(vm::PIDFILE), format!("{}\n", qemu.id())).unwrap();
