@@ -95,7 +95,7 @@ impl Dialer {
             async move {
                 let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
-                let stream = tls.connect(server_name, tcp).await?;
+                let stream = tls.connect(server_name, crate::read_ahead::ReadAhead::new(tcp)).await?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });
@@ -106,6 +106,7 @@ impl Dialer {
             .tcp_nodelay(true)
             .initial_stream_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONNECTION_WINDOW)
+            .max_frame_size(crate::MAX_FRAME)
             .connect_with_connector(connector)
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach the exchange at {}: {}", self.url, error_chain(&e)))?;

@@ -10,6 +10,7 @@ pub mod networks;
 pub mod node;
 pub mod order_entry;
 pub mod pki;
+pub mod read_ahead;
 pub mod relay;
 pub mod server;
 pub mod service;

@@ -9,11 +9,13 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 
 use crate::pki::{self, Authority};
+use crate::read_ahead::ReadAhead;
 use crate::service::{Api, Handler};
 
 /// A running server: where it listens, and how to stop it.
@@ -76,7 +78,6 @@ pub async fn serve(
     let (stop, stopped) = oneshot::channel::<()>();
     let router = Server::builder()
         .tls_config(tls)?
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         // HTTP/2's default 64 KiB windows cap a relay at one window per round
         // trip; these let a bulk transfer keep the pipe full.
@@ -85,7 +86,17 @@ pub async fn serve(
         .max_frame_size(Some(crate::MAX_FRAME))
         .add_service(InterceptedService::new(exchange, check_version))
         .add_service(InterceptedService::new(admin, check_version));
-    let task = tokio::spawn(router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+    // Serving from our own listener, tonic applies none of its socket settings:
+    // no Nagle (small answers must not wait for an acknowledgement), and the
+    // socket reads ahead of rustls.
+    let incoming = TcpListenerStream::new(listener).map(|tcp| {
+        let tcp = tcp?;
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::warn!("cannot set TCP_NODELAY on a connection: {e}");
+        }
+        Ok::<_, std::io::Error>(ReadAhead::new(tcp))
+    });
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = stopped.await;
     }));
     tracing::info!(%addr, "exchange listening");
