@@ -7,9 +7,8 @@
 //! its ChaChaPoly): ring runs it on the CPU's AES and carry-less multiply
 //! instructions (AES-NI/VAES on x86-64, the ARMv8 crypto extensions), 3.6 GiB/s
 //! against 1.3 GiB/s for 1,400-byte packets on our machine (`benches/seal.rs`,
-//! BENCHMARKS.md), and
-//! sealing and opening were the largest part of a node's CPU. It is Nebula's
-//! default too. A CPU without those instructions gets ring's constant-time
+//! BENCHMARKS.md), and sealing and opening were the largest part of a node's
+//! CPU. It is Nebula's default too. A CPU without those instructions gets ring's constant-time
 //! software AES, slower but safe. Counter nonces never repeat within a
 //! session, and sessions end long before GCM's limits.
 
