@@ -95,7 +95,8 @@ impl Dialer {
             async move {
                 let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
                 tcp.set_nodelay(true)?;
-                let stream = tls.connect(server_name, crate::read_ahead::ReadAhead::new(tcp)).await?;
+                let mut stream = tls.connect(server_name, crate::read_ahead::ReadAhead::new(tcp)).await?;
+                stream.get_mut().1.set_buffer_limit(Some(crate::TLS_BUFFER));
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });

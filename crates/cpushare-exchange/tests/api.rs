@@ -163,6 +163,30 @@ async fn an_old_client_is_told_to_upgrade() {
     ex.running.listening.shutdown().await;
 }
 
+/// The exchange does its own TLS handshakes (to size each connection's
+/// buffers): one client that never finishes its handshake and one that sends
+/// junk must hold up nobody, and must not stop the server.
+#[tokio::test]
+async fn a_stalled_or_junk_handshake_holds_up_nobody() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let ex = Exchange::start(|_| {}).await;
+    let addr = ex.running.listening.addr;
+    let _stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut junk = tokio::net::TcpStream::connect(addr).await.unwrap();
+    junk.write_all(b"GET / HTTP/1.1\r\nHost: exchange\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), junk.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "a junk handshake is closed at once");
+    // A real client is served while the stalled one still waits.
+    for _ in 0..3 {
+        let conn = tokio::time::timeout(Duration::from_secs(5), connect(&ex.url, Trust::FirstUse, None)).await.unwrap().unwrap();
+        let mut raw = pb::exchange_client::ExchangeClient::new(conn.channel);
+        let err = raw.hello(pb::HelloRequest {}).await.unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "the call reached the service: {err}");
+    }
+    ex.running.listening.shutdown().await;
+}
+
 #[tokio::test]
 async fn order_traffic_is_rate_limited_per_account() {
     let mut ex = Exchange::start(|s| {
