@@ -93,6 +93,7 @@ impl ShareServer {
     /// Serves the connections `listener` takes from peers `admit` lets in
     /// (others are closed at once).
     pub async fn accept(self: Arc<Self>, listener: tokio::net::TcpListener, admit: impl Fn(SocketAddr) -> bool + Send + 'static) {
+        pace_by_loss(&listener);
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) if admit(peer) => {
@@ -107,7 +108,25 @@ impl ShareServer {
             }
         }
     }
+}
 
+/// The congestion control the share's replies are sent with: CUBIC, Linux's
+/// (and Debian's) default, whatever this host's default is. A host set to
+/// BBR paces every segment to its estimate of the path, and across the
+/// overlay, whose queue depth swings with the nodes' batches, the estimate
+/// runs low (see BENCHMARKS.md: reads across it, CUBIC against BBR). Set on
+/// the listener, so that each connection starts with it: a connection
+/// switched from BBR once accepted keeps BBR's pacing. Best effort: a host
+/// without CUBIC keeps its default.
+fn pace_by_loss(listener: &tokio::net::TcpListener) {
+    if let Err(e) = socket2::SockRef::from(listener).set_tcp_congestion(PACING) {
+        tracing::debug!("the share keeps this host's congestion control: {e}");
+    }
+}
+
+const PACING: &[u8] = b"cubic";
+
+impl ShareServer {
     /// Serves the connections the cluster's userspace stack hands over.
     pub async fn take(self: Arc<Self>, mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::os::unix::net::UnixStream, SocketAddr)>) {
         while let Some((stream, peer)) = handed.recv().await {
@@ -158,6 +177,23 @@ mod tests {
         assert!("/srv/x:bad/name".parse::<ShareSpec>().is_err());
         assert!("/srv/x:..".parse::<ShareSpec>().is_err());
         assert!("/".parse::<ShareSpec>().unwrap_err().contains("DIR:NAME"));
+    }
+
+    #[tokio::test]
+    async fn connections_to_the_share_start_with_cubic() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let host = socket2::SockRef::from(&listener).tcp_congestion().unwrap();
+        pace_by_loss(&listener);
+        if socket2::SockRef::from(&listener).tcp_congestion().unwrap() != PACING {
+            // This host allows unprivileged sockets only its own list (net.ipv4.tcp_allowed_congestion_control).
+            assert!(std::env::var("CI").as_deref() != Ok("true"), "CUBIC could not be set on the share's listener, as root under CI");
+            eprintln!("skipped: this user may not choose CUBIC here (the host's default is {})", String::from_utf8_lossy(&host));
+            return;
+        }
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert_eq!(socket2::SockRef::from(&accepted).tcp_congestion().unwrap(), PACING, "a connection inherits the listener's congestion control");
+        drop(client);
     }
 
     #[test]
