@@ -115,9 +115,9 @@ impl ShareServer {
 /// BBR paces every segment to its estimate of the path, and across the
 /// overlay, whose queue depth swings with the nodes' batches, the estimate
 /// runs low (see BENCHMARKS.md: reads across it, CUBIC against BBR). Set on
-/// the listener, so that each connection starts with it: a connection
-/// switched from BBR once accepted keeps BBR's pacing. Best effort: a host
-/// without CUBIC keeps its default.
+/// the listener, so that each connection starts with it: one switched after
+/// it is accepted measured no faster (it keeps the pacing BBR turned on).
+/// Best effort: a host without CUBIC keeps its default.
 fn pace_by_loss(listener: &tokio::net::TcpListener) {
     if let Err(e) = socket2::SockRef::from(listener).set_tcp_congestion(PACING) {
         tracing::debug!("the share keeps this host's congestion control: {e}");
