@@ -108,6 +108,16 @@ impl ShareServer {
             }
         }
     }
+
+    /// Serves the connections the cluster's userspace stack hands over.
+    pub async fn take(self: Arc<Self>, mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::os::unix::net::UnixStream, SocketAddr)>) {
+        while let Some((stream, peer)) = handed.recv().await {
+            match stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream)) {
+                Ok(s) => self.serve(s, peer.to_string()),
+                Err(e) => tracing::warn!("a share connection from {peer}: {e}"),
+            }
+        }
+    }
 }
 
 /// The congestion control the share's replies are sent with: CUBIC, Linux's
@@ -119,24 +129,12 @@ impl ShareServer {
 /// it is accepted measured no faster (it keeps the pacing BBR turned on).
 /// Best effort: a host without CUBIC keeps its default.
 fn pace_by_loss(listener: &tokio::net::TcpListener) {
-    if let Err(e) = socket2::SockRef::from(listener).set_tcp_congestion(PACING) {
+    if let Err(e) = socket2::SockRef::from(listener).set_tcp_congestion(CONGESTION) {
         tracing::debug!("the share keeps this host's congestion control: {e}");
     }
 }
 
-const PACING: &[u8] = b"cubic";
-
-impl ShareServer {
-    /// Serves the connections the cluster's userspace stack hands over.
-    pub async fn take(self: Arc<Self>, mut handed: tokio::sync::mpsc::UnboundedReceiver<(std::os::unix::net::UnixStream, SocketAddr)>) {
-        while let Some((stream, peer)) = handed.recv().await {
-            match stream.set_nonblocking(true).and_then(|()| tokio::net::UnixStream::from_std(stream)) {
-                Ok(s) => self.serve(s, peer.to_string()),
-                Err(e) => tracing::warn!("a share connection from {peer}: {e}"),
-            }
-        }
-    }
-}
+const CONGESTION: &[u8] = b"cubic";
 
 /// A listener at `addr` bound to `device` (the buyer's cluster interface), so
 /// that nothing arriving on another interface reaches it. This host's own
@@ -190,7 +188,7 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let host = congestion((&listener).into());
         pace_by_loss(&listener);
-        if congestion((&listener).into()) != PACING {
+        if congestion((&listener).into()) != CONGESTION {
             // This host allows unprivileged sockets only its own list (net.ipv4.tcp_allowed_congestion_control).
             assert!(std::env::var("CI").as_deref() != Ok("true"), "CUBIC could not be set on the share's listener, as root under CI");
             eprintln!("skipped: this user may not choose CUBIC here (the host's default is {})", String::from_utf8_lossy(&host));
@@ -198,7 +196,7 @@ mod tests {
         }
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (accepted, _) = listener.accept().await.unwrap();
-        assert_eq!(congestion((&accepted).into()), PACING, "a connection inherits the listener's congestion control");
+        assert_eq!(congestion((&accepted).into()), CONGESTION, "a connection inherits the listener's congestion control");
         drop(client);
     }
 
