@@ -15,7 +15,8 @@
 //! Every node caches each child's best key. A query visits children
 //! best-first and stops as soon as a subtree cannot beat what it already found;
 //! a subtree whose every bucket passes every threshold is answered by its cached
-//! best without descending. Cells are scanned only where a threshold falls
+//! best without descending (a bit set that every entry in the index shares a bit
+//! with counts as no threshold). Cells are scanned only where a threshold falls
 //! inside their bucket or a scanned attribute is constrained, and only while
 //! they can still win.
 //!
@@ -302,6 +303,12 @@ pub struct FilterIndex {
     root_best: (Key, OrderId),
     cells: Vec<Cell>,
     len: usize,
+    /// Per bit-set attribute, how many entries hold each value, and which values some
+    /// entry holds: a query that shares a bit with every value present excludes
+    /// nothing (every slot offers the seccomp kinds most buyers want), so it is
+    /// answered from cached bests like an unconstrained one.
+    sets: [[u32; FANOUT]; DIMS],
+    sets_present: [Mask; DIMS],
 }
 
 const NONE: (Key, OrderId) = (NONE_KEY, OrderId(0));
@@ -315,7 +322,15 @@ pub type Found = ArrayVec<(Key, OrderId), MAX_N>;
 impl FilterIndex {
     pub fn new(bounds: [Bound; DIMS]) -> Self {
         assert!(bounds[TREE..].iter().all(|b| *b != Bound::Intersects), "bit sets must be tree levels");
-        FilterIndex { bounds, nodes: vec![Node::default()], root_best: NONE, cells: Vec::new(), len: 0 }
+        FilterIndex {
+            bounds,
+            nodes: vec![Node::default()],
+            root_best: NONE,
+            cells: Vec::new(),
+            len: 0,
+            sets: [[0; FANOUT]; DIMS],
+            sets_present: [0; DIMS],
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -363,6 +378,7 @@ impl FilterIndex {
         let fresh = self.cells[node].insert(key, entry);
         assert!(fresh, "priority key {key:?} inserted twice");
         self.len += 1;
+        self.count_sets(&attrs, 1);
     }
 
     /// Removes the entry; returns whether it was there.
@@ -380,6 +396,7 @@ impl FilterIndex {
             return false;
         }
         self.len -= 1;
+        self.count_sets(&attrs, -1);
         // Refresh cached bests bottom-up. A subtree whose best was not the removed key
         // keeps its best, and so do all above it.
         for d in (0..TREE).rev() {
@@ -396,6 +413,29 @@ impl FilterIndex {
             self.root_best = best_of(&self.nodes[0]);
         }
         true
+    }
+
+    fn count_sets(&mut self, attrs: &[u32; DIMS], delta: i32) {
+        for d in 0..DIMS {
+            if self.bounds[d] == Bound::Intersects {
+                let v = attrs[d] as usize;
+                let n = &mut self.sets[d][v];
+                *n = n.checked_add_signed(delta).expect("a set's count stays in range");
+                if *n == 0 {
+                    self.sets_present[d] &= !(1 << v);
+                } else {
+                    self.sets_present[d] |= 1 << v;
+                }
+            }
+        }
+    }
+
+    /// Whether no entry in the index fails the query on attribute `d`.
+    fn excludes_nothing(&self, d: usize, query: u32) -> bool {
+        match self.bounds[d] {
+            Bound::Intersects => self.sets_present[d] & !INTERSECTING[(query as usize) & (FANOUT - 1)] == 0,
+            bound => bound.unconstrained(query),
+        }
     }
 
     /// The entry with the smallest key `<= limit` whose attributes pass `query` under the
@@ -417,7 +457,7 @@ impl FilterIndex {
         let mut free_from = [false; DIMS + 1];
         free_from[DIMS] = true;
         for d in (0..DIMS).rev() {
-            free_from[d] = free_from[d + 1] && self.bounds[d].unconstrained(query[d]);
+            free_from[d] = free_from[d + 1] && self.excludes_nothing(d, query[d]);
         }
         let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
         let spans: [_; TREE] = std::array::from_fn(|d| self.bounds[d].span(query[d]));
@@ -685,6 +725,24 @@ mod tests {
         assert!(!ix.remove(key(30, 3), [0b01, 1, 8192, 1000, 20]));
         assert_eq!(ix.best([0b01, 0, 4096, 0, 100], all), None);
         ix.check().unwrap();
+    }
+
+    #[test]
+    fn a_kind_every_entry_offers_constrains_nothing_until_one_does_not() {
+        let mut ix = FilterIndex::new(BOUNDS);
+        let all = key(u64::MAX, u64::MAX - 1);
+        ix.insert(key(5, 1), OrderId(1), [0b011, 1, 512, 1000, 20]);
+        ix.insert(key(9, 2), OrderId(2), [0b111, 1, 512, 1000, 20]);
+        assert!(ix.excludes_nothing(0, 0b001));
+        assert!(!ix.excludes_nothing(0, 0b100));
+        assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), Some((key(9, 2), OrderId(2))));
+        assert!(ix.remove(key(5, 1), [0b011, 1, 512, 1000, 20]));
+        assert!(ix.excludes_nothing(0, 0b100), "the only entry left offers it");
+        // A cheaper entry that does not offer the kind must not be taken for it.
+        ix.insert(key(1, 3), OrderId(3), [0b010, 1, 512, 1000, 20]);
+        assert!(!ix.excludes_nothing(0, 0b100));
+        assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), Some((key(9, 2), OrderId(2))));
+        assert_eq!(ix.best([0b010, 0, 0, 0, u32::MAX], all), Some((key(1, 3), OrderId(3))));
     }
 
     proptest! {
