@@ -243,9 +243,11 @@ fn split(key: Key) -> (u64, u64) {
 impl Level {
     /// Where `seq` is or would go.
     fn position(&self, seq: u64) -> Result<usize, usize> {
-        match self.queue.back() {
+        match (self.queue.front(), self.queue.back()) {
             // The usual insert: a fresh seq, after every other.
-            Some(last) if last.seq < seq => Err(self.queue.len()),
+            (_, Some(last)) if last.seq < seq => Err(self.queue.len()),
+            // The usual removal: a trade of the level's oldest.
+            (Some(first), _) if first.seq == seq => Ok(0),
             _ => self.queue.binary_search_by_key(&seq, |q| q.seq),
         }
     }

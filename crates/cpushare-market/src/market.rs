@@ -841,27 +841,45 @@ impl Market {
 
     /// The one place an account's balance changes.
     fn post(&mut self, account: AccountId, bucket: Bucket, amount: Cents) {
-        if amount == 0 {
+        self.post_both(account, bucket, amount, 0);
+    }
+
+    /// Adds `amount` to the `first` bucket and `to_other` to the other one (either may
+    /// be negative), looking the account up once: holding and releasing escrow move
+    /// money between an account's two buckets on most events.
+    fn post_both(&mut self, account: AccountId, first: Bucket, amount: Cents, to_other: Cents) {
+        if amount == 0 && to_other == 0 {
             return;
         }
         let b = self.balances.get_mut(&account).expect("account of an event exists");
-        match bucket {
-            Bucket::Available => b.available += amount,
-            Bucket::Escrow => b.escrow += amount,
-        }
+        let other = match first {
+            Bucket::Available => {
+                b.available += amount;
+                b.escrow += to_other;
+                Bucket::Escrow
+            }
+            Bucket::Escrow => {
+                b.escrow += amount;
+                b.available += to_other;
+                Bucket::Available
+            }
+        };
         if let Some(journal) = &mut self.journal {
-            journal.push(Posting { event: self.outbox.len(), account, bucket, amount });
+            let event = self.outbox.len();
+            for (bucket, amount) in [(first, amount), (other, to_other)] {
+                if amount != 0 {
+                    journal.push(Posting { event, account, bucket, amount });
+                }
+            }
         }
     }
 
     fn hold(&mut self, account: AccountId, amount: Cents) {
-        self.post(account, Bucket::Available, -amount);
-        self.post(account, Bucket::Escrow, amount);
+        self.post_both(account, Bucket::Available, -amount, amount);
     }
 
     fn release(&mut self, account: AccountId, amount: Cents) {
-        self.post(account, Bucket::Escrow, -amount);
-        self.post(account, Bucket::Available, amount);
+        self.post_both(account, Bucket::Escrow, -amount, amount);
     }
 
     /// Removes a slot from the market (and from the book, if it rests there).

@@ -147,8 +147,8 @@ impl KindAsks {
 
     /// The kinds of `kinds` grouped by what they cost, `ask` where not set:
     /// each group is one entry of the ask book.
-    pub fn tiers(&self, kinds: KindSet, ask: u64) -> smallvec::SmallVec<[(KindSet, u64); 2]> {
-        let mut tiers: smallvec::SmallVec<[(KindSet, u64); 2]> = smallvec::SmallVec::new();
+    pub fn tiers(&self, kinds: KindSet, ask: u64) -> Tiers {
+        let mut tiers = Tiers::new();
         if self.is_empty() && !kinds.is_empty() {
             // Most slots: one ask for every kind (asked on every book change of the slot).
             tiers.push((kinds, ask));
@@ -164,6 +164,9 @@ impl KindAsks {
         tiers
     }
 }
+
+/// A slot's kinds grouped by price (at most one group per kind).
+pub type Tiers = arrayvec::ArrayVec<(KindSet, u64), 4>;
 
 /// What a seller measured about one CPU slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
