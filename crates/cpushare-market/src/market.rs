@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::{AskBook, BidBook};
 use crate::deadlines::Deadlines;
+use crate::id_map::IdMap;
 use crate::index::MAX_N;
 use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
 use crate::{
@@ -53,9 +54,9 @@ pub struct Market {
     /// The outside world: minus everything ever deposited plus everything withdrawn.
     world: Cents,
     fees: Cents,
-    sells: FxHashMap<OrderId, SellOrder>,
-    buys: FxHashMap<OrderId, BuyOrder>,
-    leases: FxHashMap<LeaseId, Lease>,
+    sells: IdMap<OrderId, SellOrder>,
+    buys: IdMap<OrderId, BuyOrder>,
+    leases: IdMap<LeaseId, Lease>,
     slots_of_node: FxHashMap<NodeId, Vec<OrderId>>,
     asks: AskBook,
     bids: BidBook,
@@ -95,9 +96,9 @@ impl Market {
             balances: FxHashMap::default(),
             world: 0,
             fees: 0,
-            sells: FxHashMap::default(),
-            buys: FxHashMap::default(),
-            leases: FxHashMap::default(),
+            sells: IdMap::default(),
+            buys: IdMap::default(),
+            leases: IdMap::default(),
             slots_of_node: FxHashMap::default(),
             asks: AskBook::default(),
             bids: BidBook::default(),
@@ -612,6 +613,7 @@ impl Market {
     /// then lets its order and its slot trade again where the reason allows.
     fn end_lease(&mut self, lease: LeaseId, reason: EndReason, at: Time, now: Time) {
         let l = &self.leases[&lease];
+        self.touch(l.buy, l.sell);
         let at = match l.state {
             LeaseState::AwaitingReady => at.min(now),
             LeaseState::Running { metered_until, .. } => at.clamp(metered_until, now.min(l.deadline).max(metered_until)),
@@ -824,6 +826,14 @@ impl Market {
                 }
             }
         }
+    }
+
+    /// Looks up a buy order and a slot one right after the other, before either is
+    /// needed: on a market larger than the CPU's caches each lookup is a trip to
+    /// memory, and two independent lookups side by side make the two trips at once,
+    /// where the code that uses them (far apart) would make them in turn.
+    fn touch(&self, buy: OrderId, sell: OrderId) {
+        std::hint::black_box((self.buys.get(&buy).map(|o| o.open), self.sells.get(&sell).map(|s| s.seq)));
     }
 
     fn compact_deadlines(&mut self) {
