@@ -226,6 +226,9 @@ struct Cell {
 #[derive(Debug, Clone)]
 struct Level {
     primary: u64,
+    /// The seq at the back of the queue, kept here so that the usual insert (a
+    /// fresh seq) is placed without reading the queue's far end from memory.
+    last: u64,
     /// In `seq` order (seqs are unique).
     queue: std::collections::VecDeque<Queued>,
 }
@@ -243,11 +246,13 @@ fn split(key: Key) -> (u64, u64) {
 impl Level {
     /// Where `seq` is or would go.
     fn position(&self, seq: u64) -> Result<usize, usize> {
-        match (self.queue.front(), self.queue.back()) {
+        if !self.queue.is_empty() && self.last < seq {
             // The usual insert: a fresh seq, after every other.
-            (_, Some(last)) if last.seq < seq => Err(self.queue.len()),
+            return Err(self.queue.len());
+        }
+        match self.queue.front() {
             // The usual removal: a trade of the level's oldest.
-            (Some(first), _) if first.seq == seq => Ok(0),
+            Some(first) if first.seq == seq => Ok(0),
             _ => self.queue.binary_search_by_key(&seq, |q| q.seq),
         }
     }
@@ -263,12 +268,17 @@ impl Cell {
         let level = match self.level(primary) {
             Ok(i) => &mut self.levels[i],
             Err(i) => {
-                self.levels.insert(i, Level { primary, queue: Default::default() });
+                self.levels.insert(i, Level { primary, last: seq, queue: Default::default() });
                 &mut self.levels[i]
             }
         };
         let Err(at) = level.position(seq) else { return false };
-        level.queue.insert(at, Queued { seq, entry });
+        if at == level.queue.len() {
+            level.last = seq;
+            level.queue.push_back(Queued { seq, entry });
+        } else {
+            level.queue.insert(at, Queued { seq, entry });
+        }
         true
     }
 
@@ -278,8 +288,9 @@ impl Cell {
         let level = &mut self.levels[i];
         let Ok(at) = level.position(seq) else { return false };
         level.queue.remove(at);
-        if level.queue.is_empty() {
-            self.levels.remove(i);
+        match level.queue.back() {
+            None => drop(self.levels.remove(i)),
+            Some(back) => level.last = back.seq,
         }
         true
     }
@@ -767,6 +778,7 @@ mod tests {
                 prop_assert_eq!(got, want);
                 prop_assert_eq!(cell.best(), model.iter().next().map_or(NONE, |(k, e)| (*k, e.id)));
                 prop_assert!(cell.levels.iter().all(|l| !l.queue.is_empty()), "an empty level was kept");
+                prop_assert!(cell.levels.iter().all(|l| l.queue.back().map(|q| q.seq) == Some(l.last)), "a level's last seq is stale");
             }
         }
     }
