@@ -21,7 +21,6 @@ mod book;
 mod deadlines;
 mod error;
 mod event;
-mod id_map;
 pub mod index;
 mod lease;
 mod market;

@@ -11,7 +11,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::book::{AskBook, BidBook};
 use crate::deadlines::Deadlines;
-use crate::id_map::IdMap;
 use crate::index::MAX_N;
 use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
 use crate::{
@@ -54,9 +53,9 @@ pub struct Market {
     /// The outside world: minus everything ever deposited plus everything withdrawn.
     world: Cents,
     fees: Cents,
-    sells: IdMap<OrderId, SellOrder>,
-    buys: IdMap<OrderId, BuyOrder>,
-    leases: IdMap<LeaseId, Lease>,
+    sells: FxHashMap<OrderId, SellOrder>,
+    buys: FxHashMap<OrderId, BuyOrder>,
+    leases: FxHashMap<LeaseId, Lease>,
     slots_of_node: FxHashMap<NodeId, Vec<OrderId>>,
     asks: AskBook,
     bids: BidBook,
@@ -96,9 +95,9 @@ impl Market {
             balances: FxHashMap::default(),
             world: 0,
             fees: 0,
-            sells: IdMap::default(),
-            buys: IdMap::default(),
-            leases: IdMap::default(),
+            sells: FxHashMap::default(),
+            buys: FxHashMap::default(),
+            leases: FxHashMap::default(),
             slots_of_node: FxHashMap::default(),
             asks: AskBook::default(),
             bids: BidBook::default(),
