@@ -601,6 +601,13 @@ impl Search<'_> {
 
     /// Keeps `found` (which beats `bound`) among the best `want`.
     fn take(&mut self, found: (Key, OrderId)) {
+        if self.single() {
+            // Most searches: the one entry found so far is simply replaced.
+            self.found.clear();
+            self.found.push(found);
+            self.bound = found.0;
+            return;
+        }
         if self.found.len() == self.want {
             self.found.pop();
         }
