@@ -56,7 +56,9 @@ pub struct Market {
     sells: FxHashMap<OrderId, SellOrder>,
     buys: FxHashMap<OrderId, BuyOrder>,
     leases: FxHashMap<LeaseId, Lease>,
-    slots_of_node: FxHashMap<NodeId, Vec<OrderId>>,
+    /// A node's slots in the order they were placed (inline: most nodes have a few,
+    /// and a slot placed or withdrawn then costs no second trip to memory).
+    slots_of_node: FxHashMap<NodeId, SmallVec<[OrderId; 4]>>,
     asks: AskBook,
     bids: BidBook,
     deadlines: Deadlines,
