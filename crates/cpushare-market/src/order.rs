@@ -140,6 +140,7 @@ impl SellOrder {
     }
 
     /// The slot's kinds grouped by price: its entries in the ask book.
+    #[inline]
     pub fn tiers(&self) -> crate::types::Tiers {
         self.kind_asks.tiers(self.slot.kinds, self.ask)
     }

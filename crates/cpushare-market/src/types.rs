@@ -142,11 +142,12 @@ impl KindAsks {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.0 == [0; 4]
+        self.0.iter().fold(0, |any, a| any | a) == 0
     }
 
     /// The kinds of `kinds` grouped by what they cost, `ask` where not set:
     /// each group is one entry of the ask book.
+    #[inline]
     pub fn tiers(&self, kinds: KindSet, ask: u64) -> Tiers {
         let mut tiers = Tiers::new();
         if self.is_empty() && !kinds.is_empty() {
