@@ -429,9 +429,9 @@ impl FilterIndex {
     }
 
     fn count_sets(&mut self, attrs: &[u32; DIMS], delta: i32) {
-        for d in 0..DIMS {
+        for (d, &attr) in attrs.iter().enumerate() {
             if self.bounds[d] == Bound::Intersects {
-                let v = attrs[d] as usize;
+                let v = attr as usize;
                 let n = &mut self.sets[d][v];
                 *n = n.checked_add_signed(delta).expect("a set's count stays in range");
                 if *n == 0 {

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::money::{period_ceiling, MAX_CPUS, MAX_PERIOD, MAX_PRICE, MIN_PERIOD};
-use crate::{AccountId, Cents, KindAsks, KindSet, LeaseId, MarketError, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
+use crate::{AccountId, Cents, KindAsks, LeaseId, MarketError, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};
 
 /// What a seller asks to place: one slot at an ask in cents per CPU-hour.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
