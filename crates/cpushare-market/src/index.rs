@@ -608,10 +608,14 @@ impl Search<'_> {
             self.bound = found.0;
             return;
         }
+        let at = self.found.partition_point(|f| f.0 < found.0);
+        if self.found.get(at).is_some_and(|f| f.0 == found.0) {
+            // Already taken as a subtree's cached best (keys are unique).
+            return;
+        }
         if self.found.len() == self.want {
             self.found.pop();
         }
-        let at = self.found.partition_point(|f| f.0 < found.0);
         self.found.insert(at, found);
         if self.found.len() == self.want {
             self.bound = self.found[self.want - 1].0;
@@ -633,7 +637,7 @@ impl Search<'_> {
         // best of those matters. The others must be searched, best-first, so that the
         // first fit prunes the rest. On a number's level only the children in the
         // reachable range are visited at all.
-        let child_free = self.single() && self.free_from[level + 1];
+        let child_free = passing && self.free_from[level + 1];
         let ((from, to), edge) = self.spans[level];
         let first = node.rank(from);
         let mut partial: ArrayVec<(Key, u8, bool), FANOUT> = ArrayVec::new();
@@ -648,11 +652,17 @@ impl Search<'_> {
             } else {
                 true
             };
-            if passing && child_free && whole {
+            if child_free && whole {
+                // Every entry below passes, so its cached best is an answer. With one
+                // wanted that settles the child; with more it still tightens the bound
+                // before any walk, and the child is walked for its next entries only
+                // if its best is not already the worst of those kept.
                 self.take((c.best, c.best_id));
-            } else {
-                partial.push((c.best, (first + i) as u8, whole));
+                if self.single() {
+                    continue;
+                }
             }
+            partial.push((c.best, (first + i) as u8, whole));
         }
         partial.sort_unstable_by_key(|o| o.0);
         for &(best, pos, whole) in partial.iter() {
