@@ -722,7 +722,8 @@ impl Market {
             }
             Event::LeaseOpened { lease, buy, sell, price, side, escrow, refund, deadline, at, .. } => {
                 self.take_id(lease.0);
-                let o = &self.buys[&buy];
+                // Each record looked up once (the books are other fields of `self`).
+                let o = self.buys.get_mut(&buy).expect("buy order of a trade exists");
                 let leaves_book = o.resting && o.open == 1;
                 if leaves_book {
                     self.bids.remove(o);
@@ -730,15 +731,14 @@ impl Market {
                     self.bids.resize(o, -1);
                 }
                 let (buyer, period) = (o.account, o.request.period);
-                let o = self.buys.get_mut(&buy).expect("buy order of a trade exists");
                 o.open -= 1;
                 o.resting &= !leaves_book;
                 o.leases.push(lease);
                 self.release(buyer, refund);
-                let s = &self.sells[&sell];
+                let s = self.sells.get_mut(&sell).expect("sell order of a trade exists");
                 self.asks.remove(s);
                 let (seller, node) = (s.account, s.node);
-                self.sells.get_mut(&sell).expect("sell order of a trade exists").lease = Some(lease);
+                s.lease = Some(lease);
                 self.leases.insert(
                     lease,
                     Lease {
@@ -806,24 +806,29 @@ impl Market {
                 self.release(l.buyer, released);
                 let o = self.buys.get_mut(&l.buy).expect("order of a live lease exists");
                 o.leases.retain(|x| *x != lease);
-                if let Some(escrow) = reopen {
+                if reopen.is_some() {
                     // The reopened CPU trades at once or rests (`BuyRested`) like a new order.
                     o.open += 1;
                     if o.resting {
-                        self.bids.resize(&self.buys[&l.buy], 1);
+                        self.bids.resize(o, 1);
                     }
+                }
+                let done = o.open == 0 && o.leases.is_empty();
+                if let Some(escrow) = reopen {
                     self.hold(l.buyer, escrow);
                 }
-                self.drop_buy_if_done(l.buy);
+                if done {
+                    self.buys.remove(&l.buy);
+                }
                 let s = self.sells.get_mut(&l.sell).expect("slot of a live lease exists");
                 s.lease = None;
                 if s.withdrawn {
                     self.remove_sell(l.sell, false);
                 } else {
-                    let seq = self.take_seq();
-                    let s = self.sells.get_mut(&l.sell).expect("slot of a live lease exists");
-                    s.seq = seq;
-                    self.asks.insert(&self.sells[&l.sell]);
+                    // A fresh time priority (`take_seq`, inline: `s` borrows the slot table).
+                    s.seq = self.next_seq;
+                    self.next_seq += 1;
+                    self.asks.insert(s);
                 }
             }
         }
