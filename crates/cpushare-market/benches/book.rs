@@ -15,7 +15,7 @@ fn mixed_operations(c: &mut Criterion) {
     let mut driver = Driver::new(7, false);
     g.bench_function("mixed order operation, 100k resting slots", |b| b.iter(|| driver.step()));
     g.finish();
-    eprintln!("(book after the run: {} resting seccomp-strict slots, {} live leases)", driver.resting_slots(), driver.market.leases().count());
+    eprintln!("(book after the run: {} resting seccomp-strict slots, {} live leases)", driver.resting_slots(), driver.live_leases());
 }
 
 /// The filtered best-ask query alone, against the plain scan of a price-ordered map.

@@ -33,13 +33,18 @@ fn main() {
         nanos.push(ns);
         by_kind[kind].push(ns);
     }
-    println!("mixed order operations on a 100k-slot book, one core");
+    println!("mixed order operations on a market of 100k resting and 100k leased slots, one core");
     println!("throughput  {:.0} operations/s ({measured} operations in {secs:.3} s)", measured as f64 / secs);
     println!("{}", percentiles("all", &mut nanos));
     for (name, ns) in OP_NAMES.iter().zip(&mut by_kind) {
         println!("{}", percentiles(name, ns));
     }
-    println!("book        {} resting seccomp-strict slots, {} live leases after the run", d.resting_slots(), d.market.leases().count());
+    println!(
+        "book        {} resting seccomp-strict slots, {} live leases, {} resting buy orders after the run",
+        d.resting_slots(),
+        d.live_leases(),
+        d.market.buy_orders().filter(|o| o.resting).count()
+    );
 }
 
 fn percentiles(name: &str, nanos: &mut [u32]) -> String {

@@ -1,9 +1,18 @@
-//! The benchmark workload: a market with 100,000 resting slots of varied
-//! attributes, and a realistic stream of order operations against it: filtered
-//! buys (most take a slot at once), buyers ending leases (the slot returns to
-//! the book), sellers adding and withdrawing slots, buyers giving up on orders
-//! nothing fits. The stream is steady-state: leases end about as fast as buys
-//! open them, and slot churn holds the book at 100,000.
+//! The benchmark workload: a market in a steady state, with 100,000 slots
+//! resting in the book and 100,000 more leased, and a realistic stream of order
+//! operations against it: filtered buys (most take slots at once, some rest),
+//! buyers ending leases (the slot returns to the book), sellers adding and
+//! withdrawing slots, buyers cancelling orders (one that nothing fits yet, or a
+//! finished job's, which ends its leases).
+//!
+//! The stream holds both populations where they started: slot churn keeps the
+//! book at 100,000 resting slots, and a lease is ended only while more than
+//! 100,000 are live (below that the operation is the next buy instead), so every
+//! part of the run measures a market of the same size.
+//!
+//! The driver learns what happened from the events each operation emits (they
+//! are in cache, just written): it never looks a record up in the market's
+//! tables, so the time measured is the market's own.
 
 #![allow(dead_code)]
 
@@ -12,8 +21,11 @@ use std::collections::{BTreeMap, VecDeque};
 use cpushare_market::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use rustc_hash::FxHashMap;
 
 pub const RESTING: usize = 100_000;
+/// Live leases held through the run: half of the market's slots are leased.
+pub const LEASED: usize = 100_000;
 const SELLERS: u64 = 10_000;
 const BUYERS: u64 = 1_000;
 
@@ -21,7 +33,10 @@ pub use cpushare_market::sim::{random_requirements as requirements, random_slot 
 
 pub const OP_NAMES: [&str; 5] = ["place sell", "place buy", "end lease", "withdraw slot", "cancel buy"];
 const SELL: usize = 0;
+const BUY: usize = 1;
+const END: usize = 2;
 const WITHDRAW: usize = 3;
+const CANCEL: usize = 4;
 
 #[derive(Debug, Clone, Copy)]
 enum Planned {
@@ -29,7 +44,42 @@ enum Planned {
     EndLease,
     /// A new slot if the book is below its size, else a withdrawal (picked by the number).
     Churn(AccountId, NodeId, SlotAttributes, u64, usize),
-    GiveUp,
+    CancelBuy,
+}
+
+/// A live lease as the driver knows it, from its `LeaseOpened` event.
+#[derive(Debug, Clone, Copy)]
+struct Live {
+    lease: LeaseId,
+    buyer: AccountId,
+    buy: OrderId,
+    sell: OrderId,
+    seller: AccountId,
+}
+
+/// A set of ids as bits (ids are issued in sequence, so a few million of them
+/// take a few hundred KiB and stay in cache).
+#[derive(Default)]
+struct IdSet(Vec<u64>);
+
+impl IdSet {
+    fn contains(&self, id: u64) -> bool {
+        self.0.get(id as usize / 64).is_some_and(|w| w & 1 << (id % 64) != 0)
+    }
+    /// Returns whether it changed.
+    fn set(&mut self, id: u64, on: bool) -> bool {
+        let i = id as usize / 64;
+        if i >= self.0.len() {
+            self.0.resize(i + 1 + i / 4, 0);
+        }
+        let was = self.0[i] & 1 << (id % 64) != 0;
+        if on {
+            self.0[i] |= 1 << (id % 64);
+        } else {
+            self.0[i] &= !(1 << (id % 64));
+        }
+        was != on
+    }
 }
 
 /// Drives the market through the planned operation mix. Randomness is drawn up
@@ -38,10 +88,27 @@ pub struct Driver {
     pub market: Market,
     plan: Vec<Planned>,
     next: usize,
+    /// Buys to place instead of ending a lease while too few are live.
+    buys: Vec<Planned>,
+    next_buy: usize,
     now: Time,
-    leases: VecDeque<(AccountId, LeaseId)>,
-    resting: Vec<(AccountId, OrderId)>,
-    open_buys: VecDeque<(AccountId, OrderId)>,
+    /// Leases in the order they opened; ended ones are skipped when they come up.
+    oldest: VecDeque<Live>,
+    live: IdSet,
+    live_count: usize,
+    /// Resting slots: which (`resting`), how many, and a list (with their sellers)
+    /// to pick withdrawals from, where entries no longer resting are dropped when met.
+    resting: IdSet,
+    resting_count: usize,
+    resting_list: Vec<(AccountId, OrderId)>,
+    /// The leases the current operation ends, with their slots and sellers.
+    ending: Vec<Live>,
+    /// Buy orders resting with open CPUs, oldest first (cancelled or filled ones
+    /// are skipped), and their buyers and open CPUs.
+    waiting: VecDeque<OrderId>,
+    open: FxHashMap<OrderId, (AccountId, u32)>,
+    /// Events of the market's outbox already read.
+    seen: usize,
     pub ops: u64,
     keep_events: bool,
 }
@@ -57,97 +124,226 @@ impl Driver {
         for b in SELLERS..SELLERS + BUYERS {
             market.deposit(AccountId(b), money::MAX_TRANSFER, 0).unwrap();
         }
-        let mut resting = Vec::with_capacity(RESTING);
-        for i in 0..RESTING {
-            let account = AccountId(r.gen_range(0..SELLERS));
-            let (s, ask) = slot(&mut r);
-            let id = market.place_sell(account, SellRequest::new(NodeId(i as u64 / 4), s, ask), 0).unwrap();
-            resting.push((account, id));
-        }
+        let buy = |r: &mut ChaCha8Rng| {
+            let (req, max_price) = requirements(r);
+            let cpus = [1, 1, 1, 1, 1, 1, 1, 2, 2, 4][r.gen_range(0..10)];
+            let mut request = BuyRequest::new(cpus, max_price, req.kind);
+            request.requirements = req;
+            Planned::Buy(AccountId(r.gen_range(SELLERS..SELLERS + BUYERS)), request)
+        };
         let plan = (0..1 << 20)
             .map(|_| match r.gen_range(0..100) {
-                0..=34 => {
-                    let (req, max_price) = requirements(&mut r);
-                    let cpus = [1, 1, 1, 1, 1, 1, 1, 2, 2, 4][r.gen_range(0..10)];
-                    let mut request = BuyRequest::new(cpus, max_price, req.kind);
-                    request.requirements = req;
-                    Planned::Buy(AccountId(r.gen_range(SELLERS..SELLERS + BUYERS)), request)
-                }
+                0..=34 => buy(&mut r),
                 35..=79 => Planned::EndLease,
                 80..=94 => {
                     let (s, ask) = slot(&mut r);
                     let seller = AccountId(r.gen_range(0..SELLERS));
                     Planned::Churn(seller, NodeId(r.gen_range(0..RESTING as u64)), s, ask, r.gen_range(0..usize::MAX))
                 }
-                _ => Planned::GiveUp,
+                _ => Planned::CancelBuy,
             })
             .collect();
-        if !keep_events {
-            market.discard_events();
+        let buys = (0..1 << 16).map(|_| buy(&mut r)).collect();
+        let mut d = Driver {
+            market,
+            plan,
+            next: 0,
+            buys,
+            next_buy: 0,
+            now: 0,
+            oldest: VecDeque::new(),
+            live: IdSet::default(),
+            live_count: 0,
+            resting: IdSet::default(),
+            resting_count: 0,
+            resting_list: Vec::new(),
+            ending: Vec::new(),
+            waiting: VecDeque::new(),
+            open: FxHashMap::default(),
+            seen: 0,
+            ops: 0,
+            keep_events,
+        };
+        // The steady state: as many slots as will rest and be leased, then buys
+        // (from the same mix as the stream's) until enough are leased.
+        for i in 0..RESTING + LEASED {
+            let account = AccountId(r.gen_range(0..SELLERS));
+            let (s, ask) = slot(&mut r);
+            d.market.place_sell(account, SellRequest::new(NodeId(i as u64 / 4), s, ask), 0).unwrap();
         }
-        Driver { market, plan, next: 0, now: 0, leases: VecDeque::new(), resting, open_buys: VecDeque::new(), ops: 0, keep_events }
+        d.observe();
+        while d.live_count < LEASED {
+            let Planned::Buy(account, request) = buy(&mut r) else { unreachable!() };
+            d.market.place_buy(account, request, 0).unwrap();
+            d.observe();
+        }
+        d.compact_resting();
+        if !keep_events {
+            d.market.discard_events();
+            d.seen = 0;
+        }
+        d
     }
 
     /// One order operation; returns its kind (an index into `OP_NAMES`).
     pub fn step(&mut self) -> usize {
-        let op = self.plan[self.next];
-        let kind = match op {
-            Planned::Buy(..) => 1,
-            Planned::EndLease => 2,
-            Planned::Churn(..) if self.resting_slots() < RESTING => SELL,
-            Planned::Churn(..) => WITHDRAW,
-            Planned::GiveUp => 4,
-        };
+        let mut op = self.plan[self.next];
         self.next = (self.next + 1) % self.plan.len();
-        let m = &mut self.market;
-        match op {
-            Planned::Churn(account, node, slot, ask, _) if kind == SELL => {
-                let id = m.place_sell(account, SellRequest::new(node, slot, ask), self.now).unwrap();
-                self.resting.push((account, id));
-            }
+        if matches!(op, Planned::EndLease) && self.live_count <= LEASED {
+            op = self.buys[self.next_buy];
+            self.next_buy = (self.next_buy + 1) % self.buys.len();
+        }
+        let now = self.now;
+        let kind = match op {
             Planned::Buy(account, request) => {
-                let id = m.place_buy(account, request, self.now).unwrap();
-                let o = m.buy_order(id).unwrap();
-                self.leases.extend(o.leases.iter().map(|l| (account, *l)));
-                if o.open > 0 {
-                    self.open_buys.push_back((account, id));
-                }
+                self.market.place_buy(account, request, now).unwrap();
+                BUY
             }
             Planned::EndLease => {
-                let Some((account, lease)) = self.leases.pop_front() else { return kind };
-                let Some(slot) = m.lease(lease).map(|l| l.sell) else { return kind };
-                m.cancel_lease(account, lease, self.now).unwrap();
-                self.resting.push((m.sell_order(slot).unwrap().account, slot));
+                let l = self.oldest_live();
+                self.ending.push(l);
+                self.market.cancel_lease(l.buyer, l.lease, now).unwrap();
+                END
+            }
+            Planned::Churn(account, node, slot, ask, _) if self.resting_count < RESTING => {
+                self.market.place_sell(account, SellRequest::new(node, slot, ask), now).unwrap();
+                SELL
             }
             Planned::Churn(.., pick) => {
-                // Skip entries that traded since; withdraw the first still resting.
-                while !self.resting.is_empty() {
-                    let (account, id) = self.resting.swap_remove(pick % self.resting.len());
-                    if m.sell_order(id).is_some_and(|s| s.is_resting()) {
-                        m.cancel_sell(account, id, self.now).unwrap();
-                        break;
-                    }
-                }
+                let (account, id) = self.pick_resting(pick);
+                self.market.cancel_sell(account, id, now).unwrap();
+                WITHDRAW
             }
-            Planned::GiveUp => {
-                while let Some((account, id)) = self.open_buys.pop_front() {
-                    if let Some(o) = m.buy_order(id) {
-                        self.leases.extend(o.leases.iter().map(|l| (account, *l)));
-                        m.cancel_buy(account, id, self.now).unwrap();
-                        break;
+            Planned::CancelBuy => {
+                // A buyer gives up on CPUs nothing fits yet, or else the oldest job is done.
+                let (account, order) = match self.oldest_waiting() {
+                    Some(waiting) => waiting,
+                    None => {
+                        let l = self.oldest_live();
+                        (l.buyer, l.buy)
                     }
+                };
+                // Its leases end: which slots come back is asked of the market here,
+                // the same records the cancellation reads first.
+                let m = &self.market;
+                for &lease in &m.buy_order(order).expect("a cancelled order exists").leases {
+                    let l = m.lease(lease).expect("an order's lease exists");
+                    self.ending.push(Live { lease, buyer: account, buy: order, sell: l.sell, seller: l.seller });
                 }
+                self.market.cancel_buy(account, order, now).unwrap();
+                CANCEL
             }
-        }
+        };
+        self.observe();
         self.ops += 1;
         if !self.keep_events && self.ops.is_multiple_of(1024) {
             self.market.discard_events();
+            self.seen = 0;
         }
         kind
     }
 
+    fn oldest_live(&mut self) -> Live {
+        loop {
+            let l = self.oldest.pop_front().expect("the run keeps leases live");
+            if self.live.contains(l.lease.0) {
+                return l;
+            }
+        }
+    }
+
+    fn oldest_waiting(&mut self) -> Option<(AccountId, OrderId)> {
+        while let Some(order) = self.waiting.pop_front() {
+            if let Some(&(account, _)) = self.open.get(&order) {
+                return Some((account, order));
+            }
+        }
+        None
+    }
+
+    /// Drops from the list what no longer rests, and the second of any slot listed twice.
+    fn compact_resting(&mut self) {
+        let resting = &mut self.resting;
+        self.resting_list.retain(|(_, id)| resting.set(id.0, false));
+        for (_, id) in &self.resting_list {
+            resting.set(id.0, true);
+        }
+    }
+
+    /// A resting slot, chosen by `pick`.
+    fn pick_resting(&mut self, pick: usize) -> (AccountId, OrderId) {
+        if self.resting_list.len() > 2 * self.resting_count + 1024 {
+            self.compact_resting();
+        }
+        loop {
+            let at = pick % self.resting_list.len();
+            let (account, id) = self.resting_list[at];
+            if self.resting.contains(id.0) {
+                return (account, id);
+            }
+            self.resting_list.swap_remove(at);
+        }
+    }
+
+    fn rests(&mut self, seller: AccountId, order: OrderId) {
+        if self.resting.set(order.0, true) {
+            self.resting_count += 1;
+            self.resting_list.push((seller, order));
+        }
+    }
+
+    fn leaves_book(&mut self, order: OrderId) {
+        if self.resting.set(order.0, false) {
+            self.resting_count -= 1;
+        }
+    }
+
+    /// Follows the events of the last operation.
+    fn observe(&mut self) {
+        let seen = self.seen;
+        self.seen = self.market.pending_events().len();
+        for i in seen..self.seen {
+            match self.market.pending_events()[i] {
+                Event::SellPlaced { order, account, .. } => self.rests(account, order),
+                Event::SellWithdrawn { order, .. } => self.leaves_book(order),
+                Event::LeaseOpened { lease, buy, sell, buyer, seller, .. } => {
+                    self.leaves_book(sell);
+                    self.live.set(lease.0, true);
+                    self.live_count += 1;
+                    self.oldest.push_back(Live { lease, buyer, buy, sell, seller });
+                    if let Some((_, open)) = self.open.get_mut(&buy) {
+                        // A resting order traded with a slot that came to the book.
+                        *open -= 1;
+                        if *open == 0 {
+                            self.open.remove(&buy);
+                        }
+                    }
+                }
+                Event::LeaseEnded { lease, .. } => {
+                    // This driver withdraws only resting slots, so the slot rests again.
+                    let at = self.ending.iter().position(|l| l.lease == lease).expect("the operation said which leases end");
+                    let l = self.ending.swap_remove(at);
+                    self.live.set(lease.0, false);
+                    self.live_count -= 1;
+                    self.rests(l.seller, l.sell);
+                }
+                Event::BuyRested { order, .. } => {
+                    let o = self.market.buy_order(order).expect("a resting order exists");
+                    self.open.insert(order, (o.account, o.open));
+                    self.waiting.push_back(order);
+                }
+                Event::BuyCancelled { order, .. } => drop(self.open.remove(&order)),
+                _ => {}
+            }
+        }
+    }
+
     pub fn resting_slots(&self) -> usize {
         self.market.asks().len(SandboxKind::SeccompStrict)
+    }
+
+    pub fn live_leases(&self) -> usize {
+        self.live_count
     }
 }
 
