@@ -20,7 +20,7 @@ fn main() {
 
     // Throughput: the loop alone, no per-operation clock reads.
     let start = Instant::now();
-    throughput(&mut d, measured);
+    let counts = throughput(&mut d, measured);
     let secs = start.elapsed().as_secs_f64();
 
     // Latency: each operation timed.
@@ -35,6 +35,8 @@ fn main() {
     }
     println!("mixed order operations on a market of 100k resting and 100k leased slots, one core");
     println!("throughput  {:.0} operations/s ({measured} operations in {secs:.3} s)", measured as f64 / secs);
+    let mix: Vec<String> = OP_NAMES.iter().zip(counts).map(|(name, n)| format!("{name} {n}")).collect();
+    println!("            of which {}", mix.join(", "));
     println!("{}", percentiles("all", &mut nanos));
     for (name, ns) in OP_NAMES.iter().zip(&mut by_kind) {
         println!("{}", percentiles(name, ns));
@@ -50,10 +52,12 @@ fn main() {
 /// The timed loop, apart so that callgrind can count it alone
 /// (`--toggle-collect='*throughput*'`).
 #[inline(never)]
-fn throughput(d: &mut Driver, operations: usize) {
+fn throughput(d: &mut Driver, operations: usize) -> [u32; OP_NAMES.len()] {
+    let mut counts = [0; OP_NAMES.len()];
     for _ in 0..operations {
-        d.step();
+        counts[d.step()] += 1;
     }
+    counts
 }
 
 fn percentiles(name: &str, nanos: &mut [u32]) -> String {

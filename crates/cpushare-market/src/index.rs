@@ -229,8 +229,14 @@ struct Level {
     /// The seq at the back of the queue, kept here so that the usual insert (a
     /// fresh seq) is placed without reading the queue's far end from memory.
     last: u64,
-    /// In `seq` order (seqs are unique).
+    /// In `seq` order (seqs are unique). An entry taken from the middle is marked
+    /// dead where it stands instead of closing the gap: a level holds some seventy
+    /// entries on average (a 100,000-slot book), and shifting half of them took a
+    /// slot's withdrawal some fifteen trips to memory. The front and the back are
+    /// always live; dead entries are dropped when they reach either end, and all at
+    /// once when they outnumber the live ones.
     queue: std::collections::VecDeque<Queued>,
+    dead: u32,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -239,12 +245,21 @@ struct Queued {
     entry: Entry,
 }
 
+/// Marks a dead entry (ids are issued from 1 up and never reach it).
+const DEAD: OrderId = OrderId(u64::MAX);
+
+impl Queued {
+    fn is_live(&self) -> bool {
+        self.entry.id != DEAD
+    }
+}
+
 fn split(key: Key) -> (u64, u64) {
     ((key >> 64) as u64, key as u64)
 }
 
 impl Level {
-    /// Where `seq` is or would go.
+    /// Where `seq` is or would go (dead entries keep their place in the order).
     fn position(&self, seq: u64) -> Result<usize, usize> {
         if !self.queue.is_empty() && self.last < seq {
             // The usual insert: a fresh seq, after every other.
@@ -254,6 +269,30 @@ impl Level {
             // The usual removal: a trade of the level's oldest.
             Some(first) if first.seq == seq => Ok(0),
             _ => self.queue.binary_search_by_key(&seq, |q| q.seq),
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.queue.len() - self.dead as usize
+    }
+
+    /// Drops dead entries from both ends (so that both are live again), and all of
+    /// them once they outnumber the live ones.
+    fn tidy(&mut self) {
+        while self.queue.front().is_some_and(|q| !q.is_live()) {
+            self.queue.pop_front();
+            self.dead -= 1;
+        }
+        while self.queue.back().is_some_and(|q| !q.is_live()) {
+            self.queue.pop_back();
+            self.dead -= 1;
+        }
+        if self.dead > 8 && self.dead as usize > self.live() {
+            self.queue.retain(|q| q.is_live());
+            self.dead = 0;
+        }
+        if let Some(back) = self.queue.back() {
+            self.last = back.seq;
         }
     }
 }
@@ -268,18 +307,28 @@ impl Cell {
         let level = match self.level(primary) {
             Ok(i) => &mut self.levels[i],
             Err(i) => {
-                self.levels.insert(i, Level { primary, last: seq, queue: Default::default() });
+                self.levels.insert(i, Level { primary, last: seq, queue: Default::default(), dead: 0 });
                 &mut self.levels[i]
             }
         };
-        let Err(at) = level.position(seq) else { return false };
-        if at == level.queue.len() {
-            level.last = seq;
-            level.queue.push_back(Queued { seq, entry });
-        } else {
-            level.queue.insert(at, Queued { seq, entry });
+        match level.position(seq) {
+            Ok(at) if level.queue[at].is_live() => false,
+            Ok(at) => {
+                // The same key again, where it had been taken out.
+                level.queue[at].entry = entry;
+                level.dead -= 1;
+                true
+            }
+            Err(at) if at == level.queue.len() => {
+                level.last = seq;
+                level.queue.push_back(Queued { seq, entry });
+                true
+            }
+            Err(at) => {
+                level.queue.insert(at, Queued { seq, entry });
+                true
+            }
         }
-        true
     }
 
     fn remove(&mut self, key: Key) -> bool {
@@ -287,10 +336,14 @@ impl Cell {
         let Ok(i) = self.level(primary) else { return false };
         let level = &mut self.levels[i];
         let Ok(at) = level.position(seq) else { return false };
-        level.queue.remove(at);
-        match level.queue.back() {
-            None => drop(self.levels.remove(i)),
-            Some(back) => level.last = back.seq,
+        if !level.queue[at].is_live() {
+            return false;
+        }
+        level.queue[at].entry.id = DEAD;
+        level.dead += 1;
+        level.tidy();
+        if level.queue.is_empty() {
+            self.levels.remove(i);
         }
         true
     }
@@ -303,7 +356,9 @@ impl Cell {
     }
 
     fn iter(&self) -> impl Iterator<Item = (Key, &Entry)> {
-        self.levels.iter().flat_map(|l| l.queue.iter().map(move |q| (key(l.primary, q.seq), &q.entry)))
+        self.levels
+            .iter()
+            .flat_map(|l| l.queue.iter().filter(|q| q.is_live()).map(move |q| (key(l.primary, q.seq), &q.entry)))
     }
 }
 
@@ -794,8 +849,10 @@ mod tests {
                 let want: Vec<_> = model.iter().map(|(k, e)| (*k, *e)).collect();
                 prop_assert_eq!(got, want);
                 prop_assert_eq!(cell.best(), model.iter().next().map_or(NONE, |(k, e)| (*k, e.id)));
-                prop_assert!(cell.levels.iter().all(|l| !l.queue.is_empty()), "an empty level was kept");
+                prop_assert!(cell.levels.iter().all(|l| l.live() > 0), "an empty level was kept");
                 prop_assert!(cell.levels.iter().all(|l| l.queue.back().map(|q| q.seq) == Some(l.last)), "a level's last seq is stale");
+                prop_assert!(cell.levels.iter().all(|l| l.queue.front().unwrap().is_live() && l.queue.back().unwrap().is_live()), "a level ends in a dead entry");
+                prop_assert!(cell.levels.iter().all(|l| l.queue.iter().filter(|q| !q.is_live()).count() == l.dead as usize), "a level miscounts its dead");
             }
         }
     }
