@@ -180,26 +180,60 @@ struct Child {
     index: u32,
 }
 
-/// Children are kept dense and in bucket order; `present` maps a bucket to its
-/// position by counting the bits below it.
-#[derive(Debug, Clone, Default)]
+/// Children stay where they were added (a bucket finds its child through `slot`),
+/// and `order` lists them by their subtree's best key, kept sorted as bests
+/// change. So a search visits children best first and stops at the first that
+/// cannot win, without gathering and sorting them, and a node's best is its
+/// first child's (removing a best no longer compares every child).
+#[derive(Debug, Clone)]
 struct Node {
-    present: Mask,
+    /// Per bucket, the position of its child in `children` (`ABSENT` if none).
+    slot: [u8; FANOUT],
     children: Vec<Child>,
+    /// Positions in `children`, best key first.
+    order: Vec<u8>,
+}
+
+const ABSENT: u8 = u8::MAX;
+
+impl Default for Node {
+    fn default() -> Self {
+        Node { slot: [ABSENT; FANOUT], children: Vec::new(), order: Vec::new() }
+    }
 }
 
 impl Node {
     fn position(&self, bucket: usize) -> Option<usize> {
-        let bit: Mask = 1 << bucket;
-        (self.present & bit != 0).then(|| (self.present & (bit - 1)).count_ones() as usize)
+        let pos = self.slot[bucket];
+        (pos != ABSENT).then_some(pos as usize)
     }
 
-    /// How many children have a bucket below `bucket` (up to `FANOUT`).
-    fn rank(&self, bucket: usize) -> usize {
-        if bucket >= FANOUT {
-            self.children.len()
+    /// The subtree's best entry.
+    fn best(&self) -> (Key, OrderId) {
+        match self.order.first() {
+            Some(&pos) => {
+                let c = &self.children[pos as usize];
+                (c.best, c.best_id)
+            }
+            None => NONE,
+        }
+    }
+
+    /// Sets the best of the child at `pos` and moves it to its place in `order`.
+    fn set_best(&mut self, pos: usize, best: (Key, OrderId)) {
+        let old = self.children[pos].best;
+        (self.children[pos].best, self.children[pos].best_id) = best;
+        let mut at = self.order.iter().position(|&p| p as usize == pos).expect("every child is in the order");
+        if best.0 < old {
+            while at > 0 && self.children[self.order[at - 1] as usize].best > best.0 {
+                self.order.swap(at - 1, at);
+                at -= 1;
+            }
         } else {
-            (self.present & ((1 << bucket) - 1)).count_ones() as usize
+            while at + 1 < self.order.len() && self.children[self.order[at + 1] as usize].best < best.0 {
+                self.order.swap(at, at + 1);
+                at += 1;
+            }
         }
     }
 }
@@ -429,19 +463,18 @@ impl FilterIndex {
                         self.cells.len() - 1
                     };
                     let n = &mut self.nodes[node];
-                    n.present |= 1 << b;
-                    let pos = n.position(b).expect("just added");
-                    let child = Child { best: NONE_KEY, best_id: OrderId(0), bucket: b as u8, index: index as u32 };
-                    n.children.insert(pos, child);
+                    let pos = n.children.len();
+                    n.slot[b] = pos as u8;
+                    n.children.push(Child { best: NONE_KEY, best_id: OrderId(0), bucket: b as u8, index: index as u32 });
+                    n.order.push(pos as u8);
                     pos
                 }
             };
-            let child = &mut self.nodes[node].children[pos];
-            if key < child.best {
-                child.best = key;
-                child.best_id = id;
+            let n = &mut self.nodes[node];
+            if key < n.children[pos].best {
+                n.set_best(pos, (key, id));
             }
-            node = child.index as usize;
+            node = n.children[pos].index as usize;
         }
         let fresh = self.cells[node].insert(key, entry);
         assert!(fresh, "priority key {key:?} inserted twice");
@@ -473,12 +506,11 @@ impl FilterIndex {
             if child.best != key {
                 return true;
             }
-            let best = if d + 1 < TREE { best_of(&self.nodes[child.index as usize]) } else { self.cells[cell].best() };
-            let child = &mut self.nodes[n].children[pos];
-            (child.best, child.best_id) = best;
+            let best = if d + 1 < TREE { self.nodes[child.index as usize].best() } else { self.cells[cell].best() };
+            self.nodes[n].set_best(pos, best);
         }
         if self.root_best.0 == key {
-            self.root_best = best_of(&self.nodes[0]);
+            self.root_best = self.nodes[0].best();
         }
         true
     }
@@ -582,8 +614,16 @@ impl FilterIndex {
     fn check_node(&self, n: usize, level: usize, entries: &mut Vec<Entry>) -> Result<Key, String> {
         let node = &self.nodes[n];
         let mut best = NONE_KEY;
-        if node.present.count_ones() as usize != node.children.len() {
-            return Err(format!("node {n} has {} children but {} present", node.children.len(), node.present.count_ones()));
+        if node.slot.iter().filter(|&&p| p != ABSENT).count() != node.children.len() {
+            return Err(format!("node {n} has {} children but {} buckets", node.children.len(), node.slot.iter().filter(|&&p| p != ABSENT).count()));
+        }
+        let mut sorted = node.order.clone();
+        sorted.sort_unstable();
+        if sorted != (0..node.children.len() as u8).collect::<Vec<_>>() {
+            return Err(format!("node {n}'s order {:?} is not its children", node.order));
+        }
+        if node.order.windows(2).any(|w| node.children[w[0] as usize].best > node.children[w[1] as usize].best) {
+            return Err(format!("node {n}'s children are out of order"));
         }
         for (pos, child) in node.children.iter().enumerate() {
             if node.position(child.bucket as usize) != Some(pos) {
@@ -607,18 +647,6 @@ impl FilterIndex {
         }
         Ok(best)
     }
-}
-
-fn best_of(node: &Node) -> (Key, OrderId) {
-    // Compares keys alone (they never tie) and takes the id of the winner once.
-    let Some((first, rest)) = node.children.split_first() else { return NONE };
-    let mut best = first;
-    for c in rest {
-        if c.best < best.best {
-            best = c;
-        }
-    }
-    (best.best, best.best_id)
 }
 
 struct Search<'a> {
@@ -688,43 +716,32 @@ impl Search<'_> {
             return;
         }
         let node = &self.index.nodes[n];
-        // A child whose whole subtree passes is answered by its cached best: only the
-        // best of those matters. The others must be searched, best-first, so that the
-        // first fit prunes the rest. On a number's level only the children in the
-        // reachable range are visited at all.
+        // Children best first. Those whose whole subtree passes are answered by their
+        // cached bests, first of all: the bound they set prunes the walks of the others
+        // (with one wanted, the first such child settles them all). The others are then
+        // searched, so that the first fit prunes the rest.
         let child_free = passing && self.free_from[level + 1];
-        let ((from, to), edge) = self.spans[level];
-        let first = node.rank(from);
-        let mut partial: ArrayVec<(Key, u8, bool), FANOUT> = ArrayVec::new();
-        for (i, c) in node.children[first..node.rank(to)].iter().enumerate() {
-            if !self.could_win(c.best) {
-                continue;
-            }
-            let whole = if self.numeric[level] {
-                c.bucket as usize != edge
-            } else if self.reachable[level] & (1 << c.bucket) == 0 {
-                continue;
-            } else {
-                true
-            };
-            if child_free && whole {
-                // Every entry below passes, so its cached best is an answer. With one
-                // wanted that settles the child; with more it still tightens the bound
-                // before any walk, and the child is walked for its next entries only
-                // if its best is not already the worst of those kept.
-                self.take((c.best, c.best_id));
-                if self.single() {
-                    continue;
+        if child_free {
+            for &pos in &node.order {
+                let c = &node.children[pos as usize];
+                if !self.could_win(c.best) {
+                    break;
+                }
+                if self.reaches(level, c.bucket) == Some(true) {
+                    self.take((c.best, c.best_id));
+                    if self.single() {
+                        break;
+                    }
                 }
             }
-            partial.push((c.best, (first + i) as u8, whole));
         }
-        partial.sort_unstable_by_key(|o| o.0);
-        for &(best, pos, whole) in partial.iter() {
-            if !self.could_win(best) {
+        for &pos in &node.order {
+            let c = &node.children[pos as usize];
+            if !self.could_win(c.best) {
                 break;
             }
-            let c = node.children[pos as usize];
+            // With several wanted, a wholly passing child is walked for its next entries.
+            let Some(whole) = self.reaches(level, c.bucket) else { continue };
             let child_passing = passing && whole;
             if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
@@ -733,6 +750,18 @@ impl Search<'_> {
             } else {
                 self.scan(self.index.cells[c.index as usize].iter());
             }
+        }
+    }
+
+    /// Whether a child in `bucket` on tree level `level` may hold a passing entry
+    /// (`None`: it cannot), and whether all of its bucket passes.
+    fn reaches(&self, level: usize, bucket: u8) -> Option<bool> {
+        let b = bucket as usize;
+        if self.numeric[level] {
+            let ((from, to), edge) = self.spans[level];
+            (from..to).contains(&b).then_some(b != edge)
+        } else {
+            (self.reachable[level] & (1 << b) != 0).then_some(true)
         }
     }
 
