@@ -443,9 +443,9 @@ impl Exchange for Handler {
                     .leases()
                     .filter_map(|l| {
                         if l.buyer == c.account {
-                            Some(lease_to(l, "buyer"))
+                            Some(lease_to(&l, "buyer"))
                         } else if l.seller == c.account {
-                            Some(lease_to(l, "seller"))
+                            Some(lease_to(&l, "seller"))
                         } else {
                             None
                         }

@@ -6,7 +6,95 @@ use rustc_hash::FxHashMap;
 use arrayvec::ArrayVec;
 
 use crate::index::{key, Bound, FilterIndex, Key, DIMS, MAX_N};
+use crate::records::{BuyRec, SlotRec};
+use crate::types::Tiers;
 use crate::{BuyOrder, KindSet, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
+
+/// What the ask book reads of a slot: the public [`SellOrder`], or the market's own record.
+pub trait Ask {
+    fn order(&self) -> OrderId;
+    /// Time priority: renewed whenever the slot (re-)enters the book.
+    fn seq(&self) -> u64;
+    fn attributes(&self) -> &SlotAttributes;
+    /// Its kinds grouped by price: one entry of the book each.
+    fn tiers(&self) -> Tiers;
+}
+
+/// What the bid book reads of a buy order.
+pub trait Bid {
+    fn order(&self) -> OrderId;
+    fn seq(&self) -> u64;
+    fn max_price(&self) -> u64;
+    fn requirements(&self) -> &Requirements;
+    /// CPUs still wanted.
+    fn open(&self) -> u32;
+}
+
+impl Ask for SellOrder {
+    fn order(&self) -> OrderId {
+        self.id
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn attributes(&self) -> &SlotAttributes {
+        &self.slot
+    }
+    fn tiers(&self) -> Tiers {
+        SellOrder::tiers(self)
+    }
+}
+
+impl Ask for SlotRec {
+    fn order(&self) -> OrderId {
+        self.id
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn attributes(&self) -> &SlotAttributes {
+        &self.slot
+    }
+    fn tiers(&self) -> Tiers {
+        SlotRec::tiers(self)
+    }
+}
+
+impl Bid for BuyOrder {
+    fn order(&self) -> OrderId {
+        self.id
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn max_price(&self) -> u64 {
+        self.request.max_price
+    }
+    fn requirements(&self) -> &Requirements {
+        &self.request.requirements
+    }
+    fn open(&self) -> u32 {
+        self.open
+    }
+}
+
+impl Bid for BuyRec {
+    fn order(&self) -> OrderId {
+        self.id
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn max_price(&self) -> u64 {
+        BuyRec::max_price(self)
+    }
+    fn requirements(&self) -> &Requirements {
+        &self.requirements
+    }
+    fn open(&self) -> u32 {
+        self.open
+    }
+}
 
 /// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency]:
 /// RAM, score and kinds are the tree (kinds last: a market has few sets of kinds, and
@@ -76,23 +164,25 @@ impl Default for AskBook {
 }
 
 impl AskBook {
-    pub fn insert(&mut self, o: &SellOrder) {
+    pub fn insert(&mut self, o: &impl Ask) {
+        let slot = o.attributes();
         for (kinds, price) in o.tiers() {
-            self.index.insert(key(price, o.seq), o.id, tier_attrs(&o.slot, kinds));
+            self.index.insert(key(price, o.seq()), o.order(), tier_attrs(slot, kinds));
             self.depth.add(kinds, price, 1);
         }
-        for kind in o.slot.kinds.iter() {
+        for kind in slot.kinds.iter() {
             self.slots[kind.index()] += 1;
         }
     }
 
-    pub fn remove(&mut self, o: &SellOrder) {
+    pub fn remove(&mut self, o: &impl Ask) {
+        let slot = o.attributes();
         for (kinds, price) in o.tiers() {
-            let removed = self.index.remove(key(price, o.seq), tier_attrs(&o.slot, kinds));
-            assert!(removed, "{} was not in the ask book at {price}", o.id);
+            let removed = self.index.remove(key(price, o.seq()), tier_attrs(slot, kinds));
+            assert!(removed, "{} was not in the ask book at {price}", o.order());
             self.depth.add(kinds, price, -1);
         }
-        for kind in o.slot.kinds.iter() {
+        for kind in slot.kinds.iter() {
             self.slots[kind.index()] -= 1;
         }
     }
@@ -147,30 +237,30 @@ impl Default for BidBook {
 }
 
 impl BidBook {
-    fn key(o: &BuyOrder) -> Key {
-        key(u64::MAX - o.max_price(), o.seq)
+    fn key(o: &impl Bid) -> Key {
+        key(u64::MAX - o.max_price(), o.seq())
     }
 
     /// Rests the order with all of its open CPUs.
-    pub fn insert(&mut self, o: &BuyOrder) {
-        let kind = o.request.requirements.kind;
-        self.index.insert(Self::key(o), o.id, requirement_attrs(&o.request.requirements));
-        self.depth.add(KindSet::of(&[kind]), o.max_price(), o.open as i64);
+    pub fn insert(&mut self, o: &impl Bid) {
+        let kind = o.requirements().kind;
+        self.index.insert(Self::key(o), o.order(), requirement_attrs(o.requirements()));
+        self.depth.add(KindSet::of(&[kind]), o.max_price(), o.open() as i64);
         self.orders[kind.index()] += 1;
     }
 
     /// Takes the order out of the book with all of its open CPUs.
-    pub fn remove(&mut self, o: &BuyOrder) {
-        let kind = o.request.requirements.kind;
-        let removed = self.index.remove(Self::key(o), requirement_attrs(&o.request.requirements));
-        assert!(removed, "{} was not in the bid book", o.id);
-        self.depth.add(KindSet::of(&[kind]), o.max_price(), -(o.open as i64));
+    pub fn remove(&mut self, o: &impl Bid) {
+        let kind = o.requirements().kind;
+        let removed = self.index.remove(Self::key(o), requirement_attrs(o.requirements()));
+        assert!(removed, "{} was not in the bid book", o.order());
+        self.depth.add(KindSet::of(&[kind]), o.max_price(), -(o.open() as i64));
         self.orders[kind.index()] -= 1;
     }
 
     /// Adjusts the depth when a resting order's open count changes by `delta`.
-    pub fn resize(&mut self, o: &BuyOrder, delta: i64) {
-        self.depth.add(KindSet::of(&[o.request.requirements.kind]), o.max_price(), delta);
+    pub fn resize(&mut self, o: &impl Bid, delta: i64) {
+        self.depth.add(KindSet::of(&[o.requirements().kind]), o.max_price(), delta);
     }
 
     /// The best bid at or over `min_price` that `slot` satisfies, in any kind the slot offers.
@@ -180,8 +270,9 @@ impl BidBook {
 
     /// The best bid for a slot (with its priority key: smaller is better),
     /// across the slot's prices: each price meets bids of its own kinds.
-    pub fn best_for(&self, o: &SellOrder) -> Option<OrderId> {
-        o.tiers().into_iter().filter_map(|(kinds, price)| self.best_keyed(&SlotAttributes { kinds, ..o.slot }, price)).min().map(|(_, id)| id)
+    pub fn best_for(&self, o: &impl Ask) -> Option<OrderId> {
+        let slot = o.attributes();
+        o.tiers().into_iter().filter_map(|(kinds, price)| self.best_keyed(&SlotAttributes { kinds, ..*slot }, price)).min().map(|(_, id)| id)
     }
 
     fn best_keyed(&self, slot: &SlotAttributes, min_price: u64) -> Option<(Key, OrderId)> {

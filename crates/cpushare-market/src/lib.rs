@@ -26,10 +26,11 @@ mod lease;
 mod market;
 pub mod money;
 mod order;
+mod records;
 pub mod sim;
 mod types;
 
-pub use book::{AskBook, BidBook};
+pub use book::{Ask, AskBook, Bid, BidBook};
 pub use error::MarketError;
 pub use event::Event;
 pub use lease::{EndReason, Lease, LeaseState, PriceSide};

@@ -13,9 +13,10 @@ use crate::book::{AskBook, BidBook};
 use crate::deadlines::Deadlines;
 use crate::index::MAX_N;
 use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
+use crate::records::{BuyRec, LeaseRec, SlotRec, Table};
 use crate::{
-    AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, LeaseState, MarketError, NodeId,
-    OrderId, PriceSide, SandboxKind, SellOrder, SellRequest, Time,
+    AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, MarketError, NodeId, OrderId,
+    PriceSide, SandboxKind, SellOrder, SellRequest, Time,
 };
 
 /// Rules an operator sets when the market starts. Replaying a log needs the same config.
@@ -53,9 +54,11 @@ pub struct Market {
     /// The outside world: minus everything ever deposited plus everything withdrawn.
     world: Cents,
     fees: Cents,
-    sells: FxHashMap<OrderId, SellOrder>,
-    buys: FxHashMap<OrderId, BuyOrder>,
-    leases: FxHashMap<LeaseId, Lease>,
+    /// Slots (sell orders), buy orders and leases, as records laid out for the
+    /// cache (`records`); the public structs are built from them when asked for.
+    sells: Table<SlotRec>,
+    buys: Table<BuyRec>,
+    leases: Table<LeaseRec>,
     /// A node's slots in the order they were placed (inline: most nodes have a few,
     /// and a slot placed or withdrawn then costs no second trip to memory).
     slots_of_node: FxHashMap<NodeId, SmallVec<[OrderId; 4]>>,
@@ -97,9 +100,9 @@ impl Market {
             balances: FxHashMap::default(),
             world: 0,
             fees: 0,
-            sells: FxHashMap::default(),
-            buys: FxHashMap::default(),
-            leases: FxHashMap::default(),
+            sells: Table::default(),
+            buys: Table::default(),
+            leases: Table::default(),
             slots_of_node: FxHashMap::default(),
             asks: AskBook::default(),
             bids: BidBook::default(),
@@ -168,24 +171,28 @@ impl Market {
     pub fn world(&self) -> Cents {
         self.world
     }
-    pub fn sell_order(&self, id: OrderId) -> Option<&SellOrder> {
-        self.sells.get(&id)
+    pub fn sell_order(&self, id: OrderId) -> Option<SellOrder> {
+        self.sells.get(id).map(SlotRec::view)
     }
-    pub fn buy_order(&self, id: OrderId) -> Option<&BuyOrder> {
-        self.buys.get(&id)
+    pub fn buy_order(&self, id: OrderId) -> Option<BuyOrder> {
+        self.buys.get(id).map(BuyRec::view)
     }
-    pub fn lease(&self, id: LeaseId) -> Option<&Lease> {
-        self.leases.get(&id)
+    pub fn lease(&self, id: LeaseId) -> Option<Lease> {
+        self.leases.get(id).map(LeaseRec::view)
     }
     /// Live leases, in no particular order.
-    pub fn leases(&self) -> impl Iterator<Item = &Lease> {
-        self.leases.values()
+    pub fn leases(&self) -> impl Iterator<Item = Lease> + '_ {
+        self.leases.iter().map(LeaseRec::view)
     }
-    pub fn sell_orders(&self) -> impl Iterator<Item = &SellOrder> {
-        self.sells.values()
+    pub fn sell_orders(&self) -> impl Iterator<Item = SellOrder> + '_ {
+        self.sells.iter().map(SlotRec::view)
     }
-    pub fn buy_orders(&self) -> impl Iterator<Item = &BuyOrder> {
-        self.buys.values()
+    pub fn buy_orders(&self) -> impl Iterator<Item = BuyOrder> + '_ {
+        self.buys.iter().map(BuyRec::view)
+    }
+    /// Live leases.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
     }
     pub fn accounts(&self) -> impl Iterator<Item = (AccountId, Balance)> + '_ {
         self.balances.iter().map(|(a, b)| (*a, *b))
@@ -205,7 +212,7 @@ impl Market {
     /// knows when `tick` next has work.
     pub fn next_deadline(&mut self) -> Option<Time> {
         let leases = &self.leases;
-        self.deadlines.first_live(|at, l| leases.get(&l).is_some_and(|l| l.deadline == at)).map(|d| d.0)
+        self.deadlines.first_live(|at, l| leases.get(l).is_some_and(|l| l.deadline == at)).map(|d| d.0)
     }
 
     // ---- money ----
@@ -284,7 +291,7 @@ impl Market {
     /// charged for the time they delivered.
     pub fn cancel_buy(&mut self, account: AccountId, order: OrderId, now: Time) -> Result<(), MarketError> {
         self.check_time(now)?;
-        let o = self.buys.get(&order).ok_or(MarketError::UnknownOrder(order))?;
+        let o = self.buys.get(order).ok_or(MarketError::UnknownOrder(order))?;
         if o.account != account {
             return Err(MarketError::NotYourOrder { order });
         }
@@ -299,7 +306,7 @@ impl Market {
     /// Ends one lease of the buyer's, now; its order does not look for a replacement.
     pub fn cancel_lease(&mut self, account: AccountId, lease: LeaseId, now: Time) -> Result<(), MarketError> {
         self.check_time(now)?;
-        let l = self.leases.get(&lease).ok_or(MarketError::UnknownLease(lease))?;
+        let l = self.leases.get(lease).ok_or(MarketError::UnknownLease(lease))?;
         if l.buyer != account {
             return Err(MarketError::NotYourLease { lease });
         }
@@ -312,7 +319,7 @@ impl Market {
     /// looks for another slot. The slot stays on the market.
     pub fn release_lease(&mut self, account: AccountId, lease: LeaseId, now: Time) -> Result<(), MarketError> {
         self.check_time(now)?;
-        let l = self.leases.get(&lease).ok_or(MarketError::UnknownLease(lease))?;
+        let l = self.leases.get(lease).ok_or(MarketError::UnknownLease(lease))?;
         if l.seller != account {
             return Err(MarketError::NotYourLease { lease });
         }
@@ -354,11 +361,11 @@ impl Market {
     /// The seller's report that the buyer's work is running: metering starts now.
     pub fn lease_ready(&mut self, account: AccountId, lease: LeaseId, now: Time) -> Result<(), MarketError> {
         self.check_time(now)?;
-        let l = self.leases.get(&lease).ok_or(MarketError::UnknownLease(lease))?;
+        let l = self.leases.get(lease).ok_or(MarketError::UnknownLease(lease))?;
         if l.seller != account {
             return Err(MarketError::NotYourLease { lease });
         }
-        if l.state != LeaseState::AwaitingReady {
+        if l.running {
             return Err(MarketError::NotAwaitingReady { lease });
         }
         if now > l.deadline {
@@ -376,8 +383,8 @@ impl Market {
         let slots = self.slots_of_node.get(&node).cloned().unwrap_or_default();
         let mut ended = Vec::new();
         for order in slots {
-            let o = &self.sells[&order];
-            let lease = o.lease;
+            let o = self.sells.at(order);
+            let lease = o.lease();
             if !o.withdrawn {
                 self.emit(Event::SellWithdrawn { order, at: now });
             }
@@ -396,7 +403,7 @@ impl Market {
     pub fn buyer_lost(&mut self, account: AccountId, last_seen: Time, now: Time) -> Result<Vec<LeaseId>, MarketError> {
         self.check_time(now)?;
         self.balance_of(account)?;
-        let mut ended: Vec<LeaseId> = self.leases.values().filter(|l| l.buyer == account).map(|l| l.id).collect();
+        let mut ended: Vec<LeaseId> = self.leases.iter().filter(|l| l.buyer == account).map(|l| l.id).collect();
         ended.sort_unstable();
         for &lease in &ended {
             self.end_lease(lease, EndReason::BuyerLost, last_seen, now);
@@ -413,7 +420,7 @@ impl Market {
             return Err(MarketError::Halted);
         }
         self.emit(Event::Halted { at: now });
-        let mut ended: Vec<LeaseId> = self.leases.keys().copied().collect();
+        let mut ended: Vec<LeaseId> = self.leases.iter().map(|l| l.id).collect();
         ended.sort_unstable();
         for &lease in &ended {
             self.end_lease(lease, EndReason::ExchangeHalted, now, now);
@@ -429,7 +436,7 @@ impl Market {
         }
         self.emit(Event::Resumed { at: now });
         let mut bids: Vec<(u64, u64, OrderId)> =
-            self.buys.values().filter(|o| o.resting).map(|o| (u64::MAX - o.max_price(), o.seq, o.id)).collect();
+            self.buys.iter().filter(|o| o.resting).map(|o| (u64::MAX - o.max_price(), o.seq, o.id)).collect();
         bids.sort_unstable();
         for (_, _, order) in bids {
             self.fill_buy(order, now);
@@ -443,21 +450,21 @@ impl Market {
         self.check_time(now)?;
         loop {
             let leases = &self.leases;
-            let live = |at, l| leases.get(&l).is_some_and(|l: &Lease| l.deadline == at);
+            let live = |at, l| leases.get(l).is_some_and(|l: &LeaseRec| l.deadline == at);
             let Some((deadline, lease)) = self.deadlines.first_live(live) else { break };
             if deadline > now {
                 break;
             }
-            match self.leases[&lease].state {
-                LeaseState::AwaitingReady => {
-                    let sell = self.leases[&lease].sell;
-                    if !self.sells[&sell].withdrawn {
-                        // A seller that cannot start what it sold is not offered again until it re-posts.
-                        self.emit(Event::SellWithdrawn { order: sell, at: deadline });
-                    }
-                    self.end_lease(lease, EndReason::ReadyTimeout, deadline, now);
+            let l = self.leases.at(lease);
+            if l.running {
+                self.end_period(lease, deadline, now);
+            } else {
+                let sell = l.sell;
+                if !self.sells.at(sell).withdrawn {
+                    // A seller that cannot start what it sold is not offered again until it re-posts.
+                    self.emit(Event::SellWithdrawn { order: sell, at: deadline });
                 }
-                LeaseState::Running { .. } => self.end_period(lease, deadline, now),
+                self.end_lease(lease, EndReason::ReadyTimeout, deadline, now);
             }
         }
         Ok(())
@@ -469,8 +476,8 @@ impl Market {
         self.check_time(now)?;
         let mut running: Vec<(LeaseId, NodeId)> = self
             .leases
-            .values()
-            .filter(|l| matches!(l.state, LeaseState::Running { .. }))
+            .iter()
+            .filter(|l| l.running)
             .map(|l| (l.id, l.node))
             .collect();
         running.sort_unstable();
@@ -493,8 +500,8 @@ impl Market {
         self.balances.get(&account).copied().ok_or(MarketError::UnknownAccount(account))
     }
 
-    fn own_sell(&self, account: AccountId, order: OrderId) -> Result<&SellOrder, MarketError> {
-        let o = self.sells.get(&order).ok_or(MarketError::UnknownOrder(order))?;
+    fn own_sell(&self, account: AccountId, order: OrderId) -> Result<&SlotRec, MarketError> {
+        let o = self.sells.get(order).ok_or(MarketError::UnknownOrder(order))?;
         if o.account != account {
             return Err(MarketError::NotYourOrder { order });
         }
@@ -514,24 +521,24 @@ impl Market {
     /// is left rests in the book.
     fn fill_buy(&mut self, order: OrderId, now: Time) {
         while !self.halted {
-            let o = &self.buys[&order];
+            let o = self.buys.at(order);
             if o.open == 0 {
                 return;
             }
             // The best few at once: the same slots, in the same order, as a search per CPU
             // (a lease takes only its own slot out of the book), for one walk of the index.
             let want = (o.open as usize).min(MAX_N);
-            let kind = o.request.requirements.kind;
-            let fits = self.asks.best_n(&o.request.requirements, o.max_price(), want);
+            let kind = o.kind();
+            let fits = self.asks.best_n(&o.requirements, o.max_price(), want);
             for &sell in &fits {
-                let ask = self.sells[&sell].ask_for(kind);
+                let ask = self.sells.at(sell).ask_for(kind);
                 self.open_lease(order, sell, ask, PriceSide::Ask, now);
             }
             if fits.len() < want {
                 break;
             }
         }
-        if !self.buys[&order].resting {
+        if !self.buys.at(order).resting {
             self.emit(Event::BuyRested { order, at: now });
         }
     }
@@ -541,18 +548,18 @@ impl Market {
         if self.halted {
             return;
         }
-        if let Some(buy) = self.bids.best_for(&self.sells[&order]) {
-            let price = self.buys[&buy].max_price();
+        if let Some(buy) = self.bids.best_for(self.sells.at(order)) {
+            let price = self.buys.at(buy).max_price();
             self.open_lease(buy, order, price, PriceSide::Bid, now);
         }
     }
 
     fn open_lease(&mut self, buy: OrderId, sell: OrderId, price: u64, side: PriceSide, now: Time) {
-        let order = &self.buys[&buy];
-        let escrow = period_ceiling(price, order.request.period);
-        let refund = order.request.escrow_per_cpu() - escrow;
+        let order = self.buys.at(buy);
+        let escrow = period_ceiling(price, order.period());
+        let refund = order.escrow_per_cpu() - escrow;
         let lease = LeaseId(self.next_id);
-        let (buyer, slot) = (order.account, &self.sells[&sell]);
+        let (buyer, slot) = (order.account, self.sells.at(sell));
         self.emit(Event::LeaseOpened {
             lease,
             buy,
@@ -571,14 +578,17 @@ impl Market {
 
     /// Meters a running lease up to `until` (never past its period's end).
     fn settle_lease(&mut self, lease: LeaseId, until: Time) {
-        let l = &self.leases[&lease];
-        let LeaseState::Running { metered_until, .. } = l.state else { return };
+        let l = self.leases.at(lease);
+        if !l.running {
+            return;
+        }
+        let metered_until = l.metered_until;
         let until = until.min(l.deadline);
         if until <= metered_until {
             return;
         }
         let seconds = until - metered_until;
-        let (charge, carry) = accrue(l.carry, seconds, l.price);
+        let (charge, carry) = accrue(l.carry as u64, seconds, l.price());
         let fee = cumulative_fee(l.charged + charge, self.config.fee_bps) - l.fee;
         self.emit(Event::LeaseSettled { lease, until, seconds, charge, fee, carry });
     }
@@ -587,21 +597,21 @@ impl Market {
     /// slot, runs out of funds, or renews.
     fn end_period(&mut self, lease: LeaseId, end: Time, now: Time) {
         self.settle_lease(lease, end);
-        let l = &self.leases[&lease];
-        let order = &self.buys[&l.buy];
-        let slot = &self.sells[&l.sell];
-        if order.request.periods.is_some_and(|n| l.renewals + 1 >= n) {
+        let l = self.leases.at(lease);
+        let order = self.buys.at(l.buy);
+        let slot = self.sells.at(l.sell);
+        if order.periods != 0 && l.renewals + 1 >= order.periods {
             return self.end_lease(lease, EndReason::Completed, end, now);
         }
-        let ask = slot.ask_for(order.request.requirements.kind);
+        let ask = slot.ask_for(order.kind());
         if slot.withdrawn || ask > order.max_price() {
             return self.end_lease(lease, EndReason::SellerWithdrew, end, now);
         }
         let price = match l.side {
             PriceSide::Ask => ask,
-            PriceSide::Bid => l.price,
+            PriceSide::Bid => l.price(),
         };
-        let escrow = period_ceiling(price, l.period);
+        let escrow = period_ceiling(price, l.period());
         let released = l.escrow;
         let available = self.balances[&l.buyer].available;
         if available + released < escrow {
@@ -613,18 +623,15 @@ impl Market {
     /// Ends a lease at `at` (clamped to what was already metered and to `now`),
     /// then lets its order and its slot trade again where the reason allows.
     fn end_lease(&mut self, lease: LeaseId, reason: EndReason, at: Time, now: Time) {
-        let l = &self.leases[&lease];
+        let l = self.leases.at(lease);
         self.touch(l.buy, l.sell);
-        let at = match l.state {
-            LeaseState::AwaitingReady => at.min(now),
-            LeaseState::Running { metered_until, .. } => at.clamp(metered_until, now.min(l.deadline).max(metered_until)),
-        };
+        let at = if l.running { at.clamp(l.metered_until, now.min(l.deadline).max(l.metered_until)) } else { at.min(now) };
         self.settle_lease(lease, at);
-        let l = &self.leases[&lease];
+        let l = self.leases.at(lease);
         let (buy, sell, buyer, released) = (l.buy, l.sell, l.buyer, l.escrow);
-        let reopen = match self.buys.get(&buy) {
+        let reopen = match self.buys.get(buy) {
             Some(order) if reason.reopens_order() => {
-                let need = order.request.escrow_per_cpu();
+                let need = order.escrow_per_cpu();
                 (self.balances[&buyer].available + released >= need).then_some(need)
             }
             _ => None,
@@ -633,7 +640,7 @@ impl Market {
         if reopen.is_some() {
             self.fill_buy(buy, now);
         }
-        if self.sells.get(&sell).is_some_and(|s| s.is_resting()) {
+        if self.sells.get(sell).is_some_and(|s| s.is_resting()) {
             self.match_resting_sell(sell, now);
         }
     }
@@ -662,25 +669,26 @@ impl Market {
                 self.take_id(order.0);
                 let seq = self.take_seq();
                 let o = SellOrder { id: order, account, node, slot, ask, kind_asks, placed_at: at, seq, lease: None, withdrawn: false };
+                let o = SlotRec::new(&o);
                 self.asks.insert(&o);
-                self.sells.insert(order, o);
+                self.sells.insert(o);
                 self.slots_of_node.entry(node).or_default().push(order);
             }
             Event::SellRepriced { order, ask, .. } => {
-                let resting = self.sells[&order].is_resting();
+                let resting = self.sells.at(order).is_resting();
                 if resting {
-                    self.asks.remove(&self.sells[&order]);
+                    self.asks.remove(self.sells.at(order));
                 }
-                let seq = if resting { self.take_seq() } else { self.sells[&order].seq };
-                let o = self.sells.get_mut(&order).expect("repriced order exists");
-                o.ask = ask;
+                let seq = if resting { self.take_seq() } else { self.sells.at(order).seq };
+                let o = self.sells.at_mut(order);
+                o.set_ask(ask);
                 o.seq = seq;
                 if resting {
-                    self.asks.insert(&self.sells[&order]);
+                    self.asks.insert(self.sells.at(order));
                 }
             }
             Event::SellWithdrawn { order, .. } => {
-                let o = self.sells.get_mut(&order).expect("withdrawn order exists");
+                let o = self.sells.at_mut(order);
                 if o.is_resting() {
                     self.remove_sell(order, true);
                 } else {
@@ -701,21 +709,21 @@ impl Market {
                     resting: false,
                     leases: SmallVec::new(),
                 };
-                self.buys.insert(order, o);
+                self.buys.insert(BuyRec::new(&o));
             }
             Event::BuyRested { order, .. } => {
-                let o = self.buys.get_mut(&order).expect("resting order exists");
+                let o = self.buys.at_mut(order);
                 o.resting = true;
-                self.bids.insert(&self.buys[&order]);
+                self.bids.insert(self.buys.at(order));
             }
             Event::BuyCancelled { order, released, .. } => {
-                let o = &self.buys[&order];
+                let o = self.buys.at(order);
                 let account = o.account;
                 if o.resting {
                     self.bids.remove(o);
                 }
                 self.release(account, released);
-                let o = self.buys.get_mut(&order).expect("cancelled order exists");
+                let o = self.buys.at_mut(order);
                 o.open = 0;
                 o.resting = false;
                 self.drop_buy_if_done(order);
@@ -723,63 +731,61 @@ impl Market {
             Event::LeaseOpened { lease, buy, sell, price, side, escrow, refund, deadline, at, .. } => {
                 self.take_id(lease.0);
                 // Each record looked up once (the books are other fields of `self`).
-                let o = self.buys.get_mut(&buy).expect("buy order of a trade exists");
+                let o = self.buys.at_mut(buy);
                 let leaves_book = o.resting && o.open == 1;
                 if leaves_book {
                     self.bids.remove(o);
                 } else if o.resting {
                     self.bids.resize(o, -1);
                 }
-                let (buyer, period) = (o.account, o.request.period);
+                let (buyer, period) = (o.account, o.period);
                 o.open -= 1;
                 o.resting &= !leaves_book;
                 o.leases.push(lease);
                 self.release(buyer, refund);
-                let s = self.sells.get_mut(&sell).expect("sell order of a trade exists");
+                let s = self.sells.at_mut(sell);
                 self.asks.remove(s);
                 let (seller, node) = (s.account, s.node);
-                s.lease = Some(lease);
-                self.leases.insert(
-                    lease,
-                    Lease {
-                        id: lease,
-                        buy,
-                        sell,
-                        buyer,
-                        seller,
-                        node,
-                        price,
-                        side,
-                        period,
-                        opened_at: at,
-                        state: LeaseState::AwaitingReady,
-                        deadline,
-                        renewals: 0,
-                        escrow,
-                        carry: 0,
-                        delivered: 0,
-                        charged: 0,
-                        fee: 0,
-                    },
-                );
+                s.set_lease(Some(lease));
+                let mut l = LeaseRec {
+                    id: lease,
+                    buy,
+                    sell,
+                    buyer,
+                    escrow,
+                    deadline,
+                    metered_until: 0,
+                    renewals: 0,
+                    carry: 0,
+                    running: false,
+                    side,
+                    seller,
+                    node,
+                    opened_at: at,
+                    period_start: 0,
+                    delivered: 0,
+                    charged: 0,
+                    fee: 0,
+                    price: 0,
+                    period,
+                };
+                l.set_price(price);
+                self.leases.insert(l);
                 self.deadlines.push(deadline, lease);
             }
             Event::LeaseReady { lease, at } => {
-                let l = self.leases.get_mut(&lease).expect("ready lease exists");
-                l.state = LeaseState::Running { period_start: at, metered_until: at };
-                l.deadline = at + l.period;
+                let l = self.leases.at_mut(lease);
+                l.run_from(at);
                 self.deadlines.push(l.deadline, lease);
                 self.compact_deadlines();
             }
             Event::LeaseSettled { lease, until, seconds, charge, fee, carry } => {
-                let l = self.leases.get_mut(&lease).expect("settled lease exists");
-                let LeaseState::Running { period_start, metered_until } = l.state else {
-                    panic!("{lease} settled while not running")
-                };
-                assert_eq!(metered_until + seconds, until, "{lease} settled over a gap or an overlap");
-                l.state = LeaseState::Running { period_start, metered_until: until };
+                let l = self.leases.at_mut(lease);
+                assert!(l.running, "{lease} settled while not running");
+                assert_eq!(l.metered_until + seconds, until, "{lease} settled over a gap or an overlap");
+                l.metered_until = until;
                 l.delivered += seconds;
-                l.carry = carry;
+                l.carry = u16::try_from(carry).expect("a carry stays under 3600");
                 l.charged += charge;
                 l.fee += fee;
                 l.escrow -= charge;
@@ -789,22 +795,21 @@ impl Market {
                 self.fees += fee;
             }
             Event::LeaseRenewed { lease, at, price, released, escrow } => {
-                let l = self.leases.get_mut(&lease).expect("renewed lease exists");
-                l.price = price;
+                let l = self.leases.at_mut(lease);
+                l.set_price(price);
                 l.renewals += 1;
                 l.escrow = escrow;
-                l.state = LeaseState::Running { period_start: at, metered_until: at };
-                l.deadline = at + l.period;
+                l.run_from(at);
                 self.deadlines.push(l.deadline, lease);
                 let buyer = l.buyer;
                 self.release(buyer, released);
                 self.hold(buyer, escrow);
             }
             Event::LeaseEnded { lease, released, reopen, .. } => {
-                let l = self.leases.remove(&lease).expect("ended lease exists");
+                let l = self.leases.remove(lease).expect("ended lease exists");
                 self.compact_deadlines();
                 self.release(l.buyer, released);
-                let o = self.buys.get_mut(&l.buy).expect("order of a live lease exists");
+                let o = self.buys.at_mut(l.buy);
                 o.leases.retain(|x| *x != lease);
                 if reopen.is_some() {
                     // The reopened CPU trades at once or rests (`BuyRested`) like a new order.
@@ -818,10 +823,10 @@ impl Market {
                     self.hold(l.buyer, escrow);
                 }
                 if done {
-                    self.buys.remove(&l.buy);
+                    self.buys.remove(l.buy);
                 }
-                let s = self.sells.get_mut(&l.sell).expect("slot of a live lease exists");
-                s.lease = None;
+                let s = self.sells.at_mut(l.sell);
+                s.set_lease(None);
                 if s.withdrawn {
                     self.remove_sell(l.sell, false);
                 } else {
@@ -839,11 +844,11 @@ impl Market {
     /// memory, and two independent lookups side by side make the two trips at once,
     /// where the code that uses them (far apart) would make them in turn.
     fn touch(&self, buy: OrderId, sell: OrderId) {
-        std::hint::black_box((self.buys.get(&buy).map(|o| o.open), self.sells.get(&sell).map(|s| s.seq)));
+        std::hint::black_box((self.buys.get(buy).map(|o| o.open), self.sells.get(sell).map(|s| s.seq)));
     }
 
     fn compact_deadlines(&mut self) {
-        self.deadlines.compact(self.leases.len(), self.leases.values().map(|l| (l.deadline, l.id)));
+        self.deadlines.compact(self.leases.len(), self.leases.iter().map(|l| (l.deadline, l.id)));
     }
 
     fn take_id(&mut self, id: u64) {
@@ -900,7 +905,7 @@ impl Market {
 
     /// Removes a slot from the market (and from the book, if it rests there).
     fn remove_sell(&mut self, order: OrderId, in_book: bool) {
-        let o = self.sells.remove(&order).expect("removed order exists");
+        let o = self.sells.remove(order).expect("removed order exists");
         if in_book {
             self.asks.remove(&o);
         }
@@ -912,9 +917,9 @@ impl Market {
     }
 
     fn drop_buy_if_done(&mut self, order: OrderId) {
-        let o = &self.buys[&order];
+        let o = self.buys.at(order);
         if o.open == 0 && o.leases.is_empty() {
-            self.buys.remove(&order);
+            self.buys.remove(order);
         }
     }
 }
@@ -959,21 +964,23 @@ impl Market {
         m.balances = s.balances.into_iter().collect();
         // Slots of a node in id order: the order they were placed in, as seller_lost expects.
         for o in s.sells {
+            let o = SlotRec::new(&o);
             if o.is_resting() {
                 m.asks.insert(&o);
             }
             m.slots_of_node.entry(o.node).or_default().push(o.id);
-            m.sells.insert(o.id, o);
+            m.sells.insert(o);
         }
         for o in s.buys {
+            let o = BuyRec::new(&o);
             if o.resting {
                 m.bids.insert(&o);
             }
-            m.buys.insert(o.id, o);
+            m.buys.insert(o);
         }
         for l in s.leases {
             m.deadlines.push(l.deadline, l.id);
-            m.leases.insert(l.id, l);
+            m.leases.insert(LeaseRec::new(&l));
         }
         m
     }
@@ -981,11 +988,11 @@ impl Market {
     pub fn snapshot(&self) -> Snapshot {
         let mut balances: Vec<_> = self.accounts().collect();
         balances.sort_by_key(|b| b.0);
-        let mut sells: Vec<_> = self.sells.values().cloned().collect();
+        let mut sells: Vec<_> = self.sell_orders().collect();
         sells.sort_by_key(|o| o.id);
-        let mut buys: Vec<_> = self.buys.values().cloned().collect();
+        let mut buys: Vec<_> = self.buy_orders().collect();
         buys.sort_by_key(|o| o.id);
-        let mut leases: Vec<_> = self.leases.values().cloned().collect();
+        let mut leases: Vec<_> = self.leases().collect();
         leases.sort_by_key(|l| l.id);
         let mut deadlines: Vec<_> = leases.iter().map(|l| (l.deadline, l.id)).collect();
         deadlines.sort_unstable();
@@ -1025,7 +1032,7 @@ impl Market {
             return Err(format!("balances sum to {sum}, not zero"));
         }
         // Escrow held equals what open orders and leases need.
-        for o in self.buys.values() {
+        for o in self.buys.iter() {
             *expected_escrow.entry(o.account).or_default() += o.escrow();
             if o.resting != (o.open > 0) {
                 return Err(format!("{} has {} open CPUs but resting is {}", o.id, o.open, o.resting));
@@ -1034,7 +1041,7 @@ impl Market {
                 return Err(format!("{} is done but still listed", o.id));
             }
             for lease in &o.leases {
-                match self.leases.get(lease) {
+                match self.leases.get(*lease) {
                     Some(l) if l.buy == o.id => {}
                     _ => return Err(format!("{} lists {lease}, which does not point back", o.id)),
                 }
@@ -1042,7 +1049,7 @@ impl Market {
         }
         let scheduled: BTreeSet<(Time, LeaseId)> = self.deadlines.entries().collect();
         let mut leased_slots = BTreeSet::new();
-        for l in self.leases.values() {
+        for l in self.leases.iter() {
             *expected_escrow.entry(l.buyer).or_default() += l.escrow;
             if l.escrow < 0 {
                 return Err(format!("{} holds negative escrow {}", l.id, l.escrow));
@@ -1050,17 +1057,17 @@ impl Market {
             if !leased_slots.insert(l.sell) {
                 return Err(format!("slot {} is in two leases", l.sell));
             }
-            match self.sells.get(&l.sell) {
-                Some(s) if s.lease == Some(l.id) => {}
+            match self.sells.get(l.sell) {
+                Some(s) if s.lease() == Some(l.id) => {}
                 _ => return Err(format!("{}'s slot {} does not point back", l.id, l.sell)),
             }
-            if !self.buys.get(&l.buy).is_some_and(|o| o.leases.contains(&l.id)) {
+            if !self.buys.get(l.buy).is_some_and(|o| o.leases.contains(&l.id)) {
                 return Err(format!("{}'s order {} does not list it", l.id, l.buy));
             }
             if !scheduled.contains(&(l.deadline, l.id)) {
                 return Err(format!("{} has no deadline scheduled", l.id));
             }
-            if l.price > self.buys[&l.buy].max_price() {
+            if l.price() > self.buys.at(l.buy).max_price() {
                 return Err(format!("{} runs at {} above its bid", l.id, l.price));
             }
             if l.carry >= 3600 {
@@ -1075,30 +1082,30 @@ impl Market {
         }
         // The book holds exactly the resting slots and open bids.
         let asks = self.asks.entries();
-        let resting = self.sells.values().filter(|s| s.is_resting()).count();
-        if asks.len() != resting || asks.iter().any(|id| !self.sells[id].is_resting()) {
+        let resting = self.sells.iter().filter(|s| s.is_resting()).count();
+        if asks.len() != resting || asks.iter().any(|id| !self.sells.at(*id).is_resting()) {
             return Err(format!("the ask book holds {} slots, {resting} rest", asks.len()));
         }
         let bids = self.bids.entries();
-        let open = self.buys.values().filter(|o| o.open > 0).count();
-        if bids.len() != open || bids.iter().any(|id| self.buys[id].open == 0) {
+        let open = self.buys.iter().filter(|o| o.open > 0).count();
+        if bids.len() != open || bids.iter().any(|id| self.buys.at(*id).open == 0) {
             return Err(format!("the bid book holds {} orders, {open} are open", bids.len()));
         }
         for kind in SandboxKind::ALL {
-            let slots = self.sells.values().filter(|s| s.is_resting() && s.slot.kinds.contains(kind)).count();
+            let slots = self.sells.iter().filter(|s| s.is_resting() && s.slot.kinds.contains(kind)).count();
             let depth: u32 = self.asks.depth(kind).iter().map(|d| d.1).sum();
             if (self.asks.len(kind), depth as usize) != (slots, slots) {
                 return Err(format!("the {kind} ask book counts {} slots with depth {depth}, {slots} rest", self.asks.len(kind)));
             }
             let depth: u32 = self.bids.depth(kind).iter().map(|d| d.1).sum();
-            let open: u32 = self.buys.values().filter(|o| o.request.requirements.kind == kind).map(|o| o.open).sum();
+            let open: u32 = self.buys.iter().filter(|o| o.kind() == kind).map(|o| o.open).sum();
             if depth != open {
                 return Err(format!("the {kind} bid depth shows {depth} CPUs, {open} are open"));
             }
         }
         // No resting bid could trade with a resting ask: the book is uncrossed
         // (unless matching is halted).
-        for s in self.sells.values().filter(|s| s.is_resting() && !self.halted) {
+        for s in self.sells.iter().filter(|s| s.is_resting() && !self.halted) {
             if let Some(b) = self.bids.best_for(s) {
                 return Err(format!("resting {} and {} could trade", s.id, b));
             }

@@ -158,7 +158,7 @@ fn execute(m: &mut Market, now: &mut Time, op: &Op) -> Option<Result<(), MarketE
     let buys: Vec<OrderId> = { let mut v: Vec<_> = m.buy_orders().map(|o| o.id).collect(); v.sort(); v };
     let sells: Vec<OrderId> = { let mut v: Vec<_> = m.sell_orders().map(|o| o.id).collect(); v.sort(); v };
     // Sorted: the market's maps iterate in no particular order.
-    let mut leases: Vec<&Lease> = m.leases().collect();
+    let mut leases: Vec<Lease> = m.leases().collect();
     leases.sort_by_key(|l| l.id);
     let leased_sells: Vec<OrderId> = leases.iter().map(|l| l.sell).collect();
     let awaiting: Vec<LeaseId> = leases.iter().filter(|l| l.state == LeaseState::AwaitingReady).map(|l| l.id).collect();

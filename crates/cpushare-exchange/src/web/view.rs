@@ -167,7 +167,7 @@ pub async fn leases(engine: &Engine, account: AccountId) -> Result<Vec<Lease>, S
                 .map(|l| {
                     let buyer = l.buyer == account;
                     // The API's view of it, and the other party's name.
-                    let p = crate::convert::lease_to(l, if buyer { "buyer" } else { "seller" });
+                    let p = crate::convert::lease_to(&l, if buyer { "buyer" } else { "seller" });
                     Lease {
                         id: p.id,
                         role: p.role,
