@@ -531,6 +531,9 @@ impl Market {
             let kind = o.kind();
             let fits = self.asks.best_n(&o.requirements, o.max_price(), want);
             for &sell in &fits {
+                self.sells.prefetch(sell);
+            }
+            for &sell in &fits {
                 let ask = self.sells.at(sell).ask_for(kind);
                 self.open_lease(order, sell, ask, PriceSide::Ask, now);
             }
@@ -839,12 +842,13 @@ impl Market {
         }
     }
 
-    /// Looks up a buy order and a slot one right after the other, before either is
-    /// needed: on a market larger than the CPU's caches each lookup is a trip to
-    /// memory, and two independent lookups side by side make the two trips at once,
-    /// where the code that uses them (far apart) would make them in turn.
+    /// Starts bringing in a buy order and a slot together, before either is needed:
+    /// on a market larger than the CPU's caches each is a trip to memory, and two
+    /// trips started side by side are made at once, where the code that uses them
+    /// (far apart) would make them in turn.
     fn touch(&self, buy: OrderId, sell: OrderId) {
-        std::hint::black_box((self.buys.get(buy).map(|o| o.open), self.sells.get(sell).map(|s| s.seq)));
+        self.buys.prefetch(buy);
+        self.sells.prefetch(sell);
     }
 
     fn compact_deadlines(&mut self) {
