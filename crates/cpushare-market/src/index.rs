@@ -73,14 +73,6 @@ impl Bound {
         }
     }
 
-    fn unconstrained(self, query: u32) -> bool {
-        match self {
-            Bound::AtLeast => query == 0,
-            Bound::AtMost => query == u32::MAX,
-            Bound::Intersects => false,
-        }
-    }
-
     fn bucket(self, v: u32) -> usize {
         match self {
             Bound::Intersects => {
@@ -109,21 +101,6 @@ impl Bound {
                 }
             }
             Bound::Intersects => unreachable!(),
-        }
-    }
-
-    /// The buckets that may hold a passing entry, as a range, for a number
-    /// (`reachable` as a range: a bound on a number reaches one side of its
-    /// query's bucket), and the bucket of that range that also holds failing
-    /// values, if any (`FANOUT` if none). A bit set reaches buckets in no order:
-    /// all of them, its mask decides.
-    fn span(self, query: u32) -> ((usize, usize), usize) {
-        let b = bucket(query);
-        let (lo, hi) = bucket_range(b);
-        match self {
-            Bound::AtLeast => ((b, FANOUT), if lo < query { b } else { FANOUT }),
-            Bound::AtMost => ((0, b + 1), if hi > query { b } else { FANOUT }),
-            Bound::Intersects => ((0, FANOUT), FANOUT),
         }
     }
 }
@@ -157,6 +134,8 @@ fn bucket(v: u32) -> usize {
     ((((len - SUB_BITS) << SUB_BITS) + ((v >> shift) & (exact - 1))) as usize).min(FANOUT - 1)
 }
 
+/// The values a bucket holds (for tests: buckets must tile the numbers).
+#[cfg(test)]
 fn bucket_range(b: usize) -> (u32, u32) {
     let exact = 1usize << SUB_BITS;
     if b < exact {
@@ -169,12 +148,27 @@ fn bucket_range(b: usize) -> (u32, u32) {
     (lo, hi)
 }
 
-/// A child of a node, with its subtree's best key inline so that scanning a
-/// node's children reads one contiguous array.
+/// An entry with its key: what a subtree caches of its best.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Best {
+    key: Key,
+    entry: Entry,
+}
+
+const NONE: Best = Best { key: NONE_KEY, entry: Entry { id: OrderId(0), attrs: [0; DIMS] } };
+
+impl Best {
+    fn found(&self) -> (Key, OrderId) {
+        (self.key, self.entry.id)
+    }
+}
+
+/// A child of a node, with its subtree's best entry inline (key and attributes),
+/// so that scanning a node's children reads one contiguous array, and a search
+/// takes a subtree's best without descending whenever that entry passes.
 #[derive(Debug, Clone, Copy)]
 struct Child {
-    best: Key,
-    best_id: OrderId,
+    best: Best,
     bucket: u8,
     /// A node index, or a cell index below the last tree level.
     index: u32,
@@ -209,28 +203,26 @@ impl Node {
     }
 
     /// The subtree's best entry.
-    fn best(&self) -> (Key, OrderId) {
+    fn best(&self) -> Best {
         match self.order.first() {
-            Some(&pos) => {
-                let c = &self.children[pos as usize];
-                (c.best, c.best_id)
-            }
+            Some(&pos) => self.children[pos as usize].best,
             None => NONE,
         }
     }
 
     /// Sets the best of the child at `pos` and moves it to its place in `order`.
-    fn set_best(&mut self, pos: usize, best: (Key, OrderId)) {
-        let old = self.children[pos].best;
-        (self.children[pos].best, self.children[pos].best_id) = best;
+    fn set_best(&mut self, pos: usize, best: Best) {
+        let old = self.children[pos].best.key;
+        self.children[pos].best = best;
+        let key = best.key;
         let mut at = self.order.iter().position(|&p| p as usize == pos).expect("every child is in the order");
-        if best.0 < old {
-            while at > 0 && self.children[self.order[at - 1] as usize].best > best.0 {
+        if key < old {
+            while at > 0 && self.children[self.order[at - 1] as usize].best.key > key {
                 self.order.swap(at - 1, at);
                 at -= 1;
             }
         } else {
-            while at + 1 < self.order.len() && self.children[self.order[at + 1] as usize].best < best.0 {
+            while at + 1 < self.order.len() && self.children[self.order[at + 1] as usize].best.key < key {
                 self.order.swap(at, at + 1);
                 at += 1;
             }
@@ -382,9 +374,9 @@ impl Cell {
         true
     }
 
-    fn best(&self) -> (Key, OrderId) {
+    fn best(&self) -> Best {
         match self.levels.first().and_then(|l| Some((l.primary, l.queue.front()?))) {
-            Some((primary, q)) => (key(primary, q.seq), q.entry.id),
+            Some((primary, q)) => Best { key: key(primary, q.seq), entry: q.entry },
             None => NONE,
         }
     }
@@ -402,18 +394,10 @@ pub struct FilterIndex {
     bounds: [Bound; DIMS],
     /// `nodes[0]` is the root; levels 0..TREE-1.
     nodes: Vec<Node>,
-    root_best: (Key, OrderId),
+    root_best: Best,
     cells: Vec<Cell>,
     len: usize,
-    /// Per bit-set attribute, how many entries hold each value, and which values some
-    /// entry holds: a query that shares a bit with every value present excludes
-    /// nothing (every slot offers the seccomp kinds most buyers want), so it is
-    /// answered from cached bests like an unconstrained one.
-    sets: [[u32; FANOUT]; DIMS],
-    sets_present: [Mask; DIMS],
 }
-
-const NONE: (Key, OrderId) = (NONE_KEY, OrderId(0));
 
 /// The most entries one [`FilterIndex::best_n`] returns.
 pub const MAX_N: usize = 8;
@@ -430,8 +414,6 @@ impl FilterIndex {
             root_best: NONE,
             cells: Vec::new(),
             len: 0,
-            sets: [[0; FANOUT]; DIMS],
-            sets_present: [0; DIMS],
         }
     }
 
@@ -446,8 +428,9 @@ impl FilterIndex {
     pub fn insert(&mut self, key: Key, id: OrderId, attrs: [u32; DIMS]) {
         assert!(key != NONE_KEY, "the key {key:?} is reserved");
         let entry = Entry { id, attrs };
-        if key < self.root_best.0 {
-            self.root_best = (key, id);
+        let best = Best { key, entry };
+        if key < self.root_best.key {
+            self.root_best = best;
         }
         let mut node = 0usize;
         for (d, &attr) in attrs[..TREE].iter().enumerate() {
@@ -465,21 +448,20 @@ impl FilterIndex {
                     let n = &mut self.nodes[node];
                     let pos = n.children.len();
                     n.slot[b] = pos as u8;
-                    n.children.push(Child { best: NONE_KEY, best_id: OrderId(0), bucket: b as u8, index: index as u32 });
+                    n.children.push(Child { best: NONE, bucket: b as u8, index: index as u32 });
                     n.order.push(pos as u8);
                     pos
                 }
             };
             let n = &mut self.nodes[node];
-            if key < n.children[pos].best {
-                n.set_best(pos, (key, id));
+            if key < n.children[pos].best.key {
+                n.set_best(pos, best);
             }
             node = n.children[pos].index as usize;
         }
         let fresh = self.cells[node].insert(key, entry);
         assert!(fresh, "priority key {key:?} inserted twice");
         self.len += 1;
-        self.count_sets(&attrs, 1);
     }
 
     /// Removes the entry; returns whether it was there.
@@ -497,45 +479,21 @@ impl FilterIndex {
             return false;
         }
         self.len -= 1;
-        self.count_sets(&attrs, -1);
         // Refresh cached bests bottom-up. A subtree whose best was not the removed key
         // keeps its best, and so do all above it.
         for d in (0..TREE).rev() {
             let (n, pos) = path[d];
             let child = self.nodes[n].children[pos];
-            if child.best != key {
+            if child.best.key != key {
                 return true;
             }
             let best = if d + 1 < TREE { self.nodes[child.index as usize].best() } else { self.cells[cell].best() };
             self.nodes[n].set_best(pos, best);
         }
-        if self.root_best.0 == key {
+        if self.root_best.key == key {
             self.root_best = self.nodes[0].best();
         }
         true
-    }
-
-    fn count_sets(&mut self, attrs: &[u32; DIMS], delta: i32) {
-        for (d, &attr) in attrs.iter().enumerate() {
-            if self.bounds[d] == Bound::Intersects {
-                let v = attr as usize;
-                let n = &mut self.sets[d][v];
-                *n = n.checked_add_signed(delta).expect("a set's count stays in range");
-                if *n == 0 {
-                    self.sets_present[d] &= !(1 << v);
-                } else {
-                    self.sets_present[d] |= 1 << v;
-                }
-            }
-        }
-    }
-
-    /// Whether no entry in the index fails the query on attribute `d`.
-    fn excludes_nothing(&self, d: usize, query: u32) -> bool {
-        match self.bounds[d] {
-            Bound::Intersects => self.sets_present[d] & !INTERSECTING[(query as usize) & (FANOUT - 1)] == 0,
-            bound => bound.unconstrained(query),
-        }
     }
 
     /// The entry with the smallest key `<= limit` whose attributes pass `query` under the
@@ -550,42 +508,33 @@ impl FilterIndex {
     /// several CPUs is filled from one search instead of one per CPU).
     pub fn best_n(&self, query: [u32; DIMS], limit: Key, n: usize) -> Found {
         assert!((1..=MAX_N).contains(&n), "between 1 and {MAX_N} entries at a time, not {n}");
-        if self.root_best.0 > limit {
+        if self.root_best.key > limit {
             // Nothing in the index is within the limit (often: the book is empty).
             return Found::new();
         }
-        let mut free_from = [false; DIMS + 1];
-        free_from[DIMS] = true;
-        for d in (0..DIMS).rev() {
-            free_from[d] = free_from[d + 1] && self.excludes_nothing(d, query[d]);
-        }
         let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
-        let spans: [_; TREE] = std::array::from_fn(|d| self.bounds[d].span(query[d]));
-        let numeric = std::array::from_fn(|d| self.bounds[d] != Bound::Intersects);
-        // Scanning checks each attribute against a range; a bit set is a tree level, and
-        // its buckets are exact, so the tree has already decided it.
+        // Numbers pass within a range; a bit set (always a tree level) by sharing a bit.
         let mut lo = [0; DIMS];
         let mut hi = [u32::MAX; DIMS];
+        let mut sets = [u32::MAX; TREE];
         for d in 0..DIMS {
             match self.bounds[d] {
                 Bound::AtLeast => lo[d] = query[d],
                 Bound::AtMost => hi[d] = query[d],
-                Bound::Intersects => {}
+                Bound::Intersects => sets[d] = query[d],
             }
         }
         let mut search = Search {
             index: self,
-            free_from,
             reachable,
-            numeric,
-            spans,
+            sets,
             lo,
             hi,
             want: n,
             found: Found::new(),
             bound: limit.saturating_add(1),
         };
-        search.node(0, 0, true, self.root_best);
+        search.node(0, 0, self.root_best);
         search.found
     }
 
@@ -601,8 +550,8 @@ impl FilterIndex {
     pub fn check(&self) -> Result<(), String> {
         let mut entries = Vec::new();
         let best = self.check_node(0, 0, &mut entries)?;
-        if best != self.root_best.0 {
-            return Err(format!("root caches best {:?}, the index's best is {best:?}", self.root_best.0));
+        if best != self.root_best {
+            return Err(format!("root caches best {:?}, the index's best is {best:?}", self.root_best));
         }
         if entries.len() != self.len {
             return Err(format!("index holds {} entries but counts {}", entries.len(), self.len));
@@ -611,9 +560,9 @@ impl FilterIndex {
     }
 
     /// Checks the subtree of node `n` at `level`, collecting its entries; returns its best key.
-    fn check_node(&self, n: usize, level: usize, entries: &mut Vec<Entry>) -> Result<Key, String> {
+    fn check_node(&self, n: usize, level: usize, entries: &mut Vec<Entry>) -> Result<Best, String> {
         let node = &self.nodes[n];
-        let mut best = NONE_KEY;
+        let mut best = NONE;
         if node.slot.iter().filter(|&&p| p != ABSENT).count() != node.children.len() {
             return Err(format!("node {n} has {} children but {} buckets", node.children.len(), node.slot.iter().filter(|&&p| p != ABSENT).count()));
         }
@@ -622,7 +571,7 @@ impl FilterIndex {
         if sorted != (0..node.children.len() as u8).collect::<Vec<_>>() {
             return Err(format!("node {n}'s order {:?} is not its children", node.order));
         }
-        if node.order.windows(2).any(|w| node.children[w[0] as usize].best > node.children[w[1] as usize].best) {
+        if node.order.windows(2).any(|w| node.children[w[0] as usize].best.key > node.children[w[1] as usize].best.key) {
             return Err(format!("node {n}'s children are out of order"));
         }
         for (pos, child) in node.children.iter().enumerate() {
@@ -635,7 +584,7 @@ impl FilterIndex {
             } else {
                 let cell = &self.cells[child.index as usize];
                 entries.extend(cell.iter().map(|(_, e)| *e));
-                cell.best().0
+                cell.best()
             };
             if entries[start..].iter().any(|e| self.bounds[level].bucket(e.attrs[level]) != child.bucket as usize) {
                 return Err(format!("node {n}: an entry under bucket {} belongs elsewhere", child.bucket));
@@ -643,7 +592,9 @@ impl FilterIndex {
             if k != child.best {
                 return Err(format!("node {n} caches best {:?} for bucket {}, its subtree's is {k:?}", child.best, child.bucket));
             }
-            best = best.min(k);
+            if k.key < best.key {
+                best = k;
+            }
         }
         Ok(best)
     }
@@ -651,15 +602,11 @@ impl FilterIndex {
 
 struct Search<'a> {
     index: &'a FilterIndex,
-    /// `free_from[d]`: no attribute from `d` on is constrained.
-    free_from: [bool; DIMS + 1],
-    /// Per tree level, the buckets that may hold a passing entry (for a bit set)...
+    /// Per tree level, the buckets that may hold a passing entry.
     reachable: [Mask; TREE],
-    /// ...or whether it is a number, and then the range of buckets that may hold
-    /// a passing entry and the one of them that may also hold failing ones.
-    numeric: [bool; TREE],
-    spans: [((usize, usize), usize); TREE],
-    /// Per attribute, the range of values that pass.
+    /// Per tree level, the bits a bit set must share (all bits for a number).
+    sets: [u32; TREE],
+    /// Per attribute, the range of values that pass (all of them for a bit set).
     lo: [u32; DIMS],
     hi: [u32; DIMS],
     /// How many entries are wanted (see `single`).
@@ -671,8 +618,8 @@ struct Search<'a> {
 }
 
 impl Search<'_> {
-    /// Whether just one entry is wanted: then a subtree that passes as a whole is
-    /// answered by its cached best (with more, it is walked).
+    /// Whether just one entry is wanted: then a subtree whose best entry passes is
+    /// answered by it (with more, it is walked for its next ones too).
     fn single(&self) -> bool {
         self.want == 1
     }
@@ -705,67 +652,63 @@ impl Search<'_> {
         }
     }
 
-    /// `passing`: every attribute fixed on the path to here passes for the whole bucket.
-    /// `best`: the node's subtree's best entry.
-    fn node(&mut self, n: usize, level: usize, passing: bool, best: (Key, OrderId)) {
-        if !self.could_win(best.0) {
+    /// Searches the subtree of node `n` (on tree level `level`), whose best entry is `best`.
+    fn node(&mut self, n: usize, level: usize, best: Best) {
+        if !self.could_win(best.key) {
             return;
         }
-        if self.single() && passing && self.free_from[level] {
-            self.take(best);
-            return;
+        if self.passes_all(&best.entry.attrs) {
+            // Nothing below beats the subtree's best, and it passes.
+            self.take(best.found());
+            if self.single() {
+                return;
+            }
         }
         let node = &self.index.nodes[n];
-        // Children best first. Those whose whole subtree passes are answered by their
-        // cached bests, first of all: the bound they set prunes the walks of the others
-        // (with one wanted, the first such child settles them all). The others are then
-        // searched, so that the first fit prunes the rest.
-        let child_free = passing && self.free_from[level + 1];
-        if child_free {
-            for &pos in &node.order {
-                let c = &node.children[pos as usize];
-                if !self.could_win(c.best) {
-                    break;
-                }
-                if self.reaches(level, c.bucket) == Some(true) {
-                    self.take((c.best, c.best_id));
-                    if self.single() {
-                        break;
-                    }
-                }
-            }
-        }
+        // Children best first. Those whose best entries pass give answers before any
+        // walk, so that the bound they set prunes the walks of the others; with one
+        // wanted, the first such child settles every child after it, and only the
+        // children before it (set aside on the way) remain to be walked.
+        let mut before: ArrayVec<u8, FANOUT> = ArrayVec::new();
         for &pos in &node.order {
             let c = &node.children[pos as usize];
-            if !self.could_win(c.best) {
+            if !self.could_win(c.best.key) {
                 break;
             }
-            // With several wanted, a wholly passing child is walked for its next entries.
-            let Some(whole) = self.reaches(level, c.bucket) else { continue };
-            let child_passing = passing && whole;
+            if self.reachable[level] & (1 << c.bucket) == 0 {
+                continue;
+            }
+            if self.passes_all(&c.best.entry.attrs) {
+                self.take(c.best.found());
+                if self.single() {
+                    break;
+                }
+            } else if self.single() {
+                before.push(pos);
+            }
+        }
+        // Then the children that can still win are walked, best first, each only where
+        // its bucket may hold a passing entry (with several wanted, all of them: one
+        // whose best passed may hold the next ones).
+        let walk: &[u8] = if self.single() { &before } else { &node.order };
+        for &pos in walk {
+            let c = &node.children[pos as usize];
+            if !self.could_win(c.best.key) {
+                break;
+            }
+            if self.reachable[level] & (1 << c.bucket) == 0 {
+                continue;
+            }
             if level + 1 < TREE {
-                self.node(c.index as usize, level + 1, child_passing, (c.best, c.best_id));
-            } else if self.single() && child_passing && self.free_from[TREE] {
-                self.take((c.best, c.best_id));
+                self.node(c.index as usize, level + 1, c.best);
             } else {
                 self.scan(self.index.cells[c.index as usize].iter());
             }
         }
     }
 
-    /// Whether a child in `bucket` on tree level `level` may hold a passing entry
-    /// (`None`: it cannot), and whether all of its bucket passes.
-    fn reaches(&self, level: usize, bucket: u8) -> Option<bool> {
-        let b = bucket as usize;
-        if self.numeric[level] {
-            let ((from, to), edge) = self.spans[level];
-            (from..to).contains(&b).then_some(b != edge)
-        } else {
-            (self.reachable[level] & (1 << b) != 0).then_some(true)
-        }
-    }
-
-    /// Takes the entries, in priority order, that pass while they still win.
+    /// Takes the entries of a cell, in priority order, that pass while they still win.
+    /// (The tree levels above have decided its bit sets.)
     fn scan<'e>(&mut self, entries: impl Iterator<Item = (Key, &'e Entry)>) {
         for (k, e) in entries {
             if !self.could_win(k) {
@@ -780,8 +723,14 @@ impl Search<'_> {
         }
     }
 
+    /// Whether the numbers of `attrs` pass.
     fn passes(&self, attrs: &[u32; DIMS]) -> bool {
         (0..DIMS).fold(true, |ok, d| ok & (self.lo[d] <= attrs[d]) & (attrs[d] <= self.hi[d]))
+    }
+
+    /// Whether all of `attrs` pass, bit sets too.
+    fn passes_all(&self, attrs: &[u32; DIMS]) -> bool {
+        self.passes(attrs) & (0..TREE).fold(true, |ok, d| ok & (attrs[d] & self.sets[d] != 0))
     }
 }
 
@@ -842,21 +791,25 @@ mod tests {
     }
 
     #[test]
-    fn a_kind_every_entry_offers_constrains_nothing_until_one_does_not() {
+    fn a_subtree_s_best_is_taken_only_if_it_passes_every_attribute() {
         let mut ix = FilterIndex::new(BOUNDS);
         let all = key(u64::MAX, u64::MAX - 1);
         ix.insert(key(5, 1), OrderId(1), [0b011, 1, 512, 1000, 20]);
         ix.insert(key(9, 2), OrderId(2), [0b111, 1, 512, 1000, 20]);
-        assert!(ix.excludes_nothing(0, 0b001));
-        assert!(!ix.excludes_nothing(0, 0b100));
+        // The root's best (order 1) does not offer the kind: the search goes past it.
         assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), Some((key(9, 2), OrderId(2))));
+        assert_eq!(ix.best([0b001, 0, 0, 0, u32::MAX], all), Some((key(5, 1), OrderId(1))));
         assert!(ix.remove(key(5, 1), [0b011, 1, 512, 1000, 20]));
-        assert!(ix.excludes_nothing(0, 0b100), "the only entry left offers it");
+        assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), Some((key(9, 2), OrderId(2))));
         // A cheaper entry that does not offer the kind must not be taken for it.
         ix.insert(key(1, 3), OrderId(3), [0b010, 1, 512, 1000, 20]);
-        assert!(!ix.excludes_nothing(0, 0b100));
         assert_eq!(ix.best([0b100, 0, 0, 0, u32::MAX], all), Some((key(9, 2), OrderId(2))));
         assert_eq!(ix.best([0b010, 0, 0, 0, u32::MAX], all), Some((key(1, 3), OrderId(3))));
+        // Nor one that fails a scanned attribute (latency) or a number of the tree (RAM).
+        ix.insert(key(0, 4), OrderId(4), [0b111, 1, 512, 1000, 400]);
+        ix.insert(key(0, 5), OrderId(5), [0b111, 1, 256, 1000, 20]);
+        assert_eq!(ix.best([0b100, 0, 512, 0, 100], all), Some((key(9, 2), OrderId(2))));
+        assert_eq!(ix.best_n([0b100, 0, 0, 0, 100], all, 3).to_vec(), vec![(key(0, 5), OrderId(5)), (key(9, 2), OrderId(2))]);
     }
 
     proptest! {
@@ -877,7 +830,7 @@ mod tests {
                 let got: Vec<_> = cell.iter().map(|(k, e)| (k, *e)).collect();
                 let want: Vec<_> = model.iter().map(|(k, e)| (*k, *e)).collect();
                 prop_assert_eq!(got, want);
-                prop_assert_eq!(cell.best(), model.iter().next().map_or(NONE, |(k, e)| (*k, e.id)));
+                prop_assert_eq!(cell.best(), model.iter().next().map_or(NONE, |(k, e)| Best { key: *k, entry: *e }));
                 prop_assert!(cell.levels.iter().all(|l| l.live() > 0), "an empty level was kept");
                 prop_assert!(cell.levels.iter().all(|l| l.queue.back().map(|q| q.seq) == Some(l.last)), "a level's last seq is stale");
                 prop_assert!(cell.levels.iter().all(|l| l.queue.front().unwrap().is_live() && l.queue.back().unwrap().is_live()), "a level ends in a dead entry");
