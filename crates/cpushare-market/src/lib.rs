@@ -26,6 +26,7 @@ mod lease;
 mod market;
 pub mod money;
 mod order;
+mod pages;
 mod records;
 pub mod sim;
 mod types;

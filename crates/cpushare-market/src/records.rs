@@ -18,6 +18,7 @@ use hashbrown::HashTable;
 use rustc_hash::FxBuildHasher;
 use smallvec::SmallVec;
 
+use crate::pages::LargePages;
 use crate::types::Tiers;
 use crate::{
     AccountId, BuyOrder, BuyRequest, Cents, KindAsks, Lease, LeaseId, LeaseState, NodeId, OrderId, PriceSide,
@@ -31,15 +32,16 @@ pub(crate) trait Record {
 }
 
 /// Records by id (`hashbrown`'s table, the id inside the record, so that a
-/// record is one aligned bucket with no key beside it).
+/// record is one aligned bucket with no key beside it), in huge pages where the
+/// kernel has them (`pages`).
 #[derive(Debug, Clone)]
 pub(crate) struct Table<T> {
-    table: HashTable<T>,
+    table: HashTable<T, LargePages>,
 }
 
 impl<T> Default for Table<T> {
     fn default() -> Self {
-        Table { table: HashTable::new() }
+        Table { table: HashTable::new_in(LargePages) }
     }
 }
 
