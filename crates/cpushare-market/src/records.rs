@@ -85,6 +85,12 @@ impl<T: Record> Table<T> {
         self.table.len()
     }
 
+    /// Makes room for `additional` more records, so that growing to that size moves
+    /// nothing.
+    pub fn reserve(&mut self, additional: usize) {
+        self.table.reserve(additional, |r| hash(r.id()));
+    }
+
     /// Asks the CPU to start bringing in the record of `id` (both of its lines),
     /// without waiting: its bucket is found from the table's control bytes alone,
     /// which stay in cache far more than the records do. Several prefetches in a
