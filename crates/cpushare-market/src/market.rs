@@ -114,8 +114,8 @@ impl Market {
     }
 
     /// Makes room for this many more slots, buy orders and leases. A table that
-    /// outgrows its room is moved whole to a table twice its size, which stops
-    /// matching for as long as that takes (some 100 ms at 200,000 slots); an
+    /// outgrows its room is moved whole to one twice its size, which stops matching
+    /// for as long as that takes (tens of milliseconds at 200,000 slots); an
     /// exchange that knows its size reserves room for it, with headroom, up front.
     pub fn reserve(&mut self, slots: usize, buy_orders: usize, leases: usize) {
         self.sells.reserve(slots);
@@ -973,8 +973,7 @@ impl Market {
     /// snapshot was taken from.
     pub fn restore(config: MarketConfig, s: Snapshot) -> Market {
         let mut m = Market::new(config);
-        // Twice the room the market needs now: it can double before a table moves.
-        m.reserve(2 * s.sells.len(), 2 * s.buys.len(), 2 * s.leases.len());
+        m.reserve(s.sells.len(), s.buys.len(), s.leases.len());
         (m.now, m.next_id, m.next_seq, m.world, m.fees, m.halted) =
             (s.now, s.next_id, s.next_seq, s.world, s.fees, s.halted);
         m.balances = s.balances.into_iter().collect();

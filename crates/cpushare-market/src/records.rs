@@ -14,7 +14,7 @@
 
 use std::hash::{BuildHasher, Hash};
 
-use hashbrown::HashTable;
+use allocator_api2::vec::Vec;
 use rustc_hash::FxBuildHasher;
 use smallvec::SmallVec;
 
@@ -26,22 +26,41 @@ use crate::{
 };
 
 /// A record kept in a [`Table`], found by its own id.
-pub(crate) trait Record {
-    type Id: Copy + Eq + Hash;
+pub(crate) trait Record: Clone {
+    type Id: Copy + Eq + Hash + std::fmt::Debug;
+    /// The id no record has (ids are issued from 1): it marks a free place.
+    const NO_ID: Self::Id;
     fn id(&self) -> Self::Id;
+    /// A record with `NO_ID`, to fill free places with.
+    fn vacant() -> Self;
 }
 
-/// Records by id (`hashbrown`'s table, the id inside the record, so that a
-/// record is one aligned bucket with no key beside it), in huge pages where the
-/// kernel has them (`pages`).
+/// Records by id: one array of records, each at the place its id hashes to or
+/// the first free one after it (linear probing), kept at most half full.
+///
+/// Why not `hashbrown`: a SwissTable finds a record through a separate array
+/// of control bytes, so a lookup is two trips to memory one after the other
+/// (the control bytes of three tables of some 200,000 records each outgrow
+/// the cache), and where a record is cannot be known before the first trip
+/// returns. Here the id is in the record and the place follows from the id
+/// alone: a lookup is one trip (the next record, when the first is another's,
+/// is the adjacent line), and the records an operation will need can be
+/// prefetched all at once before it reads any (`prefetch`). Removal shifts the
+/// records after it back into the gap (no tombstones), so a table never needs
+/// cleaning. The array lives in huge pages where the kernel has them (`pages`).
 #[derive(Debug, Clone)]
 pub(crate) struct Table<T> {
-    table: HashTable<T, LargePages>,
+    places: Vec<T, LargePages>,
+    /// `places.len() - 1` (the length is a power of two).
+    mask: usize,
+    /// The hash's top bits index the places: `64 - log2(places.len())`.
+    shift: u32,
+    len: usize,
 }
 
-impl<T> Default for Table<T> {
+impl<T: Record> Default for Table<T> {
     fn default() -> Self {
-        Table { table: HashTable::new_in(LargePages) }
+        Table::with_places(16)
     }
 }
 
@@ -50,60 +69,131 @@ fn hash<I: Hash>(id: I) -> u64 {
 }
 
 impl<T: Record> Table<T> {
+    fn with_places(n: usize) -> Self {
+        debug_assert!(n.is_power_of_two());
+        let mut places = Vec::with_capacity_in(n, LargePages);
+        places.resize(n, T::vacant());
+        Table { places, mask: n - 1, shift: 64 - n.trailing_zeros(), len: 0 }
+    }
+
+    /// Where a record with this id belongs, if that place is free.
+    fn home(&self, id: T::Id) -> usize {
+        // FxHash multiplies; its top bits are the well-mixed ones.
+        (hash(id) >> self.shift) as usize
+    }
+
+    fn is_free(&self, at: usize) -> bool {
+        self.places[at].id() == T::NO_ID
+    }
+
+    fn find(&self, id: T::Id) -> Option<usize> {
+        let mut at = self.home(id);
+        loop {
+            let here = self.places[at].id();
+            if here == id {
+                return Some(at);
+            }
+            if here == T::NO_ID {
+                return None;
+            }
+            at = (at + 1) & self.mask;
+        }
+    }
+
     pub fn get(&self, id: T::Id) -> Option<&T> {
-        self.table.find(hash(id), |r| r.id() == id)
+        self.find(id).map(|at| &self.places[at])
     }
 
     pub fn get_mut(&mut self, id: T::Id) -> Option<&mut T> {
-        self.table.find_mut(hash(id), |r| r.id() == id)
+        self.find(id).map(|at| &mut self.places[at])
     }
 
     /// The record, which the market's own state says exists (a missing one is a bug
     /// or a corrupt log).
     #[track_caller]
     pub fn at(&self, id: T::Id) -> &T {
-        self.get(id).expect("a record the market refers to exists")
+        self.get(id).unwrap_or_else(|| panic!("{id:?}: a record the market refers to exists"))
     }
 
     #[track_caller]
     pub fn at_mut(&mut self, id: T::Id) -> &mut T {
-        self.get_mut(id).expect("a record the market refers to exists")
+        self.get_mut(id).unwrap_or_else(|| panic!("{id:?}: a record the market refers to exists"))
     }
 
     /// Adds a record whose id is not in the table yet.
+    #[track_caller]
     pub fn insert(&mut self, record: T) {
         let id = record.id();
-        debug_assert!(self.get(id).is_none(), "a record is inserted once");
-        self.table.insert_unique(hash(id), record, |r| hash(r.id()));
+        assert!(id != T::NO_ID, "{id:?} is not an id the market issues");
+        debug_assert!(self.find(id).is_none(), "{id:?} is inserted once");
+        if 2 * (self.len + 1) > self.places.len() {
+            self.grow(2 * self.places.len());
+        }
+        self.put(record);
+        self.len += 1;
+    }
+
+    /// Puts a record in the first free place from its home (there is one: the
+    /// table is at most half full).
+    fn put(&mut self, record: T) {
+        let mut at = self.home(record.id());
+        while !self.is_free(at) {
+            at = (at + 1) & self.mask;
+        }
+        self.places[at] = record;
     }
 
     pub fn remove(&mut self, id: T::Id) -> Option<T> {
-        self.table.find_entry(hash(id), |r| r.id() == id).ok().map(|e| e.remove().0)
+        let mut gap = self.find(id)?;
+        let removed = std::mem::replace(&mut self.places[gap], T::vacant());
+        self.len -= 1;
+        // Shift back each following record that may sit in the gap (one whose home
+        // is not between the gap and where it is), until a free place ends the run.
+        let mut at = gap;
+        loop {
+            at = (at + 1) & self.mask;
+            if self.is_free(at) {
+                return Some(removed);
+            }
+            let home = self.home(self.places[at].id());
+            if (at.wrapping_sub(home) & self.mask) >= (at.wrapping_sub(gap) & self.mask) {
+                self.places.swap(gap, at);
+                gap = at;
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.table.len()
+        self.len
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.places.iter().filter(|r| r.id() != T::NO_ID)
     }
 
     /// Makes room for `additional` more records, so that growing to that size moves
     /// nothing.
     pub fn reserve(&mut self, additional: usize) {
-        self.table.reserve(additional, |r| hash(r.id()));
-    }
-
-    /// Asks the CPU to start bringing in the record of `id` (both of its lines),
-    /// without waiting: its bucket is found from the table's control bytes alone,
-    /// which stay in cache far more than the records do. Several prefetches in a
-    /// row make their trips to memory at the same time, where lookups one after
-    /// the other would make them in turn.
-    pub fn prefetch(&self, id: T::Id) {
-        if let Some(record) = self.table.iter_hash_buckets(hash(id)).next().and_then(|i| self.table.get_bucket(i)) {
-            prefetch(record);
+        let places = (2 * (self.len + additional)).next_power_of_two();
+        if places > self.places.len() {
+            self.grow(places);
         }
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &T> {
-        self.table.iter()
+    fn grow(&mut self, places: usize) {
+        let old = std::mem::replace(self, Table::with_places(places));
+        self.len = old.len;
+        for record in old.places.into_iter().filter(|r| r.id() != T::NO_ID) {
+            self.put(record);
+        }
+    }
+
+    /// Asks the CPU to start bringing in the record of `id` (where it most likely
+    /// is: its home place), without waiting. Several prefetches in a row make their
+    /// trips to memory at the same time, where lookups one after the other would
+    /// make them in turn.
+    pub fn prefetch(&self, id: T::Id) {
+        prefetch(&self.places[self.home(id)]);
     }
 }
 
@@ -155,8 +245,24 @@ const NO_LEASE: LeaseId = LeaseId(0);
 
 impl Record for SlotRec {
     type Id = OrderId;
+    const NO_ID: OrderId = OrderId(0);
     fn id(&self) -> OrderId {
         self.id
+    }
+    fn vacant() -> Self {
+        SlotRec {
+            id: OrderId(0),
+            seq: 0,
+            lease: NO_LEASE,
+            account: AccountId(0),
+            node: NodeId(0),
+            slot: SlotAttributes { score: 0, ram_mib: 0, kinds: crate::KindSet::default(), inbound_udp: false, latency_ms: 0 },
+            ask: 0,
+            withdrawn: false,
+            own_kind_asks: false,
+            placed_at: 0,
+            kind_asks: KindAsks::default(),
+        }
     }
 }
 
@@ -256,8 +362,26 @@ pub(crate) struct BuyRec {
 
 impl Record for BuyRec {
     type Id = OrderId;
+    const NO_ID: OrderId = OrderId(0);
     fn id(&self) -> OrderId {
         self.id
+    }
+    fn vacant() -> Self {
+        BuyRec {
+            id: OrderId(0),
+            account: AccountId(0),
+            seq: 0,
+            requirements: Requirements::any(SandboxKind::SeccompStrict),
+            cpus: 0,
+            max_price: 0,
+            period: 0,
+            periods: 0,
+            open: 0,
+            resting: false,
+            attended: false,
+            placed_at: 0,
+            leases: SmallVec::new(),
+        }
     }
 }
 
@@ -361,8 +485,33 @@ pub(crate) struct LeaseRec {
 
 impl Record for LeaseRec {
     type Id = LeaseId;
+    const NO_ID: LeaseId = LeaseId(0);
     fn id(&self) -> LeaseId {
         self.id
+    }
+    fn vacant() -> Self {
+        LeaseRec {
+            id: LeaseId(0),
+            buy: OrderId(0),
+            sell: OrderId(0),
+            buyer: AccountId(0),
+            escrow: 0,
+            deadline: 0,
+            metered_until: 0,
+            renewals: 0,
+            carry: 0,
+            running: false,
+            side: PriceSide::Ask,
+            seller: AccountId(0),
+            node: NodeId(0),
+            opened_at: 0,
+            period_start: 0,
+            delivered: 0,
+            charged: 0,
+            fee: 0,
+            price: 0,
+            period: 0,
+        }
     }
 }
 
@@ -451,6 +600,46 @@ impl LeaseRec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn lease(id: u64, escrow: Cents) -> LeaseRec {
+        LeaseRec { id: LeaseId(id), escrow, ..LeaseRec::vacant() }
+    }
+
+    proptest! {
+        /// The table is a map from id to record, whatever ids come and go (runs of
+        /// neighbours, removals from the middle of a run, the array wrapping round,
+        /// growth).
+        #[test]
+        fn a_table_keeps_every_record_and_only_those(ops in prop::collection::vec((any::<bool>(), 1u64..200, any::<i64>()), 1..400)) {
+            let mut table = Table::<LeaseRec>::default();
+            let mut model = std::collections::HashMap::new();
+            for (insert, id, escrow) in ops {
+                if insert && !model.contains_key(&id) {
+                    table.insert(lease(id, escrow));
+                    model.insert(id, escrow);
+                } else {
+                    prop_assert_eq!(table.remove(LeaseId(id)).map(|l| l.escrow), model.remove(&id));
+                }
+                prop_assert_eq!(table.len(), model.len());
+                for id in 1..200 {
+                    prop_assert_eq!(table.get(LeaseId(id)).map(|l| l.escrow), model.get(&id).copied());
+                }
+                let mut ids: std::vec::Vec<u64> = table.iter().map(|l| l.id.0).collect();
+                ids.sort_unstable();
+                let mut want: std::vec::Vec<u64> = model.keys().copied().collect();
+                want.sort_unstable();
+                prop_assert_eq!(ids, want);
+                prop_assert!(2 * table.len() <= table.places.len(), "more than half full");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "is not an id the market issues")]
+    fn id_zero_is_refused() {
+        Table::<LeaseRec>::default().insert(LeaseRec::vacant());
+    }
 
     #[test]
     fn records_are_two_aligned_cache_lines() {

@@ -118,10 +118,11 @@ impl Driver {
     pub fn new(seed: u64, keep_events: bool) -> Driver {
         let mut r = ChaCha8Rng::seed_from_u64(seed);
         let mut market = Market::new(MarketConfig::default());
-        // Room for twice the steady state, as an exchange of this size would reserve:
-        // no table is moved to a larger one during the run (a one-off stall of some
-        // 100 ms that is growth, not the steady state this measures).
-        market.reserve(4 * RESTING, 2 * LEASED, 2 * LEASED);
+        // Room for the steady state and some, as an exchange of this size would reserve:
+        // no table is moved to a larger one during the run (a one-off stall that is
+        // growth, not the steady state this measures).
+        let some = |n: usize| n + n / 5;
+        market.reserve(some(RESTING + LEASED), some(LEASED), some(LEASED));
         for a in 0..SELLERS + BUYERS {
             market.open_account(AccountId(a), 0).unwrap();
         }
