@@ -5,6 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use rustc_hash::FxHashMap;
+use arrayvec::ArrayVec;
 use smallvec::SmallVec;
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
 use crate::records::{BuyRec, LeaseRec, SlotRec, Table};
 use crate::{
     AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, MarketError, NodeId, OrderId,
-    PriceSide, SandboxKind, SellOrder, SellRequest, Time,
+    PriceSide, Requirements, SandboxKind, SellOrder, SellRequest, Time,
 };
 
 /// Rules an operator sets when the market starts. Replaying a log needs the same config.
@@ -292,8 +293,17 @@ impl Market {
             return Err(MarketError::InsufficientFunds { needed: escrow, available: balance.available });
         }
         let order = self.alloc_order();
+        // Where the order and its first leases will be written is known from their ids:
+        // those trips to memory are started now and made while the book is searched,
+        // which is done before the order is written (placing it does not change the
+        // asks, so the search finds what it would have found after).
+        self.buys.prefetch(order);
+        for lease in (1..=(req.cpus as u64).min(MAX_N as u64)).map(|n| LeaseId(order.0 + n)) {
+            self.leases.prefetch(lease);
+        }
+        let first = self.search_asks(&req.requirements, req.max_price, req.cpus);
         self.emit(Event::BuyPlaced { order, account, request: req, escrow, at: now });
-        self.fill_buy(order, now);
+        self.fill_buy(order, first, now);
         Ok(order)
     }
 
@@ -449,7 +459,7 @@ impl Market {
             self.buys.iter().filter(|o| o.resting).map(|o| (u64::MAX - o.max_price(), o.seq, o.id)).collect();
         bids.sort_unstable();
         for (_, _, order) in bids {
-            self.fill_buy(order, now);
+            self.fill_buy(order, None, now);
         }
         Ok(())
     }
@@ -529,20 +539,20 @@ impl Market {
 
     /// Fills a buy order's open CPUs from the best fitting asks, each at its ask; what
     /// is left rests in the book.
-    fn fill_buy(&mut self, order: OrderId, now: Time) {
+    /// `first`: what a search of the book for the order as it stands found, if one
+    /// was made (`search_asks`).
+    fn fill_buy(&mut self, order: OrderId, mut first: Option<ArrayVec<OrderId, MAX_N>>, now: Time) {
         while !self.halted {
             let o = self.buys.at(order);
             if o.open == 0 {
                 return;
             }
-            // The best few at once: the same slots, in the same order, as a search per CPU
-            // (a lease takes only its own slot out of the book), for one walk of the index.
             let want = (o.open as usize).min(MAX_N);
             let kind = o.kind();
-            let fits = self.asks.best_n(&o.requirements, o.max_price(), want);
-            for &sell in &fits {
-                self.sells.prefetch(sell);
-            }
+            let fits = match first.take() {
+                Some(fits) => fits,
+                None => self.search_asks(&o.requirements, o.max_price(), o.open).unwrap_or_default(),
+            };
             for &sell in &fits {
                 let ask = self.sells.at(sell).ask_for(kind);
                 self.open_lease(order, sell, ask, PriceSide::Ask, now);
@@ -554,6 +564,21 @@ impl Market {
         if !self.buys.at(order).resting {
             self.emit(Event::BuyRested { order, at: now });
         }
+    }
+
+    /// The best few asks for `cpus` at once (up to `MAX_N`): the same slots, in the
+    /// same order, as a search per CPU (a lease takes only its own slot out of the
+    /// book), for one walk of the index; their slots are prefetched. `None` while
+    /// matching is halted.
+    fn search_asks(&self, req: &Requirements, max_price: u64, cpus: u32) -> Option<ArrayVec<OrderId, MAX_N>> {
+        if self.halted {
+            return None;
+        }
+        let fits = self.asks.best_n(req, max_price, (cpus as usize).min(MAX_N));
+        for &sell in &fits {
+            self.sells.prefetch(sell);
+        }
+        Some(fits)
     }
 
     /// Trades a resting slot with the best bid it satisfies, at the bid.
@@ -651,7 +676,7 @@ impl Market {
         };
         self.emit(Event::LeaseEnded { lease, reason, at, released, reopen });
         if reopen.is_some() {
-            self.fill_buy(buy, now);
+            self.fill_buy(buy, None, now);
         }
         if self.sells.get(sell).is_some_and(|s| s.is_resting()) {
             self.match_resting_sell(sell, now);
