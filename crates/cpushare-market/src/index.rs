@@ -252,8 +252,10 @@ struct Cell {
 #[derive(Debug, Clone)]
 struct Level {
     primary: u64,
-    /// The seq at the back of the queue, kept here so that the usual insert (a
-    /// fresh seq) is placed without reading the queue's far end from memory.
+    /// The seqs at the front and at the back of the queue, kept here so that the
+    /// usual insert (a fresh seq) is placed without reading the queue's far end
+    /// from memory, and an entry in the middle is found by interpolation.
+    first: u64,
     last: u64,
     /// In `seq` order (seqs are unique). An entry taken from the middle is marked
     /// dead where it stands instead of closing the gap: a level holds some seventy
@@ -286,15 +288,53 @@ fn split(key: Key) -> (u64, u64) {
 
 impl Level {
     /// Where `seq` is or would go (dead entries keep their place in the order).
+    ///
+    /// A level's seqs were issued at random times in between its first and its last,
+    /// so where `seq` falls in that span is where it stands in the queue give or take
+    /// a few: the search starts there and widens (a slot withdrawn from the middle of
+    /// a level of seventy entries took a binary search's six trips to memory).
     fn position(&self, seq: u64) -> Result<usize, usize> {
-        if !self.queue.is_empty() && self.last < seq {
+        let n = self.queue.len();
+        if n == 0 || seq > self.last {
             // The usual insert: a fresh seq, after every other.
-            return Err(self.queue.len());
+            return Err(n);
         }
-        match self.queue.front() {
+        if seq <= self.first {
             // The usual removal: a trade of the level's oldest.
-            Some(first) if first.seq == seq => Ok(0),
-            _ => self.queue.binary_search_by_key(&seq, |q| q.seq),
+            return if seq == self.first { Ok(0) } else { Err(0) };
+        }
+        let at = |i: usize| self.queue[i].seq;
+        let guess = ((seq - self.first) as u128 * (n - 1) as u128 / (self.last - self.first) as u128) as usize;
+        // Bracket `seq` between `lo` (its seq below) and `hi` (at or above), widening
+        // from the guess by doubling steps, then halve the bracket.
+        let (mut lo, mut hi) = if at(guess) < seq {
+            let (mut lo, mut step) = (guess, 1);
+            while lo + step < n && at(lo + step) < seq {
+                lo += step;
+                step *= 2;
+            }
+            (lo, (lo + step).min(n - 1))
+        } else {
+            let (mut hi, mut step) = (guess, 1);
+            while hi >= step && at(hi - step) >= seq {
+                hi -= step;
+                step *= 2;
+            }
+            (hi.saturating_sub(step), hi)
+        };
+        // Now at(lo) < seq <= at(hi) (at(0) < seq <= at(n - 1) holds from the checks above).
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if at(mid) < seq {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        if at(hi) == seq {
+            Ok(hi)
+        } else {
+            Err(hi)
         }
     }
 
@@ -308,6 +348,9 @@ impl Level {
         while self.queue.front().is_some_and(|q| !q.is_live()) {
             self.queue.pop_front();
             self.dead -= 1;
+            if let Some(front) = self.queue.front() {
+                self.first = front.seq;
+            }
         }
         while self.queue.back().is_some_and(|q| !q.is_live()) {
             self.queue.pop_back();
@@ -333,7 +376,7 @@ impl Cell {
         let level = match self.level(primary) {
             Ok(i) => &mut self.levels[i],
             Err(i) => {
-                self.levels.insert(i, Level { primary, last: seq, queue: Default::default(), dead: 0 });
+                self.levels.insert(i, Level { primary, first: seq, last: seq, queue: Default::default(), dead: 0 });
                 &mut self.levels[i]
             }
         };
@@ -345,12 +388,13 @@ impl Cell {
                 level.dead -= 1;
                 true
             }
-            Err(at) if at == level.queue.len() => {
-                level.last = seq;
-                level.queue.push_back(Queued { seq, entry });
-                true
-            }
             Err(at) => {
+                if at == level.queue.len() {
+                    level.last = seq;
+                }
+                if at == 0 {
+                    level.first = seq;
+                }
                 level.queue.insert(at, Queued { seq, entry });
                 true
             }
@@ -813,6 +857,42 @@ mod tests {
     }
 
     proptest! {
+        /// Finding a seq by interpolation agrees with a binary search, however the seqs
+        /// are spread (clumped, sparse, with dead entries among them).
+        #[test]
+        fn a_level_finds_a_seq_where_a_binary_search_would(
+            mut seqs in prop::collection::btree_set(0u64..1_000_000, 1..600),
+            dead in prop::collection::vec(any::<bool>(), 600),
+            clumped in any::<bool>(),
+            probes in prop::collection::vec(0u64..1_000_100, 1..50),
+        ) {
+            if clumped {
+                // Most seqs in a narrow band, a few far off: a poor guess for interpolation.
+                seqs = seqs.into_iter().map(|s| if s % 7 == 0 { s } else { 500_000 + s % 1000 }).collect();
+            }
+            let queue: std::collections::VecDeque<Queued> = seqs
+                .iter()
+                .zip(&dead)
+                .enumerate()
+                .map(|(i, (&seq, &d))| {
+                    let live = i == 0 || i == seqs.len() - 1 || !d;
+                    Queued { seq, entry: Entry { id: if live { OrderId(seq + 1) } else { DEAD }, attrs: [0; DIMS] } }
+                })
+                .collect();
+            let level = Level {
+                primary: 1,
+                first: queue.front().unwrap().seq,
+                last: queue.back().unwrap().seq,
+                dead: queue.iter().filter(|q| !q.is_live()).count() as u32,
+                queue,
+            };
+            for probe in probes.into_iter().chain(seqs.iter().copied()) {
+                prop_assert_eq!(level.position(probe), level.queue.binary_search_by_key(&probe, |q| q.seq), "seq {}", probe);
+            }
+        }
+    }
+
+    proptest! {
         /// A cell is an ordered map from key to entry, whatever order keys arrive in
         /// (a restored snapshot inserts in no particular order), with duplicates refused.
         #[test]
@@ -833,6 +913,7 @@ mod tests {
                 prop_assert_eq!(cell.best(), model.iter().next().map_or(NONE, |(k, e)| Best { key: *k, entry: *e }));
                 prop_assert!(cell.levels.iter().all(|l| l.live() > 0), "an empty level was kept");
                 prop_assert!(cell.levels.iter().all(|l| l.queue.back().map(|q| q.seq) == Some(l.last)), "a level's last seq is stale");
+                prop_assert!(cell.levels.iter().all(|l| l.queue.front().map(|q| q.seq) == Some(l.first)), "a level's first seq is stale");
                 prop_assert!(cell.levels.iter().all(|l| l.queue.front().unwrap().is_live() && l.queue.back().unwrap().is_live()), "a level ends in a dead entry");
                 prop_assert!(cell.levels.iter().all(|l| l.queue.iter().filter(|q| !q.is_live()).count() == l.dead as usize), "a level miscounts its dead");
             }

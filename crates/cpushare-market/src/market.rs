@@ -268,6 +268,8 @@ impl Market {
         self.balance_of(account)?;
         req.validate()?;
         let order = self.alloc_order();
+        // Its place in the slot table, known from its id, is fetched while the book is updated.
+        self.sells.prefetch(order);
         self.emit(Event::SellPlaced {
             order,
             account,
