@@ -14,7 +14,7 @@ use crate::book::{AskBook, BidBook};
 use crate::deadlines::Deadlines;
 use crate::index::MAX_N;
 use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
-use crate::records::{BuyRec, LeaseRec, SlotRec, Table};
+use crate::records::{BuyRec, LeaseRec, NodeRec, SlotRec, Table};
 use crate::{
     AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, MarketError, NodeId, OrderId,
     PriceSide, Requirements, SandboxKind, SellOrder, SellRequest, Time,
@@ -62,7 +62,7 @@ pub struct Market {
     leases: Table<LeaseRec>,
     /// A node's slots in the order they were placed (inline: most nodes have a few,
     /// and a slot placed or withdrawn then costs no second trip to memory).
-    slots_of_node: FxHashMap<NodeId, SmallVec<[OrderId; 4]>>,
+    slots_of_node: Table<NodeRec>,
     asks: AskBook,
     bids: BidBook,
     deadlines: Deadlines,
@@ -104,7 +104,7 @@ impl Market {
             sells: Table::default(),
             buys: Table::default(),
             leases: Table::default(),
-            slots_of_node: FxHashMap::default(),
+            slots_of_node: Table::default(),
             asks: AskBook::default(),
             bids: BidBook::default(),
             deadlines: Deadlines::default(),
@@ -210,7 +210,7 @@ impl Market {
     }
     /// Nodes that have slots on the market (resting or leased).
     pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.slots_of_node.keys().copied()
+        self.slots_of_node.iter().map(|n| n.key.node())
     }
 
     pub fn asks(&self) -> &AskBook {
@@ -402,7 +402,7 @@ impl Market {
     /// look for other slots. Returns the leases ended.
     pub fn seller_lost(&mut self, node: NodeId, last_seen: Time, now: Time) -> Result<Vec<LeaseId>, MarketError> {
         self.check_time(now)?;
-        let slots = self.slots_of_node.get(&node).cloned().unwrap_or_default();
+        let slots = node.0.checked_add(1).and_then(|_| self.slots_of_node.get(node.into())).map(|n| n.slots.clone()).unwrap_or_default();
         let mut ended = Vec::new();
         for order in slots {
             let o = self.sells.at(order);
@@ -669,12 +669,13 @@ impl Market {
         self.settle_lease(lease, at);
         let l = self.leases.at(lease);
         let (buy, sell, buyer, released) = (l.buy, l.sell, l.buyer, l.escrow);
-        let reopen = match self.buys.get(buy) {
-            Some(order) if reason.reopens_order() => {
+        // (The order is read only if its CPU may reopen: it is still on its way in.)
+        let reopen = match reason.reopens_order().then(|| self.buys.get(buy)).flatten() {
+            Some(order) => {
                 let need = order.escrow_per_cpu();
                 (self.balances[&buyer].available + released >= need).then_some(need)
             }
-            _ => None,
+            None => None,
         };
         self.emit(Event::LeaseEnded { lease, reason, at, released, reopen });
         if reopen.is_some() {
@@ -712,7 +713,7 @@ impl Market {
                 let o = SlotRec::new(&o);
                 self.asks.insert(&o);
                 self.sells.insert(o);
-                self.slots_of_node.entry(node).or_default().push(order);
+                self.add_to_node(node, order);
             }
             Event::SellRepriced { order, ask, .. } => {
                 let resting = self.sells.at(order).is_resting();
@@ -950,10 +951,17 @@ impl Market {
         if in_book {
             self.asks.remove(&o);
         }
-        let slots = self.slots_of_node.get_mut(&o.node).expect("node of a slot is known");
-        slots.retain(|x| *x != order);
-        if slots.is_empty() {
-            self.slots_of_node.remove(&o.node);
+        let n = self.slots_of_node.at_mut(o.node.into());
+        n.slots.retain(|x| *x != order);
+        if n.slots.is_empty() {
+            self.slots_of_node.remove(o.node.into());
+        }
+    }
+
+    fn add_to_node(&mut self, node: NodeId, order: OrderId) {
+        match self.slots_of_node.get_mut(node.into()) {
+            Some(n) => n.slots.push(order),
+            None => self.slots_of_node.insert(NodeRec { key: node.into(), slots: [order].into_iter().collect() }),
         }
     }
 
@@ -1010,7 +1018,7 @@ impl Market {
             if o.is_resting() {
                 m.asks.insert(&o);
             }
-            m.slots_of_node.entry(o.node).or_default().push(o.id);
+            m.add_to_node(o.node, o.id);
             m.sells.insert(o);
         }
         for o in s.buys {

@@ -34,6 +34,9 @@ impl SellRequest {
                 }
             }
         }
+        if self.node.0 == u64::MAX {
+            return Err(MarketError::InvalidOrder(format!("node ids go up to {}, got {}", u64::MAX - 1, self.node.0)));
+        }
         if self.slot.kinds.is_empty() {
             return Err(MarketError::InvalidOrder("a slot must offer at least one sandbox kind".into()));
         }

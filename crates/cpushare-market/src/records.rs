@@ -197,6 +197,44 @@ impl<T: Record> Table<T> {
     }
 }
 
+/// A seller's node and its slots (placed in that order), found by the node: what a
+/// lost node takes off the market.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[repr(C, align(64))]
+pub(crate) struct NodeRec {
+    /// The node's id plus one (0 marks a free place; see `NodeKey`).
+    pub key: NodeKey,
+    pub slots: SmallVec<[OrderId; 5]>,
+}
+
+/// A node's id plus one, so that every node id but the largest has a key and 0 is free.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct NodeKey(u64);
+
+impl From<NodeId> for NodeKey {
+    #[track_caller]
+    fn from(node: NodeId) -> Self {
+        NodeKey(node.0.checked_add(1).expect("node ids are validated below u64::MAX"))
+    }
+}
+
+impl NodeKey {
+    pub fn node(self) -> NodeId {
+        NodeId(self.0 - 1)
+    }
+}
+
+impl Record for NodeRec {
+    type Id = NodeKey;
+    const NO_ID: NodeKey = NodeKey(0);
+    fn id(&self) -> NodeKey {
+        self.key
+    }
+    fn vacant() -> Self {
+        NodeRec { key: NodeKey(0), slots: SmallVec::new() }
+    }
+}
+
 /// Asks the CPU to bring every cache line of `record` in, without waiting for them.
 #[inline]
 fn prefetch<T>(record: &T) {
@@ -643,6 +681,7 @@ mod tests {
 
     #[test]
     fn records_are_two_aligned_cache_lines() {
+        assert_eq!((std::mem::size_of::<NodeRec>(), std::mem::align_of::<NodeRec>()), (64, 64), "the node record");
         for (name, size, align) in [
             ("slot", std::mem::size_of::<SlotRec>(), std::mem::align_of::<SlotRec>()),
             ("buy", std::mem::size_of::<BuyRec>(), std::mem::align_of::<BuyRec>()),

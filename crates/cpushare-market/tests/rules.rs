@@ -137,6 +137,11 @@ fn bad_orders_are_refused_with_reasons() {
         assert!(matches!(r, Err(MarketError::InvalidOrder(_))));
         assert_eq!(m.snapshot(), before);
     }
+    // The market keys nodes by their id plus one: the largest id is refused, the one below taken.
+    let r = m.place_sell(SELLER, SellRequest::new(NodeId(u64::MAX), slot(), 10), 1);
+    assert!(matches!(r, Err(MarketError::InvalidOrder(_))), "{r:?}");
+    m.place_sell(SELLER, SellRequest::new(NodeId(u64::MAX - 1), slot(), 10), 1).unwrap();
+    assert_eq!(m.seller_lost(NodeId(u64::MAX), 1, 1), Ok(vec![]));
     assert_refused(&mut m, |m| m.place_buy(AccountId(42), buy(1, 1), 1), MarketError::UnknownAccount(AccountId(42)));
     check(&m);
 }
