@@ -35,6 +35,6 @@ pub use book::{Ask, AskBook, Bid, BidBook};
 pub use error::MarketError;
 pub use event::Event;
 pub use lease::{EndReason, Lease, LeaseState, PriceSide};
-pub use market::{Balance, Bucket, Market, MarketConfig, Posting, Snapshot};
+pub use market::{Balance, Bucket, Market, MarketConfig, Posting, Room, Snapshot};
 pub use order::{BuyOrder, BuyRequest, SellOrder, SellRequest};
 pub use types::{AccountId, Cents, KindAsks, KindSet, LeaseId, NodeId, OrderId, Requirements, SandboxKind, SlotAttributes, Time};

@@ -35,6 +35,16 @@ impl Default for MarketConfig {
     }
 }
 
+/// How many more of each a market should make room for ([`Market::reserve`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Room {
+    pub slots: usize,
+    /// Seller nodes (a node offers one slot per CPU).
+    pub nodes: usize,
+    pub buy_orders: usize,
+    pub leases: usize,
+}
+
 /// One account's money at the exchange.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Balance {
@@ -114,14 +124,15 @@ impl Market {
         }
     }
 
-    /// Makes room for this many more slots, buy orders and leases. A table that
-    /// outgrows its room is moved whole to one twice its size, which stops matching
-    /// for as long as that takes (tens of milliseconds at 200,000 slots); an
+    /// Makes room for this many more slots, seller nodes, buy orders and leases. A
+    /// table that outgrows its room is moved whole to one twice its size, which stops
+    /// matching for as long as that takes (tens of milliseconds at 200,000 slots); an
     /// exchange that knows its size reserves room for it, with headroom, up front.
-    pub fn reserve(&mut self, slots: usize, buy_orders: usize, leases: usize) {
-        self.sells.reserve(slots);
-        self.buys.reserve(buy_orders);
-        self.leases.reserve(leases);
+    pub fn reserve(&mut self, room: Room) {
+        self.sells.reserve(room.slots);
+        self.slots_of_node.reserve(room.nodes);
+        self.buys.reserve(room.buy_orders);
+        self.leases.reserve(room.leases);
     }
 
     /// Keep postings per account for every event from now on (see [`Market::take_postings`]).
@@ -1008,7 +1019,8 @@ impl Market {
     /// snapshot was taken from.
     pub fn restore(config: MarketConfig, s: Snapshot) -> Market {
         let mut m = Market::new(config);
-        m.reserve(s.sells.len(), s.buys.len(), s.leases.len());
+        let nodes = s.sells.iter().map(|o| o.node).collect::<std::collections::HashSet<_>>().len();
+        m.reserve(Room { slots: s.sells.len(), nodes, buy_orders: s.buys.len(), leases: s.leases.len() });
         (m.now, m.next_id, m.next_seq, m.world, m.fees, m.halted) =
             (s.now, s.next_id, s.next_seq, s.world, s.fees, s.halted);
         m.balances = s.balances.into_iter().collect();

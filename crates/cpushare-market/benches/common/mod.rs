@@ -122,7 +122,7 @@ impl Driver {
         // no table is moved to a larger one during the run (a one-off stall that is
         // growth, not the steady state this measures).
         let some = |n: usize| n + n / 5;
-        market.reserve(some(RESTING + LEASED), some(LEASED), some(LEASED));
+        market.reserve(Room { slots: some(RESTING + LEASED), nodes: some(RESTING), buy_orders: some(LEASED), leases: some(LEASED) });
         for a in 0..SELLERS + BUYERS {
             market.open_account(AccountId(a), 0).unwrap();
         }
