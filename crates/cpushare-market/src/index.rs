@@ -184,8 +184,17 @@ struct Node {
     /// Per bucket, the position of its child in `children` (`ABSENT` if none).
     slot: [u8; FANOUT],
     children: Vec<Child>,
-    /// Positions in `children`, best key first.
-    order: Vec<u8>,
+    /// The children, best key first: each child's key, bucket and position in
+    /// `children`, so that a search passes over a child it cannot reach (or that
+    /// cannot win) reading this array alone, in order.
+    order: Vec<Ordered>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Ordered {
+    key: Key,
+    pos: u8,
+    bucket: u8,
 }
 
 const ABSENT: u8 = u8::MAX;
@@ -205,7 +214,7 @@ impl Node {
     /// The subtree's best entry.
     fn best(&self) -> Best {
         match self.order.first() {
-            Some(&pos) => self.children[pos as usize].best,
+            Some(o) => self.children[o.pos as usize].best,
             None => NONE,
         }
     }
@@ -215,14 +224,15 @@ impl Node {
         let old = self.children[pos].best.key;
         self.children[pos].best = best;
         let key = best.key;
-        let mut at = self.order.iter().position(|&p| p as usize == pos).expect("every child is in the order");
+        let mut at = self.order.iter().position(|o| o.pos as usize == pos).expect("every child is in the order");
+        self.order[at].key = key;
         if key < old {
-            while at > 0 && self.children[self.order[at - 1] as usize].best.key > key {
+            while at > 0 && self.order[at - 1].key > key {
                 self.order.swap(at - 1, at);
                 at -= 1;
             }
         } else {
-            while at + 1 < self.order.len() && self.children[self.order[at + 1] as usize].best.key < key {
+            while at + 1 < self.order.len() && self.order[at + 1].key < key {
                 self.order.swap(at, at + 1);
                 at += 1;
             }
@@ -493,7 +503,7 @@ impl FilterIndex {
                     let pos = n.children.len();
                     n.slot[b] = pos as u8;
                     n.children.push(Child { best: NONE, bucket: b as u8, index: index as u32 });
-                    n.order.push(pos as u8);
+                    n.order.push(Ordered { key: NONE_KEY, pos: pos as u8, bucket: b as u8 });
                     pos
                 }
             };
@@ -610,13 +620,16 @@ impl FilterIndex {
         if node.slot.iter().filter(|&&p| p != ABSENT).count() != node.children.len() {
             return Err(format!("node {n} has {} children but {} buckets", node.children.len(), node.slot.iter().filter(|&&p| p != ABSENT).count()));
         }
-        let mut sorted = node.order.clone();
+        let mut sorted: Vec<u8> = node.order.iter().map(|o| o.pos).collect();
         sorted.sort_unstable();
         if sorted != (0..node.children.len() as u8).collect::<Vec<_>>() {
-            return Err(format!("node {n}'s order {:?} is not its children", node.order));
+            return Err(format!("node {n}'s order is not its children"));
         }
-        if node.order.windows(2).any(|w| node.children[w[0] as usize].best.key > node.children[w[1] as usize].best.key) {
+        if node.order.windows(2).any(|w| w[0].key > w[1].key) {
             return Err(format!("node {n}'s children are out of order"));
+        }
+        if node.order.iter().any(|o| o.key != node.children[o.pos as usize].best.key || o.bucket != node.children[o.pos as usize].bucket) {
+            return Err(format!("node {n}'s order holds stale keys or buckets"));
         }
         for (pos, child) in node.children.iter().enumerate() {
             if node.position(child.bucket as usize) != Some(pos) {
@@ -713,36 +726,37 @@ impl Search<'_> {
         // walk, so that the bound they set prunes the walks of the others; with one
         // wanted, the first such child settles every child after it, and only the
         // children before it (set aside on the way) remain to be walked.
-        let mut before: ArrayVec<u8, FANOUT> = ArrayVec::new();
-        for &pos in &node.order {
-            let c = &node.children[pos as usize];
-            if !self.could_win(c.best.key) {
+        let reachable = self.reachable[level];
+        let mut before: ArrayVec<Ordered, FANOUT> = ArrayVec::new();
+        for &o in &node.order {
+            if !self.could_win(o.key) {
                 break;
             }
-            if self.reachable[level] & (1 << c.bucket) == 0 {
+            if reachable & (1 << o.bucket) == 0 {
                 continue;
             }
+            let c = &node.children[o.pos as usize];
             if self.passes_all(&c.best.entry.attrs) {
                 self.take(c.best.found());
                 if self.single() {
                     break;
                 }
             } else if self.single() {
-                before.push(pos);
+                before.push(o);
             }
         }
         // Then the children that can still win are walked, best first, each only where
         // its bucket may hold a passing entry (with several wanted, all of them: one
         // whose best passed may hold the next ones).
-        let walk: &[u8] = if self.single() { &before } else { &node.order };
-        for &pos in walk {
-            let c = &node.children[pos as usize];
-            if !self.could_win(c.best.key) {
+        let walk: &[Ordered] = if self.single() { &before } else { &node.order };
+        for &o in walk {
+            if !self.could_win(o.key) {
                 break;
             }
-            if self.reachable[level] & (1 << c.bucket) == 0 {
+            if reachable & (1 << o.bucket) == 0 {
                 continue;
             }
+            let c = &node.children[o.pos as usize];
             if level + 1 < TREE {
                 self.node(c.index as usize, level + 1, c.best);
             } else {
