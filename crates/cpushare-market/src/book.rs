@@ -291,6 +291,11 @@ impl BidBook {
         self.orders[kind.index()]
     }
 
+    /// Whether no buy order rests (most of the time on a market with slots to spare).
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
     pub(crate) fn entries(&self) -> Vec<OrderId> {
         self.index.entries().into_iter().map(|e| e.1).collect()
     }

@@ -596,7 +596,7 @@ impl Market {
 
     /// Trades a resting slot with the best bid it satisfies, at the bid.
     fn match_resting_sell(&mut self, order: OrderId, now: Time) {
-        if self.halted {
+        if self.halted || self.bids.is_empty() {
             return;
         }
         if let Some(buy) = self.bids.best_for(self.sells.at(order)) {
