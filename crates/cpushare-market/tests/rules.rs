@@ -677,3 +677,17 @@ fn a_seller_can_give_a_lease_back_and_the_order_moves_on() {
     assert!(m.sell_order(s).unwrap().is_resting(), "the slot stays on the market");
     check(&m);
 }
+
+#[test]
+fn a_resting_bid_that_asks_no_minimum_trades_with_a_slot_that_comes() {
+    // A bid's "no minimum RAM" is a 0 in the bid book's index, where a search once
+    // took 0 for a failed bit set and missed it.
+    let mut m = market();
+    let mut req = buy(1, 79);
+    req.requirements.min_score = 2000;
+    let b = m.place_buy(BUYER, req, 0).unwrap();
+    assert!(m.buy_order(b).unwrap().resting);
+    let s = m.place_sell(SELLER, SellRequest::new(NODE, slot(), 1), 0).unwrap();
+    assert_eq!(m.sell_order(s).unwrap().lease, Some(leases_of(&m, b)[0].id), "the slot trades with the resting bid");
+    check(&m);
+}
