@@ -14,7 +14,7 @@ use crate::book::{AskBook, BidBook};
 use crate::deadlines::Deadlines;
 use crate::index::MAX_N;
 use crate::money::{accrue, cumulative_fee, period_ceiling, MAX_TRANSFER};
-use crate::records::{BuyRec, LeaseRec, NodeRec, SlotRec, Table};
+use crate::records::{BuyRec, LeaseRec, NodeKey, NodeRec, SlotRec, Table};
 use crate::{
     AccountId, BuyOrder, BuyRequest, Cents, EndReason, Event, Lease, LeaseId, MarketError, NodeId, OrderId,
     PriceSide, Requirements, SandboxKind, SellOrder, SellRequest, Time,
@@ -211,10 +211,6 @@ impl Market {
     }
     pub fn buy_orders(&self) -> impl Iterator<Item = BuyOrder> + '_ {
         self.buys.iter().map(BuyRec::view)
-    }
-    /// Live leases.
-    pub fn lease_count(&self) -> usize {
-        self.leases.len()
     }
     pub fn accounts(&self) -> impl Iterator<Item = (AccountId, Balance)> + '_ {
         self.balances.iter().map(|(a, b)| (*a, *b))
@@ -413,7 +409,7 @@ impl Market {
     /// look for other slots. Returns the leases ended.
     pub fn seller_lost(&mut self, node: NodeId, last_seen: Time, now: Time) -> Result<Vec<LeaseId>, MarketError> {
         self.check_time(now)?;
-        let slots = node.0.checked_add(1).and_then(|_| self.slots_of_node.get(node.into())).map(|n| n.slots.clone()).unwrap_or_default();
+        let slots = NodeKey::of(node).and_then(|n| self.slots_of_node.get(n)).map(|n| n.slots.clone()).unwrap_or_default();
         let mut ended = Vec::new();
         for order in slots {
             let o = self.sells.at(order);

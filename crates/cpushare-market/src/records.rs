@@ -1,7 +1,7 @@
-//! How the market keeps its slots, buy orders and leases: each in a hash table
-//! of records laid out for the cache.
+//! How the market keeps its slots, buy orders, leases and seller nodes: records
+//! laid out for the cache, in tables of our own.
 //!
-//! Why not a map from id to the public structs: on an exchange of a few hundred
+//! Why not maps from ids to the public structs: on an exchange of a few hundred
 //! thousand slots and leases these tables are far larger than the CPU's caches,
 //! so every record an operation touches is a trip to memory for each cache line
 //! it reads. A public `Lease` (152 bytes behind an 8-byte key, at any offset)
@@ -219,6 +219,11 @@ impl From<NodeId> for NodeKey {
 }
 
 impl NodeKey {
+    /// The key of a node that may have slots (`None` for the one id no slot is placed with).
+    pub fn of(node: NodeId) -> Option<NodeKey> {
+        node.0.checked_add(1).map(NodeKey)
+    }
+
     pub fn node(self) -> NodeId {
         NodeId(self.0 - 1)
     }
