@@ -47,7 +47,6 @@ const NONE_KEY: Key = Key::MAX;
 /// (Three bits measured slower: the extra children cost more than the shorter scans save.)
 const SUB_BITS: u32 = 2;
 const FANOUT: usize = 128;
-type Mask = u128;
 pub const DIMS: usize = 5;
 /// Attributes the tree splits on; the rest are checked while scanning.
 pub const TREE: usize = 3;
@@ -83,44 +82,38 @@ impl Bound {
         }
     }
 
-    /// Buckets that may hold a passing entry, as a bit mask.
-    fn reachable(self, query: u32) -> Mask {
-        if self == Bound::Intersects {
-            return INTERSECTING[(query as usize) & (FANOUT - 1)];
-        }
-        let b = bucket(query);
+    /// The buckets that may hold a passing entry.
+    fn reach(self, query: u32) -> Reach {
+        let b = bucket(query) as u8;
         match self {
             // hi(bucket) >= query  <=>  bucket >= bucket(query)
-            Bound::AtLeast => !0 << b,
+            Bound::AtLeast => Reach::Buckets(b, u8::MAX),
             // lo(bucket) <= query  <=>  bucket <= bucket(query)
-            Bound::AtMost => {
-                if b == FANOUT - 1 {
-                    !0
-                } else {
-                    (1 << (b + 1)) - 1
-                }
-            }
-            Bound::Intersects => unreachable!(),
+            Bound::AtMost => Reach::Buckets(0, b),
+            // A bit set's bucket is its value.
+            Bound::Intersects => Reach::Sharing(query),
         }
     }
 }
 
-/// For each bit set below 128, the values that share a bit with it.
-const INTERSECTING: [Mask; FANOUT] = {
-    let mut table = [0; FANOUT];
-    let mut q = 0;
-    while q < FANOUT {
-        let mut v = 0;
-        while v < FANOUT {
-            if v & q != 0 {
-                table[q] |= 1 << v;
-            }
-            v += 1;
+/// Which children of a tree level a query reaches: a range of buckets for a
+/// number, the sets that share a bit with its own for a bit set. (Tested with a
+/// compare or two per child, where a 128-bit mask cost a 128-bit shift.)
+#[derive(Debug, Clone, Copy)]
+enum Reach {
+    Buckets(u8, u8),
+    Sharing(u32),
+}
+
+impl Reach {
+    #[inline]
+    fn reaches(self, bucket: u8) -> bool {
+        match self {
+            Reach::Buckets(lo, hi) => (lo..=hi).contains(&bucket),
+            Reach::Sharing(bits) => bucket as u32 & bits != 0,
         }
-        q += 1;
     }
-    table
-};
+}
 
 /// Log-linear bucket: small values exactly, then 2^SUB_BITS buckets per power of
 /// two; values too large for the fan-out share the last bucket.
@@ -566,7 +559,7 @@ impl FilterIndex {
             // Nothing in the index is within the limit (often: the book is empty).
             return Found::new();
         }
-        let reachable = std::array::from_fn(|d| self.bounds[d].reachable(query[d]));
+        let reach = std::array::from_fn(|d| self.bounds[d].reach(query[d]));
         // Numbers pass within a range; a bit set (always a tree level) by sharing a bit.
         let mut lo = [0; DIMS];
         let mut hi = [u32::MAX; DIMS];
@@ -580,7 +573,7 @@ impl FilterIndex {
         }
         let mut search = Search {
             index: self,
-            reachable,
+            reach,
             sets,
             lo,
             hi,
@@ -660,7 +653,7 @@ impl FilterIndex {
 struct Search<'a> {
     index: &'a FilterIndex,
     /// Per tree level, the buckets that may hold a passing entry.
-    reachable: [Mask; TREE],
+    reach: [Reach; TREE],
     /// Per tree level, the bits a bit set must share (`None` for a number).
     sets: [Option<u32>; TREE],
     /// Per attribute, the range of values that pass (all of them for a bit set).
@@ -726,13 +719,13 @@ impl Search<'_> {
         // walk, so that the bound they set prunes the walks of the others; with one
         // wanted, the first such child settles every child after it, and only the
         // children before it (set aside on the way) remain to be walked.
-        let reachable = self.reachable[level];
+        let reach = self.reach[level];
         let mut before: ArrayVec<Ordered, FANOUT> = ArrayVec::new();
         for &o in &node.order {
             if !self.could_win(o.key) {
                 break;
             }
-            if reachable & (1 << o.bucket) == 0 {
+            if !reach.reaches(o.bucket) {
                 continue;
             }
             let c = &node.children[o.pos as usize];
@@ -753,7 +746,7 @@ impl Search<'_> {
             if !self.could_win(o.key) {
                 break;
             }
-            if reachable & (1 << o.bucket) == 0 {
+            if !reach.reaches(o.bucket) {
                 continue;
             }
             let c = &node.children[o.pos as usize];
