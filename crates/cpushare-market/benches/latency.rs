@@ -18,14 +18,6 @@ fn main() {
         d.step();
     }
 
-    // CPUSHARE_BENCH_START_AT (Unix time in ms): wait for it before timing, so that two
-    // builds run side by side start their loops together and meet the same machine.
-    if let Some(at) = std::env::var("CPUSHARE_BENCH_START_AT").ok().and_then(|v| v.parse::<u64>().ok()) {
-        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(at);
-        if let Ok(wait) = at.duration_since(std::time::SystemTime::now()) {
-            std::thread::sleep(wait);
-        }
-    }
     // Throughput: the loop alone, no per-operation clock reads.
     let start = Instant::now();
     let counts = throughput(&mut d, measured);

@@ -8,7 +8,7 @@ use arrayvec::ArrayVec;
 use crate::index::{key, Bound, FilterIndex, Key, DIMS, MAX_N};
 use crate::records::{BuyRec, SlotRec};
 use crate::types::Tiers;
-use crate::{BuyOrder, KindSet, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
+use crate::{KindSet, OrderId, Requirements, SandboxKind, SellOrder, SlotAttributes};
 
 /// What the ask book reads of a slot: the public [`SellOrder`], or the market's own record.
 pub trait Ask {
@@ -18,16 +18,6 @@ pub trait Ask {
     fn attributes(&self) -> &SlotAttributes;
     /// Its kinds grouped by price: one entry of the book each.
     fn tiers(&self) -> Tiers;
-}
-
-/// What the bid book reads of a buy order.
-pub trait Bid {
-    fn order(&self) -> OrderId;
-    fn seq(&self) -> u64;
-    fn max_price(&self) -> u64;
-    fn requirements(&self) -> &Requirements;
-    /// CPUs still wanted.
-    fn open(&self) -> u32;
 }
 
 impl Ask for SellOrder {
@@ -60,41 +50,6 @@ impl Ask for SlotRec {
     }
 }
 
-impl Bid for BuyOrder {
-    fn order(&self) -> OrderId {
-        self.id
-    }
-    fn seq(&self) -> u64 {
-        self.seq
-    }
-    fn max_price(&self) -> u64 {
-        self.request.max_price
-    }
-    fn requirements(&self) -> &Requirements {
-        &self.request.requirements
-    }
-    fn open(&self) -> u32 {
-        self.open
-    }
-}
-
-impl Bid for BuyRec {
-    fn order(&self) -> OrderId {
-        self.id
-    }
-    fn seq(&self) -> u64 {
-        self.seq
-    }
-    fn max_price(&self) -> u64 {
-        BuyRec::max_price(self)
-    }
-    fn requirements(&self) -> &Requirements {
-        &self.requirements
-    }
-    fn open(&self) -> u32 {
-        self.open
-    }
-}
 
 /// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency]:
 /// RAM, score and kinds are the tree (kinds last: a market has few sets of kinds, and
@@ -237,30 +192,30 @@ impl Default for BidBook {
 }
 
 impl BidBook {
-    fn key(o: &impl Bid) -> Key {
-        key(u64::MAX - o.max_price(), o.seq())
+    fn key(o: &BuyRec) -> Key {
+        key(u64::MAX - o.max_price(), o.seq)
     }
 
     /// Rests the order with all of its open CPUs.
-    pub fn insert(&mut self, o: &impl Bid) {
-        let kind = o.requirements().kind;
-        self.index.insert(Self::key(o), o.order(), requirement_attrs(o.requirements()));
-        self.depth.add(KindSet::of(&[kind]), o.max_price(), o.open() as i64);
+    pub(crate) fn insert(&mut self, o: &BuyRec) {
+        let kind = o.kind();
+        self.index.insert(Self::key(o), o.id, requirement_attrs(&o.requirements));
+        self.depth.add(KindSet::of(&[kind]), o.max_price(), o.open as i64);
         self.orders[kind.index()] += 1;
     }
 
     /// Takes the order out of the book with all of its open CPUs.
-    pub fn remove(&mut self, o: &impl Bid) {
-        let kind = o.requirements().kind;
-        let removed = self.index.remove(Self::key(o), requirement_attrs(o.requirements()));
-        assert!(removed, "{} was not in the bid book", o.order());
-        self.depth.add(KindSet::of(&[kind]), o.max_price(), -(o.open() as i64));
+    pub(crate) fn remove(&mut self, o: &BuyRec) {
+        let kind = o.kind();
+        let removed = self.index.remove(Self::key(o), requirement_attrs(&o.requirements));
+        assert!(removed, "{} was not in the bid book", o.id);
+        self.depth.add(KindSet::of(&[kind]), o.max_price(), -(o.open as i64));
         self.orders[kind.index()] -= 1;
     }
 
     /// Adjusts the depth when a resting order's open count changes by `delta`.
-    pub fn resize(&mut self, o: &impl Bid, delta: i64) {
-        self.depth.add(KindSet::of(&[o.requirements().kind]), o.max_price(), delta);
+    pub(crate) fn resize(&mut self, o: &BuyRec, delta: i64) {
+        self.depth.add(KindSet::of(&[o.kind()]), o.max_price(), delta);
     }
 
     /// The best bid at or over `min_price` that `slot` satisfies, in any kind the slot offers.

@@ -31,7 +31,7 @@ mod records;
 pub mod sim;
 mod types;
 
-pub use book::{Ask, AskBook, Bid, BidBook};
+pub use book::{Ask, AskBook, BidBook};
 pub use error::MarketError;
 pub use event::Event;
 pub use lease::{EndReason, Lease, LeaseState, PriceSide};

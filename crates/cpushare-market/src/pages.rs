@@ -24,9 +24,10 @@ pub(crate) struct LargePages;
 
 /// The block a large request is given: whole huge pages, on a huge-page boundary.
 fn huge(layout: Layout) -> Option<Layout> {
-    (layout.size() >= HUGE_PAGE)
-        .then(|| Layout::from_size_align(layout.size().next_multiple_of(HUGE_PAGE), layout.align().max(HUGE_PAGE)).ok())
-        .flatten()
+    if layout.size() < HUGE_PAGE {
+        return None;
+    }
+    Layout::from_size_align(layout.size().next_multiple_of(HUGE_PAGE), layout.align().max(HUGE_PAGE)).ok()
 }
 
 // SAFETY: every block comes from `Global` and goes back to it with the layout it

@@ -484,9 +484,9 @@ impl BuyRec {
         self.requirements.kind
     }
 
-    /// Escrow held for one CPU still wanted: its first period at the full bid.
+    /// Escrow held for one CPU still wanted (the request's rule).
     pub fn escrow_per_cpu(&self) -> Cents {
-        crate::money::period_ceiling(self.max_price(), self.period())
+        self.request().escrow_per_cpu()
     }
 
     /// Escrow this order holds for its open CPUs.
