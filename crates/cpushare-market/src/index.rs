@@ -85,33 +85,34 @@ impl Bound {
     /// The buckets that may hold a passing entry.
     fn reach(self, query: u32) -> Reach {
         let b = bucket(query) as u8;
+        let all = Reach { lo: 0, hi: u8::MAX, free: u8::MAX, bits: u8::MAX };
         match self {
             // hi(bucket) >= query  <=>  bucket >= bucket(query)
-            Bound::AtLeast => Reach::Buckets(b, u8::MAX),
+            Bound::AtLeast => Reach { lo: b, ..all },
             // lo(bucket) <= query  <=>  bucket <= bucket(query)
-            Bound::AtMost => Reach::Buckets(0, b),
-            // A bit set's bucket is its value.
-            Bound::Intersects => Reach::Sharing(query),
+            Bound::AtMost => Reach { hi: b, ..all },
+            // A bit set's bucket is its value (below 128: higher query bits reach none).
+            Bound::Intersects => Reach { free: 0, bits: (query & (FANOUT as u32 - 1)) as u8, ..all },
         }
     }
 }
 
 /// Which children of a tree level a query reaches: a range of buckets for a
-/// number, the sets that share a bit with its own for a bit set. (Tested with a
-/// compare or two per child, where a 128-bit mask cost a 128-bit shift.)
+/// number, the sets that share a bit with its own for a bit set, both tested in
+/// one go without a branch (a bucket passes when in `lo..=hi` and when
+/// `(bucket | free) & bits != 0`; numbers have `free` and `bits` all ones).
 #[derive(Debug, Clone, Copy)]
-enum Reach {
-    Buckets(u8, u8),
-    Sharing(u32),
+struct Reach {
+    lo: u8,
+    hi: u8,
+    free: u8,
+    bits: u8,
 }
 
 impl Reach {
     #[inline]
     fn reaches(self, bucket: u8) -> bool {
-        match self {
-            Reach::Buckets(lo, hi) => (lo..=hi).contains(&bucket),
-            Reach::Sharing(bits) => bucket as u32 & bits != 0,
-        }
+        (self.lo <= bucket) & (bucket <= self.hi) & ((bucket | self.free) & self.bits != 0)
     }
 }
 
@@ -455,6 +456,7 @@ pub type Found = ArrayVec<(Key, OrderId), MAX_N>;
 impl FilterIndex {
     pub fn new(bounds: [Bound; DIMS]) -> Self {
         assert!(bounds[TREE..].iter().all(|b| *b != Bound::Intersects), "bit sets must be tree levels");
+        assert!(bounds.iter().filter(|b| **b == Bound::Intersects).count() <= 1, "at most one bit set");
         FilterIndex {
             bounds,
             nodes: vec![Node::default()],
@@ -563,18 +565,19 @@ impl FilterIndex {
         // Numbers pass within a range; a bit set (always a tree level) by sharing a bit.
         let mut lo = [0; DIMS];
         let mut hi = [u32::MAX; DIMS];
-        let mut sets = [None; TREE];
+        // With no bit set, a set test that always passes.
+        let mut set = SetTest { dim: 0, free: u32::MAX, bits: u32::MAX };
         for d in 0..DIMS {
             match self.bounds[d] {
                 Bound::AtLeast => lo[d] = query[d],
                 Bound::AtMost => hi[d] = query[d],
-                Bound::Intersects => sets[d] = Some(query[d]),
+                Bound::Intersects => set = SetTest { dim: d, free: 0, bits: query[d] },
             }
         }
         let mut search = Search {
             index: self,
             reach,
-            sets,
+            set,
             lo,
             hi,
             want: n,
@@ -650,12 +653,22 @@ impl FilterIndex {
     }
 }
 
+/// An entry's bit set at `dim` passes when `(set | free) & bits != 0`: `free` is 0
+/// and `bits` the query's, or both all ones where the index has no bit set (one
+/// test without a branch either way).
+#[derive(Debug, Clone, Copy)]
+struct SetTest {
+    dim: usize,
+    free: u32,
+    bits: u32,
+}
+
 struct Search<'a> {
     index: &'a FilterIndex,
     /// Per tree level, the buckets that may hold a passing entry.
     reach: [Reach; TREE],
-    /// Per tree level, the bits a bit set must share (`None` for a number).
-    sets: [Option<u32>; TREE],
+    /// The bit set's test (an index has at most one).
+    set: SetTest,
     /// Per attribute, the range of values that pass (all of them for a bit set).
     lo: [u32; DIMS],
     hi: [u32; DIMS],
@@ -720,58 +733,89 @@ impl Search<'_> {
         // wanted, the first such child settles every child after it, and only the
         // children before it (set aside on the way) remain to be walked.
         let reach = self.reach[level];
-        let mut before: ArrayVec<Ordered, FANOUT> = ArrayVec::new();
-        for &o in &node.order {
-            if !self.could_win(o.key) {
-                break;
-            }
-            if !reach.reaches(o.bucket) {
-                continue;
-            }
-            let c = &node.children[o.pos as usize];
-            if self.passes_all(&c.best.entry.attrs) {
-                self.take(c.best.found());
-                if self.single() {
+        if self.single() {
+            let mut before: ArrayVec<u8, FANOUT> = ArrayVec::new();
+            for o in &node.order {
+                if !self.could_win(o.key) {
                     break;
                 }
-            } else if self.single() {
-                before.push(o);
+                if !reach.reaches(o.bucket) {
+                    continue;
+                }
+                let c = &node.children[o.pos as usize];
+                if self.passes_all(&c.best.entry.attrs) {
+                    self.take(c.best.found());
+                    break;
+                }
+                before.push(o.pos);
             }
-        }
-        // Then the children that can still win are walked, best first, each only where
-        // its bucket may hold a passing entry (with several wanted, all of them: one
-        // whose best passed may hold the next ones).
-        let walk: &[Ordered] = if self.single() { &before } else { &node.order };
-        for &o in walk {
-            if !self.could_win(o.key) {
-                break;
+            // Then the children set aside are walked, best first, while they can still win.
+            for &pos in &before {
+                if !self.child(level, &node.children[pos as usize]) {
+                    break;
+                }
             }
-            if !reach.reaches(o.bucket) {
-                continue;
+        } else {
+            // With several wanted, every reachable child that can still win is walked:
+            // one whose best passed may hold the next ones.
+            for o in &node.order {
+                if !self.could_win(o.key) {
+                    break;
+                }
+                let c = &node.children[o.pos as usize];
+                if reach.reaches(o.bucket) && self.passes_all(&c.best.entry.attrs) {
+                    self.take(c.best.found());
+                }
             }
-            let c = &node.children[o.pos as usize];
-            if level + 1 < TREE {
-                self.node(c.index as usize, level + 1, c.best);
-            } else {
-                self.scan(self.index.cells[c.index as usize].iter());
+            for o in &node.order {
+                if reach.reaches(o.bucket) && !self.child(level, &node.children[o.pos as usize]) {
+                    break;
+                }
             }
         }
     }
 
+    /// Walks a child of a node on tree level `level`, if it can still win (returns
+    /// whether it could: children come best first, so none after it can either).
+    fn child(&mut self, level: usize, c: &Child) -> bool {
+        if !self.could_win(c.best.key) {
+            return false;
+        }
+        if level + 1 < TREE {
+            self.node(c.index as usize, level + 1, c.best);
+        } else {
+            self.scan(&self.index.cells[c.index as usize]);
+        }
+        true
+    }
+
     /// Takes the entries of a cell, in priority order, that pass while they still win.
     /// (The tree levels above have decided its bit sets.)
-    fn scan<'e>(&mut self, entries: impl Iterator<Item = (Key, &'e Entry)>) {
-        for (k, e) in entries {
-            if !self.could_win(k) {
-                break;
+    fn scan(&mut self, cell: &Cell) {
+        for level in &cell.levels {
+            let (front, back) = level.queue.as_slices();
+            if self.scan_run(level.primary, front) || self.scan_run(level.primary, back) {
+                return;
             }
-            if self.passes(&e.attrs) {
-                self.take((k, e.id));
+        }
+    }
+
+    /// Scans a run of one level's queue; returns whether the scan is over (an entry
+    /// that cannot win, or the one wanted found).
+    fn scan_run(&mut self, primary: u64, run: &[Queued]) -> bool {
+        for q in run {
+            let k = key(primary, q.seq);
+            if !self.could_win(k) {
+                return true;
+            }
+            if q.is_live() && self.passes(&q.entry.attrs) {
+                self.take((k, q.entry.id));
                 if self.single() {
-                    return;
+                    return true;
                 }
             }
         }
+        false
     }
 
     /// Whether the numbers of `attrs` pass.
@@ -781,7 +825,7 @@ impl Search<'_> {
 
     /// Whether all of `attrs` pass, bit sets too.
     fn passes_all(&self, attrs: &[u32; DIMS]) -> bool {
-        self.passes(attrs) & (0..TREE).fold(true, |ok, d| ok & self.sets[d].is_none_or(|bits| attrs[d] & bits != 0))
+        self.passes(attrs) & ((attrs[self.set.dim] | self.set.free) & self.set.bits != 0)
     }
 }
 
