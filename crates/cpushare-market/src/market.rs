@@ -275,8 +275,10 @@ impl Market {
         self.balance_of(account)?;
         req.validate()?;
         let order = self.alloc_order();
-        // Its place in the slot table, known from its id, is fetched while the book is updated.
+        // Its place in the slot table, known from its id, and its node's record are
+        // fetched while the book is updated.
         self.sells.prefetch(order);
+        self.slots_of_node.prefetch(req.node.into());
         self.emit(Event::SellPlaced {
             order,
             account,
@@ -325,7 +327,14 @@ impl Market {
             return Err(MarketError::NotYourOrder { order });
         }
         let leases = o.leases.clone();
+        // Each lease's record, then its slot's, all fetched at once rather than in turn.
+        for &lease in &leases {
+            self.leases.prefetch(lease);
+        }
         self.emit(Event::BuyCancelled { order, released: o.escrow(), at: now });
+        for &lease in &leases {
+            self.sells.prefetch(self.leases.at(lease).sell);
+        }
         for lease in leases {
             self.end_lease(lease, EndReason::CancelledByBuyer, now, now);
         }
@@ -737,6 +746,8 @@ impl Market {
             }
             Event::SellWithdrawn { order, .. } => {
                 let o = self.sells.at_mut(order);
+                // Its node's record is needed last, after the book's: start fetching it now.
+                self.slots_of_node.prefetch(o.node.into());
                 if o.is_resting() {
                     self.remove_sell(order, true);
                 } else {

@@ -242,7 +242,7 @@ impl Record for NodeRec {
 
 /// Asks the CPU to bring every cache line of `record` in, without waiting for them.
 #[inline]
-fn prefetch<T>(record: &T) {
+pub(crate) fn prefetch<T>(record: &T) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
