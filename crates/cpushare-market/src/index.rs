@@ -598,7 +598,14 @@ impl FilterIndex {
             found: Found::new(),
             bound: limit.saturating_add(1),
         };
-        search.node(0, 0, self.root_best);
+        if search.passes_all(&self.root_best.entry.attrs) {
+            // Nothing beats the index's best, and it passes.
+            search.take(self.root_best.found());
+            if search.single() {
+                return search.found;
+            }
+        }
+        search.node(0, 0);
         search.found
     }
 
@@ -729,18 +736,9 @@ impl Search<'_> {
         }
     }
 
-    /// Searches the subtree of node `n` (on tree level `level`), whose best entry is `best`.
-    fn node(&mut self, n: usize, level: usize, best: Best) {
-        if !self.could_win(best.key) {
-            return;
-        }
-        if self.passes_all(&best.entry.attrs) {
-            // Nothing below beats the subtree's best, and it passes.
-            self.take(best.found());
-            if self.single() {
-                return;
-            }
-        }
+    /// Searches the subtree of node `n` (on tree level `level`), whose best entry
+    /// the caller has tested already (it can win, and it fails, or it is taken).
+    fn node(&mut self, n: usize, level: usize) {
         let node = &self.index.nodes[n];
         // Children best first. Those whose best entries pass give answers before any
         // walk, so that the bound they set prunes the walks of the others; with one
@@ -796,7 +794,7 @@ impl Search<'_> {
             return false;
         }
         if level + 1 < TREE {
-            self.node(c.index as usize, level + 1, c.best);
+            self.node(c.index as usize, level + 1);
         } else {
             self.scan(&self.index.cells[c.index as usize]);
         }
