@@ -571,8 +571,9 @@ impl FilterIndex {
     /// several CPUs is filled from one search instead of one per CPU).
     pub fn best_n(&self, query: [u32; DIMS], limit: Key, n: usize) -> Found {
         assert!((1..=MAX_N).contains(&n), "between 1 and {MAX_N} entries at a time, not {n}");
-        if self.root_best.key > limit {
-            // Nothing in the index is within the limit (often: the book is empty).
+        if self.is_empty() || self.root_best.key > limit {
+            // Nothing in the index is within the limit (often: the book is empty; the
+            // check on emptiness is for a limit of `Key::MAX`, the empty key itself).
             return Found::new();
         }
         let reach = std::array::from_fn(|d| self.bounds[d].reach(query[d]));
@@ -878,6 +879,19 @@ mod tests {
             assert_eq!(bucket(hi), b);
         }
         assert_eq!(next, 1 << 32);
+    }
+
+    #[test]
+    fn an_empty_index_finds_nothing_whatever_the_limit() {
+        // No bit set, and a query that asks nothing: every entry passes, and the
+        // limit is the largest key (the one that marks "empty").
+        let mut ix = FilterIndex::new([Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtLeast, Bound::AtMost]);
+        let anything = [0, 0, 0, 0, u32::MAX];
+        assert_eq!(ix.best(anything, Key::MAX), None);
+        ix.insert(key(10, 1), OrderId(1), [1, 1, 512, 1000, 20]);
+        assert_eq!(ix.best(anything, Key::MAX), Some((key(10, 1), OrderId(1))));
+        assert!(ix.remove(key(10, 1), [1, 1, 512, 1000, 20]));
+        assert_eq!(ix.best_n(anything, Key::MAX, 3).to_vec(), vec![]);
     }
 
     #[test]
