@@ -14,7 +14,7 @@ use cpushare_proto::v1 as pb;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use crate::node_cmd::{connect, status};
+use crate::node_cmd::{connect, connect_patiently, status};
 use crate::table::Output;
 
 #[derive(Subcommand)]
@@ -202,7 +202,8 @@ async fn start(args: StartArgs, config: &Path, out: Output) -> anyhow::Result<()
         socks: Some(args.socks),
         shares: args.share.clone(),
     };
-    let conn = connect(config).await?;
+    // An exchange restarting (or a link coming back) is waited for, as the cluster waits for it later.
+    let conn = connect_patiently(config, |m| Notes.note(m)).await?;
     let (tx, mut rx) = mpsc::channel(64);
     let cluster = tokio::spawn(run_cluster(conn.clone(), spec, tx, Arc::new(Notes)));
     let mut booted: Vec<Node> = Vec::new();

@@ -18,6 +18,33 @@ pub async fn connect(config: &Path) -> anyhow::Result<Connection> {
     NodeConfig::load(config)?.connect().await
 }
 
+/// Connects as the node enrolled in `config`, for a command that then runs a
+/// while (`run`, `cluster start`): an exchange that cannot be reached (restarting,
+/// or a link coming back) is tried again for a minute, said once through `note`,
+/// rather than the command giving up at once. Refusals (a certificate, say) end
+/// it at once.
+pub async fn connect_patiently(config: &Path, note: impl Fn(&str)) -> anyhow::Result<Connection> {
+    let node = NodeConfig::load(config)?;
+    let since = std::time::Instant::now();
+    let mut told = false;
+    loop {
+        match node.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) if since.elapsed() < PATIENCE && format!("{e:#}").contains("cannot reach the exchange") => {
+                if !told {
+                    note(&format!("{e:#}; trying again for up to {} s", PATIENCE.as_secs()));
+                    told = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// How long `connect_patiently` waits for an exchange it cannot reach.
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A refusal from the exchange, as the user should read it.
 pub fn status(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())

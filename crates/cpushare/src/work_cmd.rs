@@ -7,14 +7,13 @@ use anyhow::Context;
 use clap::Args;
 use cpushare_buyer::{Fragment, FragmentResult, Input, Job, Progress, Report};
 use cpushare_exchange::convert::{euros, kind_to};
-use cpushare_exchange::node::NodeConfig;
 use cpushare_market::SandboxKind;
 use cpushare_proto::v1 as pb;
 use cpushare_seller::{Seller, SellerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::node_cmd::{connect, status};
+use crate::node_cmd::{connect, connect_patiently, status};
 use crate::table::Output;
 
 #[derive(Args)]
@@ -287,19 +286,8 @@ pub async fn run(args: RunArgs, config: &Path, out: Output) -> anyhow::Result<()
         let limits = cpushare_sandbox::Limits::default();
         cpushare_buyer::run_local(job, args.cpus as usize, limits, true, progress.clone()).await?
     } else {
-        let node = NodeConfig::load(config)?;
-        // An exchange restarting is waited for (a minute), as the run waits for it later.
-        let since = std::time::Instant::now();
-        let conn = loop {
-            match node.connect().await {
-                Ok(c) => break c,
-                Err(e) if since.elapsed() < std::time::Duration::from_secs(60) && format!("{e:#}").contains("cannot reach the exchange") => {
-                    progress.note(&format!("{e:#}; trying again"));
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        // An exchange restarting is waited for, as the run waits for it later.
+        let conn = connect_patiently(config, |m| progress.note(m)).await?;
         cpushare_buyer::run(conn, job, progress.clone()).await?
     };
     pb.finish_and_clear();

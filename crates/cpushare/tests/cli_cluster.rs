@@ -105,6 +105,43 @@ fn cluster_up(buyer: &std::path::Path, iso: &std::path::Path, dir: &std::path::P
     (start, said)
 }
 
+/// `cluster start` typed while the exchange is down (restarting, or the link to
+/// it coming back) says so and waits for it, rather than giving up at once; the
+/// cluster comes up once the exchange is back.
+#[test]
+fn a_cluster_started_while_the_exchange_is_down_waits_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let Some(iso) = cpushare_sandbox::vm::testing::livecd(tmp.path(), "ticking", TICKING) else { return };
+    let (mut exchange, operator) = exchange(tmp.path());
+    let (seller, buyer) = (tmp.path().join("seller"), tmp.path().join("buyer"));
+    member(&operator, "seller", &seller);
+    let buyer_account = member(&operator, "buyer", &buyer);
+    ok(&operator, &["deposit", &buyer_account, "1000"]);
+    let _selling = selling(&seller, 1, Some(&tmp.path().join("seller-cache")));
+
+    exchange.0.kill().unwrap();
+    exchange.0.wait().unwrap();
+    let dir = tmp.path().join("c");
+    let mut start = Command::new(BIN)
+        .arg("--config")
+        .arg(&buyer)
+        .args(["cluster", "start", "--iso", iso.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", dir.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
+    let first = said.next().unwrap().unwrap();
+    assert!(first.contains("cannot reach the exchange") && first.contains("trying again"), "{first}");
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(start.try_wait().unwrap().is_none(), "cluster start gave up while the exchange was down");
+    let _exchange = exchange_again(&tmp.path().join("data"));
+    wait_for_exchange(&operator);
+    assert!(said.by_ref().map_while(Result::ok).any(|l| l.contains("node(s) up")), "the cluster came up once the exchange was back");
+    ok(&buyer, &["cluster", "stop", "--dir", dir.to_str().unwrap()]);
+    assert!(start.wait().unwrap().success());
+}
+
 /// Whether `scripts/make-live-iso` cannot run here (said aloud; a failure under CI).
 fn livecd_prerequisites_missing(dir: &std::path::Path) -> bool {
     cpushare_sandbox::vm::testing::livecd(dir, "probe", "#!/bin/sh\n").is_none()
