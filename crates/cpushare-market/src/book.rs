@@ -50,7 +50,6 @@ impl Ask for SlotRec {
     }
 }
 
-
 /// The index's levels, top first, as positions in [kinds, inbound UDP, RAM, score, latency]:
 /// RAM, score and kinds are the tree (kinds last: a market has few sets of kinds, and
 /// below RAM and score they split cells where a kind filter would otherwise repeat

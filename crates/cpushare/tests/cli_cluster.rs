@@ -90,8 +90,8 @@ fn the_vm_demo_boots_a_cluster_replaces_a_lost_node_and_balances_the_books() {
 }
 
 /// `cluster start` of one node booting `iso`, in the foreground as a buyer
-/// runs it, once all its nodes are up; with the rest of what it says.
-fn cluster_up(buyer: &std::path::Path, iso: &std::path::Path, dir: &std::path::Path) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStderr>>) {
+/// runs it, just started; with what it says.
+fn cluster_start(buyer: &std::path::Path, iso: &std::path::Path, dir: &std::path::Path) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStderr>>) {
     let mut start = Command::new(BIN)
         .arg("--config")
         .arg(buyer)
@@ -100,7 +100,13 @@ fn cluster_up(buyer: &std::path::Path, iso: &std::path::Path, dir: &std::path::P
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
+    let said = BufReader::new(start.stderr.take().unwrap()).lines();
+    (start, said)
+}
+
+/// The same, once all its nodes are up; with the rest of what it says.
+fn cluster_up(buyer: &std::path::Path, iso: &std::path::Path, dir: &std::path::Path) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStderr>>) {
+    let (start, mut said) = cluster_start(buyer, iso, dir);
     assert!(said.by_ref().map_while(Result::ok).any(|l| l.contains("node(s) up")), "the cluster came up");
     (start, said)
 }
@@ -122,15 +128,7 @@ fn a_cluster_started_while_the_exchange_is_down_waits_for_it() {
     exchange.0.kill().unwrap();
     exchange.0.wait().unwrap();
     let dir = tmp.path().join("c");
-    let mut start = Command::new(BIN)
-        .arg("--config")
-        .arg(&buyer)
-        .args(["cluster", "start", "--iso", iso.to_str().unwrap(), "--max-price", "40000", "--ram", "256M", "--dir", dir.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut said = BufReader::new(start.stderr.take().unwrap()).lines();
+    let (mut start, mut said) = cluster_start(&buyer, &iso, &dir);
     let first = said.next().unwrap().unwrap();
     assert!(first.contains("cannot reach the exchange") && first.contains("trying again"), "{first}");
     std::thread::sleep(Duration::from_secs(2));
